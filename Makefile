@@ -1,0 +1,12 @@
+# The two first commands (see README): `make demo` and `make test`. Both set up what they need.
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test
+setup:
+	./scripts/setup.sh
+
+demo: setup
+	.venv/bin/python -m neverdark.demo
+
+test: setup
+	.venv/bin/python -m pytest -ra $(PYTEST_ARGS)

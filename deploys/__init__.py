@@ -1,0 +1,1 @@
+"""pyinfra deployers, one per component; `deploys/fleet.py` is the entry point."""
