@@ -1,0 +1,198 @@
+"""The deploy kit on the real test fleet: two nspawn hosts over SSH, the exact operator command.
+
+Order matters and is part of the story: a fresh deploy, a no-op re-run, a wizard added and
+removed, a corrupt model download, an invalid inventory. One fleet serves the whole module
+because bringing it up and deploying it is the expensive part.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shlex
+from pathlib import Path
+
+import httpx
+import pytest
+import testinfra
+
+from neverdark.testbed import GEMMA_SHA256, Testbed
+
+pytestmark = pytest.mark.fleet
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory):
+    with Testbed(tmp_path_factory.mktemp("testbed")) as bed:
+        yield bed
+
+
+@pytest.fixture(scope="module")
+def first_deploy(bed):
+    result = bed.deploy()
+    assert result.rc == 0, result.output[-6000:]
+    return result
+
+
+def pids(bed, host: str) -> dict[str, str]:
+    out = bed.ssh(host, "for u in $(systemctl list-units --plain --no-legend 'neverdark-*' "
+                        "| awk '{print $1}'); do echo $u $(systemctl show -p MainPID --value $u);"
+                        " done")
+    return dict(line.split() for line in out.splitlines() if line.strip())
+
+
+def gateway_health(bed, host: str, port: int) -> int:
+    return int(bed.ssh(host, f"python3 -c 'import urllib.request;print(urllib.request.urlopen("
+                             f"\"http://127.0.0.1:{port}/health\", timeout=5).status)'").strip())
+
+
+def test_fresh_deploy_runs_every_component(bed, first_deploy):
+    assert first_deploy.changed > 0 and first_deploy.errors == 0
+    vps = pids(bed, "vps1")
+    assert {"neverdark-llama-gemma3-270m.service", "neverdark-wizard-merlin.service",
+            "neverdark-wizard-gandalf.service", "neverdark-sidecar.service"} <= set(vps)
+    pi = pids(bed, "pi1")
+    assert {"neverdark-llama-gemma3-270m.service", "neverdark-wizard-radagast.service",
+            "neverdark-sidecar.service"} <= set(pi)
+    assert all(pid != "0" for pid in [*vps.values(), *pi.values()])
+
+
+def test_second_deploy_changes_nothing(bed, first_deploy):
+    again = bed.deploy()
+    assert again.rc == 0, again.output[-4000:]
+    assert again.changed == 0, f"changed on re-run: {again.changed_ops}"
+
+
+def test_testinfra_suite_passes_against_the_fleet(bed, first_deploy):
+    """The operator-facing testinfra checks, pointed at the test fleet's SSH config."""
+    import subprocess
+    import sys
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         str(Path(__file__).parent.parent / "tests" / "infra"),
+         f"--inventory={bed.inventory_path}"],
+        capture_output=True, text=True, timeout=600,
+        env={**__import__("os").environ, "NEVERDARK_SECRETS": str(bed.secrets_path)})
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+def test_local_model_keeps_the_system_prompt(bed, first_deploy):
+    """chatml, not gemma: a system message reaches the model (gemma would drop it)."""
+    script = ("import json,urllib.request as u\n"
+              "def n(msgs):\n"
+              " r=u.Request('http://127.0.0.1:8081/v1/chat/completions',"
+              "data=json.dumps({'messages':msgs,'max_tokens':1}).encode(),"
+              "headers={'content-type':'application/json'})\n"
+              " return json.load(u.urlopen(r,timeout=120))['usage']['prompt_tokens']\n"
+              "sysm={'role':'system','content':'MARKER-PERSONA-MERLIN '*20}\n"
+              "user={'role':'user','content':'hi'}\n"
+              "print(n([sysm,user])-n([user]))\n")
+    grew = int(bed.ssh("vps1", f"python3 -c {shlex.quote(script)}").strip())
+    assert grew >= 40, f"system message added only {grew} prompt tokens"
+
+
+def test_adding_a_wizard_touches_only_that_wizard(bed, first_deploy):
+    before = {h: pids(bed, h) for h in ("vps1", "pi1")}
+    wizards = bed.default_wizards()
+    wizards["morgana"] = {"host": "vps1", "backends": [
+        bed.cloud("gpt", "vps1", "openai", "gpt-4.1-mini"),
+        {"name": "local", "local": "gemma3-270m", "max_tokens": 64}]}
+    bed.write_inventory(wizards)
+    try:
+        result = bed.deploy()
+        assert result.rc == 0, result.output[-6000:]
+        assert result.changed > 0
+        after = {h: pids(bed, h) for h in ("vps1", "pi1")}
+        assert "neverdark-wizard-morgana.service" in after["vps1"]
+        for host in before:
+            for unit, pid in before[host].items():
+                if unit == "neverdark-sidecar.service" and host == "vps1":
+                    continue  # it now watches morgana too: it reloads, see next assert
+                assert after[host].get(unit) == pid, f"{host} {unit} restarted"
+        # The sidecar re-reads its config without a restart (same PID).
+        assert after["vps1"]["neverdark-sidecar.service"] == before["vps1"]["neverdark-sidecar.service"]
+        unrelated = [op for op in result.changed_ops if "morgana" not in op
+                     and "sidecar" not in op.lower()]
+        assert not unrelated, f"ops outside morgana changed: {unrelated}"
+    finally:
+        pass
+
+
+def test_removing_a_wizard_archives_its_data(bed, first_deploy):
+    bed.write_inventory(bed.default_wizards())  # morgana gone (added by the previous test)
+    bed.ssh("vps1", "test -d /var/lib/neverdark/wizards/morgana || "
+                    "(mkdir -p /var/lib/neverdark/wizards/morgana/home/sessions)")
+    result = bed.deploy()
+    assert result.rc == 0, result.output[-6000:]
+    vps = bed.fleet.hosts["vps1"]
+    host = testinfra.get_host(f"ssh://{vps['user']}@{vps['address']}",
+                              ssh_identity_file=vps["key"],
+                              ssh_extra_args=f"-o UserKnownHostsFile={vps['known_hosts']}")
+    assert not host.file("/etc/systemd/system/neverdark-wizard-morgana.service").exists
+    assert not host.file("/etc/neverdark/wizards/morgana").exists
+    assert not host.file("/var/lib/neverdark/wizards/morgana").exists
+    archived = bed.ssh("vps1", "ls /var/lib/neverdark/archive").split()
+    assert any(a.startswith("morgana-") for a in archived), archived
+    assert "neverdark-wizard-morgana.service" not in pids(bed, "vps1")
+    assert bed.deploy().changed == 0
+
+
+def test_corrupt_model_download_keeps_the_old_model_serving(bed, first_deploy):
+    files_dir = bed.fleet.served_dir("wheels")
+    corrupt = Path(files_dir) / "gemma-next.gguf"
+    corrupt.write_bytes(b"GGUF" + b"\0" * 4096)
+    new_sha = "0" * 63 + "1"   # the release the operator expected; the bytes do not match it
+    models = {"gemma3-270m": {
+        "source": {"url": f"{bed.fleet.files_url('vps1')}/wheels/gemma-next.gguf",
+                   "sha256": new_sha},
+        "size_mb": 253, "server": {"threads": 2},
+        "kv": {"layers": 18, "kv_heads": 1, "head_dim": 256, "sliding_window_layers": 15,
+               "sliding_window": 512}}}
+    before = pids(bed, "vps1")["neverdark-llama-gemma3-270m.service"]
+    path = bed.write_inventory(bed.default_wizards(), models, bed.run_dir / "corrupt.yaml")
+    result = bed.deploy(path)
+    assert result.rc != 0 and "sha256 mismatch" in result.output
+    target = bed.ssh("vps1", "readlink /var/lib/neverdark/models/gemma3-270m.gguf").strip()
+    assert target.endswith(f"{GEMMA_SHA256}.gguf")
+    assert bed.ssh("vps1", f"ls /var/lib/neverdark/models/ | grep -c {new_sha} || true").strip() == "0"
+    assert pids(bed, "vps1")["neverdark-llama-gemma3-270m.service"] == before
+    models_list = bed.ssh("vps1", "python3 -c 'import urllib.request;print(urllib.request."
+                                  "urlopen(\"http://127.0.0.1:8081/v1/models\").read().decode())'")
+    assert "gemma3-270m" in models_list
+    assert bed.deploy().changed == 0   # the good inventory still converges to no changes
+
+
+@pytest.mark.parametrize("breakage", ["unknown-host", "directory", "empty"])
+def test_invalid_inventory_touches_no_host(bed, first_deploy, breakage, tmp_path):
+    marker = bed.ssh("vps1", "stat -c %Y /etc/neverdark/sidecar.yaml").strip()
+    if breakage == "directory":
+        path = tmp_path
+    elif breakage == "empty":
+        path = tmp_path / "empty.yaml"
+        path.write_text("hosts: {}\n")
+    else:
+        inv = bed.inventory(bed.default_wizards())
+        inv["wizards"]["merlin"]["host"] = "nowhere"
+        path = tmp_path / "bad.yaml"
+        import yaml
+        path.write_text(yaml.safe_dump(inv, sort_keys=False))
+    result = bed.deploy(path)
+    assert result.rc != 0
+    assert "neverdark:" in result.output
+    if breakage == "unknown-host":
+        assert "wizards.merlin.host" in result.output and "bad.yaml:" in result.output
+    assert "Connecting" not in result.output and "Starting operation" not in result.output
+    assert bed.ssh("vps1", "stat -c %Y /etc/neverdark/sidecar.yaml").strip() == marker
+
+
+def test_secrets_stay_out_of_output_and_world_readable_files(bed, first_deploy):
+    again = bed.deploy()
+    for value in bed.secrets.values():
+        assert value not in again.output and value not in first_deploy.output
+    for host in ("vps1", "pi1"):
+        for value in bed.secrets.values():
+            hits = bed.ssh(host, f"grep -rlsF {shlex.quote(value)} /etc /opt/neverdark "
+                                 "/var/lib/neverdark || true").split()
+            for path in hits:
+                mode_owner = bed.ssh(host, f"stat -c '%a %U' {shlex.quote(path)}").split()
+                assert mode_owner[0] == "600", f"{host}:{path} holds a secret with mode {mode_owner}"
