@@ -1,0 +1,126 @@
+"""Will a host's wizards and local models fit in its memory? Arithmetic, in MiB ("MB").
+
+Per distinct local model served on the host:
+  file size + KV cache at the configured n_ctx + server runtime overhead
+  + a prompt cache when more than one wizard can fall back onto that server
+Plus one Hermes gateway per wizard, the sidecar, and headroom for the OS and page cache.
+
+The KV arithmetic follows llama.cpp: each layer stores K and V (2 x kv_heads x head_dim elements
+per token). Full-attention layers hold n_ctx tokens; sliding-window layers hold only the window
+plus one micro-batch unless swa_full is set, in which case they are sized like full layers. For
+Gemma 3 270M at n_ctx 65536 this gives 560 MB (swa_full false) and 1505 MB (swa_full true)
+against measured RSS of 0.55 GB and 1.56 GB.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from neverdark.inventory import Fleet, MemoryPolicy, Model
+
+MIB = 1024 * 1024
+
+# ggml block sizes: q8_0 stores 32 values in 34 bytes, q4_0 in 18 bytes.
+BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+# llama.cpp sizes a sliding-window cache as window + n_ubatch so a whole micro-batch can be
+# written while the window is still visible; llama-cpp-python's default n_ubatch is 512.
+UBATCH = 512
+
+
+def kv_bytes_per_token_layer(model: Model) -> float:
+    kv = model.kv
+    return 2 * kv.kv_heads * kv.head_dim * BYTES_PER_ELEMENT[model.server.kv_type]
+
+
+def kv_bytes_per_token(model: Model) -> float:
+    """Every layer, as if all were full attention: what one cached prompt token costs."""
+    return kv_bytes_per_token_layer(model) * model.kv.layers
+
+
+def kv_cache_bytes(model: Model) -> float:
+    kv, n_ctx = model.kv, model.server.n_ctx
+    swa_layers = kv.sliding_window_layers
+    full_layers = kv.layers - swa_layers
+    swa_cells = n_ctx if model.server.swa_full else min(n_ctx, (kv.sliding_window or 0) + UBATCH)
+    return kv_bytes_per_token_layer(model) * (full_layers * n_ctx + swa_layers * swa_cells)
+
+
+def prompt_cache_bytes(model: Model, wizards: int, prompt_tokens: int) -> float:
+    """One server context keeps one prefix; a second wizard on the same server evicts it, so a
+    saved-state cache must hold every sharing wizard's Hermes prompt. One wizard needs none."""
+    if wizards <= 1:
+        return 0.0
+    return wizards * prompt_tokens * kv_bytes_per_token(model)
+
+
+def _mb(n_bytes: float) -> int:
+    return math.ceil(n_bytes / MIB)
+
+
+def headroom_mb(fleet: Fleet, host: str) -> int:
+    policy = fleet.memory
+    return max(math.ceil(fleet.hosts[host].memory_mb * policy.headroom_percent / 100),
+               policy.headroom_min_mb)
+
+
+def server_items(name: str, model: Model, wizards: int,
+                 policy: MemoryPolicy) -> list[tuple[str, int]]:
+    """One llama server's share of the budget, item by item; `wizards` is how many wizards on
+    the host can fall back onto it."""
+    s = model.server
+    if model.kv.sliding_window_layers and not s.swa_full:
+        swa = f", sliding window {model.kv.sliding_window}"
+    else:
+        swa = ", swa_full" if model.kv.sliding_window_layers else ""
+    items = [
+        (f"model {name}: file", model.size_mb),
+        (f"model {name}: KV cache (n_ctx {s.n_ctx}, {s.kv_type}{swa})",
+         _mb(kv_cache_bytes(model))),
+        (f"model {name}: server runtime", policy.llama_overhead_mb),
+    ]
+    cache = prompt_cache_bytes(model, wizards, policy.prompt_tokens)
+    if cache:
+        items.append((f"model {name}: prompt cache ({wizards} wizards x "
+                      f"{policy.prompt_tokens} tokens)", _mb(cache)))
+    return items
+
+
+def server_mb(model: Model, wizards: int, policy: MemoryPolicy) -> int:
+    return sum(mb for _, mb in server_items("", model, wizards, policy))
+
+
+def memory_budget(fleet: Fleet, host: str) -> list[tuple[str, int]]:
+    """What the host must hold, in MB, headroom last; the sum must not exceed memory_mb."""
+    items: list[tuple[str, int]] = []
+    for name in fleet.local_models(host):
+        items += server_items(name, fleet.models[name], len(fleet.wizards_using(host, name)),
+                              fleet.memory)
+    for wizard in fleet.wizards_on(host):
+        items.append((f"hermes gateway {wizard}", fleet.memory.gateway_mb))
+    items.append(("neverdark sidecar", fleet.memory.sidecar_mb))
+    items.append((f"headroom ({fleet.memory.headroom_percent:g}%, at least "
+                  f"{fleet.memory.headroom_min_mb} MB)", headroom_mb(fleet, host)))
+    return items
+
+
+def format_budget(items: list[tuple[str, int]], memory_mb: int) -> str:
+    width = max(len(name) for name, _ in items)
+    lines = [f"  {name:<{width}}  {mb:>6} MB" for name, mb in items]
+    total = sum(mb for _, mb in items)
+    lines.append(f"  {'total':<{width}}  {total:>6} MB of {memory_mb} MB")
+    return "\n".join(lines)
+
+
+def misfit(fleet: Fleet, host: str) -> str | None:
+    """None when the host fits, else a message with the whole breakdown."""
+    items = memory_budget(fleet, host)
+    total = sum(mb for _, mb in items)
+    memory_mb = fleet.hosts[host].memory_mb
+    if total <= memory_mb:
+        return None
+    return (f"does not fit: needs {total} MB, host has {memory_mb} MB "
+            f"({total - memory_mb} MB over). Use fewer wizards or a smaller model, lower n_ctx, "
+            f"keep swa_full false, or use kv_type q8_0:\n" + format_budget(items, memory_mb))
