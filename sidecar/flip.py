@@ -1,0 +1,123 @@
+"""Atomic replacement of a wizard's active config by one of its deploy-owned backend variants.
+
+Hermes re-reads the managed config on every request, so a reader must only ever see a whole old
+file or a whole new one: write a temp file beside the target, fsync, rename over, fsync the dir.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import yaml
+
+# libyaml's loader is ~50x faster; the pure-Python one is the fallback on hosts without it.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+_TMP_MARK = ".nd-tmp-"
+
+
+def _load_variant(variant: Path) -> bytes:
+    data = variant.read_bytes()
+    parsed = yaml.load(data, Loader=_Loader)
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("model"), dict):
+        raise ValueError(f"{variant}: not a YAML mapping with a 'model' section")
+    return data
+
+
+def _tmp_prefix(dest: Path) -> str:
+    return f".{dest.name}{_TMP_MARK}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(dest: Path) -> None:
+    """Remove temp files left by flips that died mid-way (their writer's pid is gone)."""
+    prefix = _tmp_prefix(dest)
+    try:
+        names = os.listdir(dest.parent)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid_part = name[len(prefix):].split("-", 1)[0]
+        # A live writer's temp is its in-flight flip; deleting it would fail that flip's rename.
+        if pid_part.isdigit() and _pid_alive(int(pid_part)):
+            continue
+        try:
+            os.unlink(dest.parent / name)
+        except FileNotFoundError:
+            pass
+
+
+def _target_owner(variant: Path, dest: Path) -> tuple[int, int, int]:
+    try:
+        st = dest.stat()
+        return st.st_uid, st.st_gid, st.st_mode & 0o7777
+    except FileNotFoundError:
+        # A new active config: readable by the wizard's group (the variant's), nobody else.
+        return os.geteuid(), variant.stat().st_gid, 0o640
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_install(variant: Path, dest: Path) -> None:
+    variant, dest = Path(variant), Path(dest)
+    data = _load_variant(variant)
+    clean_stale_temps(dest)
+    uid, gid, mode = _target_owner(variant, dest)
+    tmp = dest.parent / f"{_tmp_prefix(dest)}{os.getpid()}-{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            st = os.fstat(fd)
+            if (st.st_uid, st.st_gid) != (uid, gid):
+                os.fchown(fd, uid if st.st_uid != uid else -1, gid)
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(dest.parent)
+
+
+def _parse(path: Path):
+    try:
+        return yaml.load(Path(path).read_bytes(), Loader=_Loader)
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def read_active_backend(active_config: Path, wizard) -> str | None:
+    active = _parse(active_config)
+    if not isinstance(active, dict):
+        return None
+    for backend in wizard.backends:
+        if _parse(backend.variant) == active:
+            return backend.name
+    return None

@@ -1,0 +1,121 @@
+"""Provider errors the wizard's own traffic hit, read from Hermes' errors.log.
+
+Hermes 0.19.0 logs every failed provider call once per attempt, e.g.
+
+    2026-11-23 07:48:11,301 WARNING [api-4616533c3b295d8a] agent.conversation_loop: API call
+    failed (attempt 1/3) error_type=AuthenticationError thread=asyncio_0:1405 provider=custom
+    base_url=http://127.0.0.1:18801/v1 model=mock-a summary=HTTP 401: Unauthorized.
+
+(one line). base_url and model name the backend; the summary starts "HTTP <status>:" when there
+was a response. Other lines about the same failure ("Retrying API call in", "Non-retryable client
+error", "API call failed after N retries") repeat it and are not counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+from sidecar.probes import ProbeResult
+
+log = logging.getLogger(__name__)
+
+_FAILED = re.compile(r"API call failed \(attempt \d+/\d+\) error_type=(?P<etype>\S+) (?P<ctx>.*?) summary=(?P<summary>.*)$")
+_KV = re.compile(r"(\w+)=(\S+)")
+_STATUS = re.compile(r"\bHTTP (\d{3})\b")
+# Bound one poll's read: after a long outage the log can be large, and only recent news matters.
+_MAX_READ = 4 * 1024 * 1024
+
+
+def _norm(url: str) -> str:
+    return url.rstrip("/")
+
+
+class PassiveWatcher:
+    def __init__(self, wizard) -> None:
+        self.wizard = wizard
+        self.path = Path(wizard.home) / "logs" / "errors.log"
+        self._inode: int | None = None
+        self._offset = 0
+        self._partial = b""
+        # Only errors logged from now on are news; history was before we were watching.
+        try:
+            st = self.path.stat()
+            self._inode, self._offset = st.st_ino, st.st_size
+        except OSError:
+            pass
+
+    def _read_new(self) -> bytes:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return b""
+        chunks = []
+        if self._inode is not None and st.st_ino != self._inode:
+            # Rotated (RotatingFileHandler renames to errors.log.1): finish the old file first.
+            rotated = self.path.with_name(self.path.name + ".1")
+            try:
+                if rotated.stat().st_ino == self._inode:
+                    chunks.append(self._read_from(rotated, self._offset))
+            except OSError:
+                pass
+            self._partial = b""
+            self._offset = 0
+        elif st.st_size < self._offset:
+            # Truncated in place (copytruncate, or an operator's `: > errors.log`).
+            self._partial = b""
+            self._offset = 0
+        self._inode = st.st_ino
+        data = self._read_from(self.path, self._offset)
+        self._offset += len(data)
+        chunks.append(data)
+        return b"".join(chunks)
+
+    @staticmethod
+    def _read_from(path: Path, offset: int) -> bytes:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size - offset > _MAX_READ:
+                offset = size - _MAX_READ
+            f.seek(offset)
+            return f.read(max(0, size - offset))
+
+    def _backend_for(self, base_url: str | None, model: str | None) -> str:
+        candidates = [b for b in self.wizard.backends
+                      if base_url is not None and _norm(b.base_url) == _norm(base_url)]
+        if len(candidates) > 1 and model is not None:
+            candidates = [b for b in candidates if b.model == model] or candidates
+        if not candidates and model is not None:
+            candidates = [b for b in self.wizard.backends if b.model == model]
+        return candidates[0].name if len(candidates) == 1 else ""
+
+    def poll(self) -> list[ProbeResult]:
+        """New provider failures; `backend` is "" when the line names no backend of this wizard."""
+        try:
+            data = self._partial + self._read_new()
+        except OSError as exc:
+            log.warning("cannot read %s: %s", self.path, exc)
+            return []
+        # A line still being written stays for the next poll.
+        complete, sep, self._partial = data.rpartition(b"\n")
+        if not sep:
+            self._partial = data
+            return []
+        results = []
+        for raw in complete.split(b"\n"):
+            m = _FAILED.search(raw.decode("utf-8", errors="replace"))
+            if not m:
+                continue
+            ctx = dict(_KV.findall(m.group("ctx")))
+            summary = m.group("summary").strip()
+            status = _STATUS.search(summary)
+            results.append(ProbeResult(
+                backend=self._backend_for(ctx.get("base_url"), ctx.get("model")),
+                ok=False, reason="passive",
+                status=int(status.group(1)) if status else None,
+                retry_after=None, latency=0.0,
+                detail=f"{m.group('etype')}: {summary}"[:200],
+            ))
+        return results

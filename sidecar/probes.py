@@ -1,0 +1,224 @@
+"""Active health probes of one backend, classified into the reasons the policy acts on.
+
+By default a probe costs no billed tokens: it lists models. ``deep=True`` sends a real 1-token
+generation, which on a cloud backend is the optional paid probe and on the local llama server is
+the readiness check (a server can list models while its model is broken).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import re
+import socket
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+
+import httpx
+
+ANTHROPIC_VERSION = "2023-06-01"
+
+REASONS = (
+    "ok", "refused", "reset", "dns", "timeout", "http_5xx", "rate_limited", "auth",
+    "bad_response", "passive",
+)
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    backend: str
+    ok: bool
+    reason: str
+    status: int | None
+    retry_after: float | None
+    latency: float
+    detail: str
+
+
+def _request(backend, deep: bool) -> tuple[str, str, dict, dict | None]:
+    """(method, url, headers, json body) for this backend's probe."""
+    base = backend.base_url.rstrip("/")
+    key = backend.api_key or ""
+    kind = backend.kind
+    if kind == "anthropic":
+        headers = {"x-api-key": key, "anthropic-version": ANTHROPIC_VERSION}
+        if deep:
+            body = {"model": backend.model, "max_tokens": 1,
+                    "messages": [{"role": "user", "content": "ping"}]}
+            return "POST", f"{base}/v1/messages", headers, body
+        return "GET", f"{base}/v1/models", headers, None
+    if kind == "google":
+        # The header, not ?key=, so the key never lands in a URL that httpx or a proxy may log.
+        headers = {"x-goog-api-key": key}
+        if deep:
+            body = {"contents": [{"role": "user", "parts": [{"text": "ping"}]}],
+                    "generationConfig": {"maxOutputTokens": 1}}
+            return "POST", f"{base}/v1beta/models/{backend.model}:generateContent", headers, body
+        return "GET", f"{base}/v1beta/models", headers, None
+    if kind in ("openai", "local"):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        if deep:
+            body = {"model": backend.model, "max_tokens": 1,
+                    "messages": [{"role": "user", "content": "ping"}]}
+            return "POST", f"{base}/chat/completions", headers, body
+        return "GET", f"{base}/models", headers, None
+    raise ValueError(f"unknown backend kind {kind!r}")
+
+
+def _shape_ok(kind: str, deep: bool, data) -> bool:
+    if not isinstance(data, dict):
+        return False
+    if deep:
+        if kind == "anthropic":
+            return isinstance(data.get("content"), list)
+        if kind == "google":
+            return isinstance(data.get("candidates"), list) and bool(data["candidates"])
+        choices = data.get("choices")
+        return isinstance(choices, list) and bool(choices) and isinstance(choices[0], dict)
+    if kind == "google":
+        return isinstance(data.get("models"), list)
+    return isinstance(data.get("data"), list)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+
+
+def _seconds_until(when: datetime, now: datetime) -> float:
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - now).total_seconds())
+
+
+def _rfc3339(value: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def parse_retry_after(headers: httpx.Headers, body: bytes, now: datetime | None = None) -> float | None:
+    """Seconds the provider asked us to wait, from whichever signal it sent; None if none."""
+    now = now or datetime.now(timezone.utc)
+    # The millisecond header is the more precise twin of Retry-After where both are sent.
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    ra = headers.get("retry-after")
+    if ra:
+        try:
+            return max(0.0, float(ra))
+        except ValueError:
+            try:
+                return _seconds_until(parsedate_to_datetime(ra), now)
+            except (TypeError, ValueError, IndexError):
+                pass
+    resets: dict[str, float] = {}
+    for kind in ("requests", "tokens", "input-tokens", "output-tokens"):
+        raw = headers.get(f"anthropic-ratelimit-{kind}-reset")
+        when = _rfc3339(raw) if raw else None
+        if when is not None:
+            resets[kind] = _seconds_until(when, now)
+    if resets:
+        # The exhausted bucket is the one that decides; unknown exhaustion -> earliest reset.
+        spent = [s for k, s in resets.items()
+                 if headers.get(f"anthropic-ratelimit-{k}-remaining") == "0"]
+        return max(spent) if spent else min(resets.values())
+    return _gemini_retry_delay(body)
+
+
+def _gemini_retry_delay(body: bytes) -> float | None:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    error = data.get("error") if isinstance(data, dict) else None
+    details = error.get("details") if isinstance(error, dict) else None
+    if not isinstance(details, list):
+        return None
+    for item in details:
+        if isinstance(item, dict) and isinstance(item.get("retryDelay"), str):
+            m = _DURATION.match(item["retryDelay"])
+            if m:
+                return float(m.group(1))
+    return None
+
+
+def _causes(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _classify_transport(exc: Exception) -> str:
+    if isinstance(exc, (httpx.TimeoutException, asyncio.TimeoutError, TimeoutError)):
+        return "timeout"
+    for cause in _causes(exc):
+        if isinstance(cause, socket.gaierror):
+            return "dns"
+        if isinstance(cause, ConnectionRefusedError):
+            return "refused"
+        if isinstance(cause, ConnectionResetError):
+            return "reset"
+        if isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED:
+            return "refused"
+    text = str(exc).lower()
+    if "name or service not known" in text or "name resolution" in text or "nodename" in text:
+        return "dns"
+    if "refused" in text:
+        return "refused"
+    if isinstance(exc, httpx.ConnectError):
+        return "refused"
+    # ReadError, RemoteProtocolError ("Server disconnected"), WriteError: the peer hung up.
+    return "reset"
+
+
+def _redact(text: str, backend) -> str:
+    key = backend.api_key
+    if key:
+        text = text.replace(key, "***")
+    return text[:300]
+
+
+async def probe(backend, client: httpx.AsyncClient, timeout: float, deep: bool = False) -> ProbeResult:
+    method, url, headers, body = _request(backend, deep)
+    started = time.monotonic()
+
+    def result(ok: bool, reason: str, status=None, retry_after=None, detail="") -> ProbeResult:
+        return ProbeResult(backend.name, ok, reason, status, retry_after,
+                           time.monotonic() - started, _redact(detail, backend))
+
+    try:
+        # The outer bound catches a server that trickles bytes and so never trips a phase timeout.
+        async with asyncio.timeout(timeout):
+            response = await client.request(method, url, headers=headers, json=body, timeout=timeout)
+            content = response.content
+    except (httpx.HTTPError, OSError, asyncio.TimeoutError) as exc:
+        reason = _classify_transport(exc)
+        return result(False, reason, detail=f"{type(exc).__name__}: {exc}")
+
+    status = response.status_code
+    if status == 429:
+        return result(False, "rate_limited", status, parse_retry_after(response.headers, content),
+                      f"HTTP 429 from {method} {response.url.path}")
+    if status in (401, 403):
+        return result(False, "auth", status, detail=f"HTTP {status} from {response.url.path}")
+    if status >= 500:
+        return result(False, "http_5xx", status, parse_retry_after(response.headers, content),
+                      f"HTTP {status} from {response.url.path}")
+    if status >= 300:
+        return result(False, "bad_response", status, detail=f"HTTP {status} from {response.url.path}")
+    try:
+        data = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        return result(False, "bad_response", status, detail="body is not JSON")
+    if not _shape_ok(backend.kind, deep, data):
+        return result(False, "bad_response", status, detail="body has the wrong shape")
+    return result(True, "ok", status, detail="deep" if deep else "")

