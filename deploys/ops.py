@@ -36,6 +36,9 @@ def pip_requirements(venv: str, requirements: list[str], find_links: str | None 
     args = ["--no-input", "--disable-pip-version-check"]
     if find_links:
         args += ["--find-links", find_links]
+        if find_links.startswith("http://"):
+            # pip ignores plain-http find-links on any host but localhost unless trusted
+            args += ["--trusted-host", find_links.split("/")[2].split(":")[0]]
     if no_index:
         args.append("--no-index")
     reqs = " ".join(q(r) for r in requirements)

@@ -1,456 +1,1034 @@
 """The test fleet: Debian 12 hosts with real systemd and sshd, booted with systemd-nspawn.
 
-Each host is a copy of a cached debootstrap image, booted with its own network namespace and a
-/30 link to the runner (`ve-<machine>` here, `host0` inside), reached over SSH with a key made
-for the run. `vps` hosts take SSH as root; `pi` hosts as a `pi` user with sudo, as on a real Pi.
-The hosts have no route to a package index: the runner serves them files over HTTP on each
-link's runner-side address.
+Each host is an overlay over a cached debootstrap image (a `cp -a` copy where overlayfs is not
+available), booted with its own network namespace and a /30 link to the runner (`ve-<machine>`
+here, `host0` inside), reached over SSH with a key made for the run. `vps` hosts take SSH as
+root; `pi` hosts as a `pi` user with passwordless sudo, as on a real Pi. The hosts have no route
+to a package index: the runner serves them files over HTTP on each link's runner-side address.
 
-    python -m neverdark.testfleet up RUN_DIR vps1:vps pi1:pi    # prints hosts.json
-    python -m neverdark.testfleet destroy RUN_DIR
+Library (tests, demo, benchmarks)::
+
+    with fleet_context(hosts=[("vps1", "vps"), ("pi1", "pi")], run_dir=tmp,
+                       serve_dirs={"wheels": wheelhouse_dir}) as fleet:
+        fleet.ssh("pi1", "systemctl is-active ssh")        # as root (sudo on a pi host)
+        fleet.exec("vps1", "journalctl -b -n 20")          # nsenter, no SSH
+        fleet.files_url("vps1") + "/wheels/"               # pip --find-links for that host
+
+CLI (run dir defaults to `.run/testfleet`, or `--run-dir` / `$NEVERDARK_TESTFLEET_DIR`)::
+
+    python -m neverdark.testfleet up vps1:vps pi1:pi [--serve wheels=/var/cache/neverdark/wheels]
+    python -m neverdark.testfleet status
+    python -m neverdark.testfleet ssh pi1 -- sudo systemctl is-system-running
+    python -m neverdark.testfleet down        # power off, keep the host roots
+    python -m neverdark.testfleet destroy     # power off and remove everything of the run
+
+Everything a run creates is named with its run id (`nd<4 hex>`): machines `nd<id>-<host>`,
+links `ve-nd<id>-<host>`, a registry entry in /run/neverdark-testfleet/<id>.json. Each run
+starts by clearing what dead runs left behind (processes, links, overlay mounts, host roots),
+and never touches a run whose owner is still alive.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import html
+import io
 import http.server
+import ipaddress
 import json
 import os
-import random
+import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
-from functools import partial
+import urllib.parse
 from pathlib import Path
 
 import click
 
 CACHE = Path(os.environ.get("NEVERDARK_CACHE", "/var/cache/neverdark"))
 SUITE = "bookworm"
+MIRROR = os.environ.get("NEVERDARK_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+# What a host needs without a package index: systemd + sshd (the SSH connector, testinfra's
+# service checks), python3 + venv (pyinfra facts, pip installs from the served wheelhouse),
+# sudo (pi hosts), iproute2 (`ss` for testinfra sockets, addresses), procps (ps, pgrep),
+# libgomp1 (the OpenMP runtime llama-cpp-python's libggml-cpu.so links against).
 INCLUDE = ["systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "python3-venv",
-           "iproute2", "sudo", "procps"]
-IMAGE_VERSION = "1"
-REGISTRY = Path("/run/neverdark-testfleet")
+           "iproute2", "sudo", "procps", "libgomp1"]
+IMAGE_VERSION = "1"   # bump when ensure_image() makes a different image from the same list
 RUNNER_PACKAGES = ["debootstrap", "systemd-container", "iproute2", "openssh-client"]
+REGISTRY = Path(os.environ.get("NEVERDARK_TESTFLEET_REGISTRY", "/run/neverdark-testfleet"))
 PREFIX = "nd"
+NET = ipaddress.ip_network("10.213.0.0/16")   # one /24 per run, one /30 per host
+PROFILES = {"vps": "root", "pi": "pi"}
+DEFAULT_HOSTS = [("vps1", "vps"), ("pi1", "pi")]
+DEFAULT_RUN_DIR = Path(os.environ.get("NEVERDARK_TESTFLEET_DIR", ".run/testfleet"))
+BOOT_TIMEOUT = float(os.environ.get("NEVERDARK_TESTFLEET_BOOT_TIMEOUT", "150"))
 
 
 class FleetError(RuntimeError):
     pass
 
 
-def sh(cmd: list[str] | str, check: bool = True, timeout: float = 120, **kw) -> str:
-    proc = subprocess.run(cmd, shell=isinstance(cmd, str), capture_output=True, text=True,
-                          timeout=timeout, **kw)
+def sh(cmd: list[str] | str, check: bool = True, timeout: float = 120, input: str | None = None,
+       **kw) -> str:
+    """Run a command, return its stdout; FleetError (with stderr) when it fails or hangs."""
+    try:
+        proc = subprocess.run(cmd, shell=isinstance(cmd, str), capture_output=True, text=True,
+                              timeout=timeout, input=input, **kw)
+    except subprocess.TimeoutExpired as e:
+        raise FleetError(f"{cmd!r} did not finish within {timeout}s") from e
     if check and proc.returncode != 0:
-        raise FleetError(f"{cmd!r} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        raise FleetError(f"{cmd!r} failed ({proc.returncode}): "
+                         f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
     return proc.stdout
 
 
-# -- the base image ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _locked(path: Path, timeout: float = 1800):
+    """An exclusive flock on `path`, waited for at most `timeout` seconds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise FleetError(f"lock {path} still held after {timeout}s") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot): with the pid, names a process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _alive(pid: int | None, start: str | None = None) -> bool:
+    if not pid:
+        return False
+    got = _proc_start(pid)
+    return got is not None and (start is None or got == start)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _nspawn_pids(machine_prefix: str) -> list[int]:
+    """systemd-nspawn processes whose --machine= starts with machine_prefix."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        args = _cmdline(int(entry.name))
+        if args and os.path.basename(args[0]) == "systemd-nspawn" and any(
+                a.startswith(f"--machine={machine_prefix}") for a in args):
+            found.append(int(entry.name))
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def _pid1(nspawn_pid: int, timeout: float = 30) -> int:
+    """The container's PID 1 (systemd) as the runner sees it: the child of systemd-nspawn."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(nspawn_pid):
+            break
+        for kid in _children(nspawn_pid):
+            comm = Path(f"/proc/{kid}/comm").read_text().strip() if _alive(kid) else ""
+            if comm == "systemd":
+                return kid
+        time.sleep(0.1)
+    raise FleetError(f"systemd-nspawn {nspawn_pid} started no PID 1 (systemd) within {timeout}s")
+
+
+def _kill(pid: int | None, sig: int = signal.SIGKILL) -> None:
+    if pid:
+        with contextlib.suppress(OSError):
+            os.kill(pid, sig)
+
+
+def _wait_gone(pids: list[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(_alive(p) for p in pids):
+            return True
+        time.sleep(0.2)
+    return not any(_alive(p) for p in pids)
+
+
+# -- links and mounts ----------------------------------------------------------------------------
+
+def _links() -> list[str]:
+    out = sh(["ip", "-o", "link", "show"], check=False)
+    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line]
+
+
+def _mounts_under(path: Path) -> list[str]:
+    """Mount points at or below `path`, deepest first."""
+    root = os.path.realpath(path)
+    points = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            point = line.split()[4].replace("\\040", " ")
+            if point == root or point.startswith(root.rstrip("/") + "/"):
+                points.append(point)
+    return sorted(set(points), key=len, reverse=True)
+
+
+def _umount(point: str) -> None:
+    if subprocess.run(["umount", point], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", point], capture_output=True)
+
+
+def _image_overlay_mounts() -> list[str]:
+    """Overlay mount points whose lower layer is one of our cached images."""
+    images = str((CACHE / "images").resolve())
+    points = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            pre, _, post = line.partition(" - ")
+            if post.startswith("overlay ") and f"lowerdir={images}/" in post:
+                points.append(pre.split()[4])
+    return points
+
+
+# -- the base image ------------------------------------------------------------------------------
+
+def image_key() -> str:
+    return hashlib.sha256(f"{SUITE}|{','.join(INCLUDE)}|{IMAGE_VERSION}".encode()).hexdigest()[:12]
+
 
 def image_dir() -> Path:
-    key = hashlib.sha256(f"{SUITE}|{','.join(INCLUDE)}|{IMAGE_VERSION}".encode()).hexdigest()[:12]
-    return CACHE / "images" / f"{SUITE}-{key}"
+    return CACHE / "images" / f"{SUITE}-{image_key()}"
 
 
 def ensure_runner_packages() -> None:
     missing = [p for p in RUNNER_PACKAGES
                if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode != 0]
     if missing:
-        sh("apt-get update -qq", timeout=600)
-        sh(["apt-get", "install", "-y", "-qq", *missing], timeout=900,
-           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        sh(["apt-get", "update", "-qq"], timeout=600, env=env)
+        sh(["apt-get", "install", "-y", "-qq", *missing], timeout=900, env=env)
 
 
-def ensure_image() -> tuple[Path, float | None]:
-    """The cached image, built when missing. Returns (path, build seconds or None if cached)."""
+def ensure_image(log=print) -> tuple[Path, float | None]:
+    """The cached base image, built when missing. Returns (path, build seconds or None).
+
+    Built with debootstrap into `<final>.tmp-<pid>`, then renamed: the rename is atomic, so a
+    crash never leaves a complete-looking half image. Parallel callers wait on a lock.
+    """
     final = image_dir()
-    if (final / "etc" / "neverdark-image").exists():
+    if final.is_dir():
         return final, None
     ensure_runner_packages()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    started = time.monotonic()
-    sh(["debootstrap", "--variant=minbase", f"--include={','.join(INCLUDE)}", SUITE, str(tmp)],
-       timeout=1800)
-    # Host keys and machine-id are made per host; an image must not carry them.
-    for key in (tmp / "etc" / "ssh").glob("ssh_host_*"):
-        key.unlink()
-    (tmp / "etc" / "machine-id").write_text("")
-    (tmp / "etc" / "neverdark-image").write_text(f"{SUITE} {' '.join(INCLUDE)}\n")
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)   # atomic: a crash never leaves a complete-looking half image
-    return final, time.monotonic() - started
+    with _locked(final.parent / ".build.lock"):
+        if final.is_dir():
+            return final, None
+        for old in final.parent.glob(f"{final.name}.tmp-*"):  # crashed builds
+            shutil.rmtree(old, ignore_errors=True)
+        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+        logfile = CACHE / "logs" / f"debootstrap-{final.name}.log"
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        log(f"testfleet: building the {SUITE} image (debootstrap, a few minutes): {logfile}")
+        started = time.monotonic()
+        with open(logfile, "w") as out:
+            rc = subprocess.run(["debootstrap", "--variant=minbase",
+                                 f"--include={','.join(INCLUDE)}", SUITE, str(tmp), MIRROR],
+                                stdout=out, stderr=subprocess.STDOUT, timeout=1800).returncode
+        if rc != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FleetError(f"debootstrap failed ({rc}); see {logfile}")
+        # Host keys and the machine-id are made per host: an image must not carry them.
+        for key in (tmp / "etc" / "ssh").glob("ssh_host_*"):
+            key.unlink()
+        (tmp / "etc" / "machine-id").write_text("")
+        (tmp / "etc" / "neverdark-image").write_text(f"{SUITE} {' '.join(INCLUDE)}\n")
+        os.rename(tmp, final)
+        return final, time.monotonic() - started
 
 
-# -- file server on the runner ------------------------------------------------------------------
+# -- the file server -----------------------------------------------------------------------------
 
-class _MappedHandler(http.server.SimpleHTTPRequestHandler):
-    mapping: dict[str, str] = {}
+class _LayeredHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves /KEY/... from a list of directories (first match wins); listings merge them, so
+    a directory of wheels is a valid pip --find-links page."""
+    layers: dict[str, list[str]] = {}
+
+    def _split(self, path: str) -> tuple[str, str]:
+        path = urllib.parse.unquote(path.split("?", 1)[0].split("#", 1)[0])
+        parts = path.lstrip("/").split("/", 1)
+        return parts[0], parts[1] if len(parts) > 1 else ""
 
     def translate_path(self, path: str) -> str:
-        parts = path.split("?", 1)[0].split("#", 1)[0].lstrip("/").split("/", 1)
-        root = self.mapping.get(parts[0])
-        if root is None:
-            return "/nonexistent"
-        rest = parts[1] if len(parts) > 1 else ""
-        full = os.path.realpath(os.path.join(root, rest))
-        return full if full.startswith(os.path.realpath(root)) else "/nonexistent"
+        key, rest = self._split(path)
+        if key not in self.layers:
+            return "/nonexistent" if key else "/"
+        first = None
+        for root in self.layers[key]:
+            root = os.path.realpath(root)
+            full = os.path.realpath(os.path.join(root, rest))
+            if full != root and not full.startswith(root + "/"):
+                return "/nonexistent"
+            first = first or full
+            if os.path.exists(full):
+                return full
+        return first or "/nonexistent"
 
-    def log_message(self, *args) -> None:
-        pass
+    def list_directory(self, path):
+        key, rest = self._split(self.path)
+        if not key:
+            names = [f"{k}/" for k in sorted(self.layers)]
+        else:
+            seen = {}
+            for root in self.layers.get(key, []):
+                d = os.path.join(root, rest)
+                with contextlib.suppress(OSError):
+                    for n in os.listdir(d):
+                        if not n.startswith("."):
+                            seen.setdefault(n, n + "/" if os.path.isdir(os.path.join(d, n)) else n)
+            names = [seen[n] for n in sorted(seen)]
+        body = "<!DOCTYPE html><html><body>\n" + "".join(
+            f'<a href="{urllib.parse.quote(n)}">{html.escape(n)}</a><br>\n' for n in names) \
+            + "</body></html>\n"
+        data = body.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        return io.BytesIO(data)
 
-
-def serve_forever(binds: list[str], port: int, mapping: dict[str, str]) -> None:
-    handler = type("Handler", (_MappedHandler,), {"mapping": mapping})
-    servers = [http.server.ThreadingHTTPServer((addr, port), handler) for addr in binds]
-    import threading
-    for s in servers[1:]:
-        threading.Thread(target=s.serve_forever, daemon=True).start()
-    servers[0].serve_forever()
-
-
-# -- hosts ---------------------------------------------------------------------------------------
-
-def _pid1(nspawn_pid: int, timeout: float = 30) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{nspawn_pid}/task").iterdir():
-                children = (task / "children").read_text().split()
-                if children:
-                    return int(children[0])
-        time.sleep(0.1)
-    raise FleetError(f"systemd-nspawn {nspawn_pid} started no PID 1 within {timeout}s")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
+    def log_message(self, fmt, *args) -> None:
+        sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
 
 
-def _prepare_root(root: Path, name: str, profile: str, client_pub: str) -> str:
-    (root / "etc" / "hostname").write_text(f"{name}\n")
-    (root / "etc" / "hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {name}\n")
-    (root / "etc" / "machine-id").write_text(os.urandom(16).hex() + "\n")
+def serve(layers: dict[str, list[str]], binds: list[str], port: int = 0,
+          attempts: int = 20) -> tuple[list[http.server.ThreadingHTTPServer], int]:
+    """Start threaded HTTP servers on `binds` (never 0.0.0.0), all on one port.
+
+    Port 0: the first address picks a free port and the others take the same one (retried).
+    Returns the servers (call .shutdown() to stop) and the port.
+    """
+    if not binds or any(ipaddress.ip_address(b).is_unspecified for b in binds):
+        raise FleetError(f"serve: bind to the hosts' runner addresses, not {binds}")
+    handler = type("Handler", (_LayeredHandler,), {"layers": layers})
+    for _ in range(attempts):
+        servers = []
+        try:
+            for addr in binds:
+                servers.append(http.server.ThreadingHTTPServer(
+                    (addr, port if port or not servers else servers[0].server_address[1]),
+                    handler))
+        except OSError:
+            for s in servers:
+                s.server_close()
+            if port:
+                raise
+            continue
+        for s in servers:
+            s.daemon_threads = True
+            threading.Thread(target=s.serve_forever, daemon=True).start()
+        return servers, servers[0].server_address[1]
+    raise FleetError(f"no port free on all of {binds}")
+
+
+# -- the fleet -----------------------------------------------------------------------------------
+
+def _host_key(root: Path, name: str) -> str:
     key = root / "etc" / "ssh" / "ssh_host_ed25519_key"
-    sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(key)])
-    (root / "etc" / "ssh" / "sshd_config.d").mkdir(exist_ok=True)
-    (root / "etc" / "ssh" / "sshd_config.d" / "neverdark-test.conf").write_text(
-        "HostKey /etc/ssh/ssh_host_ed25519_key\nPasswordAuthentication no\nUseDNS no\n")
-    if profile == "pi":
-        sh(["chroot", str(root), "useradd", "-m", "-s", "/bin/bash", "pi"])
-        sudoers = root / "etc" / "sudoers.d" / "010_pi-nopasswd"
-        sudoers.write_text("pi ALL=(ALL) NOPASSWD: ALL\n")
-        sudoers.chmod(0o440)
-        home, uid = root / "home" / "pi", "pi"
+    for old in key.parent.glob("ssh_host_*"):
+        old.unlink()
+    sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{name}", "-f", str(key)])
+    return " ".join(Path(f"{key}.pub").read_text().split()[:2])
+
+
+def _prepare_root(root: Path, name: str, profile: str, client_pub: str, runner_addr: str) -> str:
+    """Per-host identity and access, written before boot. Returns the host's public key."""
+    etc = root / "etc"
+    (etc / "hostname").write_text(f"{name}\n")
+    (etc / "hosts").write_text(f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n"
+                               f"{runner_addr}\tneverdark-runner\n::1\tlocalhost ip6-localhost\n")
+    (etc / "machine-id").unlink(missing_ok=True)
+    (etc / "machine-id").write_text(os.urandom(16).hex() + "\n")
+    host_pub = _host_key(root, name)
+    (etc / "ssh" / "sshd_config.d").mkdir(exist_ok=True)
+    (etc / "ssh" / "sshd_config.d" / "neverdark-testfleet.conf").write_text(
+        "# neverdark test fleet: key-only SSH with the run's client key\n"
+        "HostKey /etc/ssh/ssh_host_ed25519_key\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nUseDNS no\n")
+    user = PROFILES[profile]
+    if user == "root":
+        home = root / "root"
     else:
-        home, uid = root / "root", "root"
+        sh(["chroot", str(root), "useradd", "-m", "-s", "/bin/bash", "-G", "sudo", "-p", "*",
+            user])
+        sudoers = etc / "sudoers.d" / f"010_{user}-nopasswd"
+        sudoers.write_text(f"{user} ALL=(ALL) NOPASSWD: ALL\n")
+        sudoers.chmod(0o440)
+        home = root / "home" / user
     ssh_dir = home / ".ssh"
     ssh_dir.mkdir(mode=0o700, exist_ok=True)
     (ssh_dir / "authorized_keys").write_text(client_pub)
     (ssh_dir / "authorized_keys").chmod(0o600)
-    sh(["chroot", str(root), "chown", "-R", f"{uid}:{uid}", str(Path("/") / ssh_dir.relative_to(root))])
-    return (Path(f"{key}.pub")).read_text().split()[0:2]
+    sh(["chroot", str(root), "chown", "-R", f"{user}:{user}", f"/{ssh_dir.relative_to(root)}"])
+    return host_pub
 
 
 class FleetContext:
-    """A running test fleet. Use `fleet_context(...)` to get one that cleans up after itself."""
+    """A test fleet. `fleet_context(...)` gives one that is up and cleans up after itself.
 
-    def __init__(self, run_dir: Path, hosts: list[tuple[str, str]],
-                 serve_dirs: dict[str, Path] | None = None):
+    hosts[name]: address, runner_address, user, port, key, profile, pid (systemd-nspawn), pid1
+    (the container's systemd), known_hosts, machine, link, root, sudo, files_url (when serving).
+    """
+
+    def __init__(self, run_dir: Path, hosts: list[tuple[str, str]] = DEFAULT_HOSTS,
+                 serve_dirs: dict[str, Path] | None = None, persistent: bool = False,
+                 log=None):
         self.run_dir = Path(run_dir).resolve()
-        self.specs = hosts
+        self.specs = [tuple(h) for h in hosts]
         self.serve_dirs = {k: str(Path(v).resolve()) for k, v in (serve_dirs or {}).items()}
-        self.run_id = os.urandom(2).hex()
+        self.persistent = persistent     # CLI runs outlive the process that started them
+        self.run_id = ""
+        self.subnet: str | None = None
         self.hosts: dict[str, dict] = {}
         self.procs: dict[str, subprocess.Popen] = {}
-        self.server: subprocess.Popen | None = None
         self.ssh_config = self.run_dir / "ssh_config"
+        self.known_hosts = self.run_dir / "known_hosts"
+        self.client_key = self.run_dir / "id_ed25519"
+        self.files_port: int | None = None
+        self.files_pid: int | None = None
         self.timings: dict[str, float] = {}
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
 
-    # lifecycle
+    # -- names -------------------------------------------------------------------------------
+    @property
+    def machine_prefix(self) -> str:
+        return f"{PREFIX}{self.run_id}-"
+
+    def _machine(self, name: str, index: int) -> str:
+        machine = f"{self.machine_prefix}{name}"
+        return machine if len(machine) <= 12 else f"{self.machine_prefix}{index}"  # ve-… ≤ 15
+
+    # -- bring-up ------------------------------------------------------------------------------
     def up(self) -> FleetContext:
         for name, profile in self.specs:
-            if len(name) > 8 or profile not in ("vps", "pi"):
-                raise FleetError(f"host {name}:{profile}: names up to 8 chars, profile vps|pi")
-        clear_stale()
-        image, built = ensure_image()
-        self.timings["image_build_s"] = built or 0.0
+            if profile not in PROFILES or not re.fullmatch(r"[a-z][a-z0-9-]{0,30}", name):
+                raise FleetError(f"host {name}:{profile}: name [a-z][a-z0-9-]*, profile vps|pi")
+        if len({n for n, _ in self.specs}) != len(self.specs) or not 0 < len(self.specs) <= 60:
+            raise FleetError("1 to 60 hosts, unique names")
+        clear_stale(log=self.log)
+        self._clear_previous_run_here()
+        image, built = ensure_image(log=self.log)
+        self.timings["image_build_s"] = built if built is not None else 0.0
+        self.timings["image_cached"] = float(built is None)
         started = time.monotonic()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        REGISTRY.mkdir(parents=True, exist_ok=True)
-        (REGISTRY / f"{self.run_id}.json").write_text(json.dumps(
-            {"owner": os.getpid(), "run_dir": str(self.run_dir)}))
-        client_key = self.run_dir / "id_ed25519"
-        if not client_key.exists():
-            sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "neverdark-testfleet",
-                "-f", str(client_key)])
-        client_pub = (self.run_dir / "id_ed25519.pub").read_text()
-        subnet = self._pick_subnet()
-        for i, (name, profile) in enumerate(self.specs):
-            self._boot(name, profile, image, client_key, client_pub, subnet, i)
-        for name in self.hosts:
-            self._wait_ready(name)
-        self._write_outputs()
-        if self.serve_dirs:
-            self._start_file_server()
+        try:
+            self._up(image)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.destroy(keep_logs=True)
+            raise
         self.timings["up_s"] = time.monotonic() - started
         return self
 
-    def _pick_subnet(self) -> int:
-        used = sh("ip -o -4 addr show", check=False)
-        for _ in range(100):
-            third = random.randrange(0, 60) * 4
-            if not any(f"10.213.{third + i}." in used for i in range(len(self.specs))):
-                return third
-        raise FleetError("no free 10.213.x.0/30 block for the test fleet")
+    def _up(self, image: Path) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "logs").mkdir(exist_ok=True)
+        with _locked(REGISTRY / ".lock", timeout=60):
+            self.run_id = self._new_run_id()
+            self.subnet = str(self._pick_subnet())
+            self._register()
+        self.client_key.unlink(missing_ok=True)
+        Path(f"{self.client_key}.pub").unlink(missing_ok=True)
+        sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"neverdark-testfleet-{self.run_id}",
+            "-f", str(self.client_key)])
+        self.client_key.chmod(0o600)
+        client_pub = Path(f"{self.client_key}.pub").read_text()
+        blocks = list(ipaddress.ip_network(self.subnet).subnets(new_prefix=30))
+        for index, (name, profile) in enumerate(self.specs):
+            runner_addr, host_addr = (str(a) for a in list(blocks[index].hosts())[:2])
+            self._boot(name, profile, index, image, client_pub, runner_addr, host_addr)
+            self._save()
+        self._write_ssh_files()
+        for name in self.hosts:
+            self._wait_ready(name)
+        if self.serve_dirs:
+            self.start_file_server()
+        self._save()
 
-    def _boot(self, name, profile, image, client_key, client_pub, subnet, index) -> None:
-        machine = f"{PREFIX}{self.run_id}-{name}"
+    def _new_run_id(self) -> str:
+        while True:
+            run_id = os.urandom(2).hex()
+            if not (REGISTRY / f"{run_id}.json").exists() and not _nspawn_pids(
+                    f"{PREFIX}{run_id}-"):
+                return run_id
+
+    def _pick_subnet(self) -> ipaddress.IPv4Network:
+        """This run's /24: derived from the run id, the next free one if that is in use."""
+        used = sh(["ip", "-o", "-4", "addr", "show"], check=False)
+        taken = set()
+        for entry in REGISTRY.glob("*.json"):
+            with contextlib.suppress(ValueError, OSError, KeyError):
+                taken.add(json.loads(entry.read_text())["subnet"])
+        blocks = list(NET.subnets(new_prefix=24))
+        start = int(self.run_id, 16) % len(blocks)
+        for i in range(len(blocks)):
+            block = blocks[(start + i) % len(blocks)]
+            prefix = ".".join(str(block.network_address).split(".")[:3]) + "."
+            if str(block) not in taken and f" {prefix}" not in used:
+                return block
+        raise FleetError(f"no free /24 in {NET} for the test fleet")
+
+    def _boot(self, name, profile, index, image, client_pub, runner_addr, host_addr) -> None:
+        machine = self._machine(name, index)
         hdir = self.run_dir / "hosts" / name
-        root = hdir / "root"
         shutil.rmtree(hdir, ignore_errors=True)
-        hdir.mkdir(parents=True)
-        sh(["cp", "-a", "--reflink=auto", str(image), str(root)], timeout=300)
-        host_key = _prepare_root(root, name, profile, client_pub)
+        root = hdir / "root"
+        for d in (root, hdir / "upper", hdir / "work"):
+            d.mkdir(parents=True)
+        mode = os.environ.get("NEVERDARK_TESTFLEET_ROOTS", "overlay")   # overlay | copy
+        try:
+            if mode != "overlay":
+                raise FleetError(f"NEVERDARK_TESTFLEET_ROOTS={mode}")
+            sh(["mount", "-t", "overlay", "overlay", "-o",
+                f"lowerdir={image},upperdir={hdir / 'upper'},workdir={hdir / 'work'}", str(root)])
+        except FleetError as e:   # overlayfs unavailable (e.g. run_dir on an overlay): copy
+            if mode == "overlay":
+                self.log(f"testfleet: {name}: overlay mount failed, copying the image ({e})")
+            mode = "copy"
+            root.rmdir()
+            sh(["cp", "-a", "--reflink=auto", str(image), str(root)], timeout=600)
+        host_pub = _prepare_root(root, name, profile, client_pub, runner_addr)
         known = hdir / "known_hosts"
-        net = f"10.213.{subnet + index}"  # a /30 per host: .1 the runner's end, .2 the host
-        runner_addr, host_addr = f"{net}.1", f"{net}.2"
-        known.write_text(f"{host_addr} {host_key[0]} {host_key[1]}\n")
-        log = open(hdir / "console.log", "wb")
-        proc = subprocess.Popen(
-            ["systemd-nspawn", "--register=no", "--keep-unit", "-q", "-D", str(root),
-             f"--machine={machine}", "--network-veth", "-b"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+        known.write_text(f"{name},{host_addr} {host_pub}\n")
+        console = self.run_dir / "logs" / f"{name}.console.log"
+        with open(console, "wb") as out:
+            proc = subprocess.Popen(
+                ["systemd-nspawn", "--register=no", "--keep-unit", "--quiet", "-D", str(root),
+                 f"--machine={machine}", "--network-veth", "-b"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
         self.procs[name] = proc
+        link = f"ve-{machine}"
+        self.hosts[name] = {
+            "address": host_addr, "runner_address": runner_addr, "user": PROFILES[profile],
+            "port": 22, "key": str(self.client_key), "profile": profile, "pid": proc.pid,
+            "pid_start": _proc_start(proc.pid), "pid1": None, "known_hosts": str(known),
+            "machine": machine, "link": link, "root": str(root), "root_mode": mode,
+            "sudo": PROFILES[profile] != "root", "console_log": str(console),
+        }
         pid1 = _pid1(proc.pid)
-        link = f"ve-{machine}"[:15]
+        self.hosts[name]["pid1"] = pid1
         deadline = time.monotonic() + 20
-        while f" {link}@" not in sh("ip -o link show", check=False):
-            if time.monotonic() > deadline:
-                raise FleetError(f"{name}: veth {link} did not appear")
+        while link not in _links():
+            if time.monotonic() > deadline or proc.poll() is not None:
+                self._fail(name, f"veth {link} did not appear")
             time.sleep(0.1)
         sh(["ip", "addr", "add", f"{runner_addr}/30", "dev", link])
         sh(["ip", "link", "set", link, "up"])
-        self.hosts[name] = {
-            "machine": machine, "profile": profile, "pid": proc.pid, "pid1": pid1,
-            "address": host_addr, "runner_address": runner_addr, "link": link,
-            "user": "pi" if profile == "pi" else "root", "port": 22,
-            "key": str(client_key), "known_hosts": str(known), "root": str(root),
-        }
+        # The container's end, in its network namespace (works while it is still booting).
+        sh(["nsenter", "-t", str(pid1), "-n", "ip", "addr", "add", f"{host_addr}/30",
+            "dev", "host0"])
+        sh(["nsenter", "-t", str(pid1), "-n", "ip", "link", "set", "host0", "up"])
 
-    def exec(self, name: str, command: str, check: bool = True, timeout: float = 60) -> str:
-        """Run a command in the host's namespaces as root, without SSH."""
-        pid1 = self.hosts[name]["pid1"]
-        return sh(["nsenter", "-t", str(pid1), "-a", "sh", "-c", command], check=check,
-                  timeout=timeout)
-
-    def _wait_ready(self, name: str, timeout: float = 120) -> None:
+    def _wait_ready(self, name: str, timeout: float = BOOT_TIMEOUT) -> None:
+        """Bounded: systemd running/degraded, then sshd answering with the run's keys."""
         h = self.hosts[name]
         deadline = time.monotonic() + timeout
         state = ""
-        while time.monotonic() < deadline:
-            if self.procs[name].poll() is not None:
-                break
+        while True:
+            if not self.is_alive(name):
+                self._fail(name, f"the container exited while booting ({state!r})")
             state = self.exec(name, "systemctl is-system-running 2>/dev/null || true",
-                              check=False).strip()
+                              check=False, timeout=15).strip()
             if state in ("running", "degraded"):
                 break
-            time.sleep(0.5)
-        else:
-            self._fail(name, f"systemd did not finish booting ({state!r})")
-        if state != "running" and state != "degraded":
-            self._fail(name, f"container exited while booting ({state!r})")
-        self.exec(name, "ip addr add {0}/30 dev host0 2>/dev/null || true; ip link set host0 up"
-                  .format(h["address"]))
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                with socket.create_connection((h["address"], 22), timeout=2):
-                    break
+            if time.monotonic() > deadline:
+                self._fail(name, f"systemd did not finish booting within {timeout}s ({state!r})")
             time.sleep(0.3)
-        else:
-            self._fail(name, "sshd did not answer")
+        if state == "degraded":
+            failed = self.exec(name, "systemctl --failed --no-legend --plain", check=False)
+            self.log(f"testfleet: {name} is degraded; failed units:\n{failed}")
+        h["system_state"] = state
+        last = ""
+        while True:
+            proc = subprocess.run(self.ssh_argv(name, "true", connect_timeout=5),
+                                  capture_output=True, text=True, timeout=30)
+            if proc.returncode == 0:
+                return
+            last = proc.stderr.strip()
+            if time.monotonic() > deadline:
+                self._fail(name, f"sshd did not accept the run's key within {timeout}s: {last}")
+            time.sleep(0.3)
 
     def _fail(self, name: str, why: str) -> None:
-        journal = self.exec(name, "journalctl -b --no-pager -n 60 2>&1 || true", check=False) \
-            if self.procs[name].poll() is None else ""
-        failed = self.exec(name, "systemctl --failed --no-legend 2>&1 || true", check=False) \
-            if self.procs[name].poll() is None else ""
-        console = Path(self.hosts[name]["root"]).parent.joinpath("console.log").read_text(
-            errors="replace")[-3000:]
-        raise FleetError(f"{name}: {why}\nfailed units:\n{failed}\njournal:\n{journal}\n"
-                         f"console:\n{console}")
+        h = self.hosts[name]
+        journal = failed = ""
+        if self.is_alive(name) and h.get("pid1"):
+            with contextlib.suppress(FleetError):
+                failed = self.exec(name, "systemctl --failed --no-legend --plain", check=False)
+                journal = self.exec(name, "journalctl -b --no-pager -n 80", check=False)
+        console = ""
+        with contextlib.suppress(OSError):
+            console = Path(h["console_log"]).read_text(errors="replace")[-3000:]
+        raise FleetError(f"{name}: {why}\n--- failed units:\n{failed}\n--- journal (last 80):\n"
+                         f"{journal}\n--- console ({h['console_log']}):\n{console}")
 
-    def _write_outputs(self) -> None:
-        lines = []
+    # -- outputs -------------------------------------------------------------------------------
+    def _write_ssh_files(self) -> None:
+        lines = [f"# neverdark test fleet run {self.run_id}: ssh -F {self.ssh_config} NAME", ""]
         for name, h in self.hosts.items():
             lines += [f"Host {name}", f"  HostName {h['address']}", f"  User {h['user']}",
-                      f"  IdentityFile {h['key']}", f"  UserKnownHostsFile {h['known_hosts']}",
-                      "  StrictHostKeyChecking yes", "  BatchMode yes", "  LogLevel ERROR",
-                      "  IdentitiesOnly yes", ""]
+                      f"  Port {h['port']}", f"  IdentityFile {h['key']}", "  IdentitiesOnly yes",
+                      f"  UserKnownHostsFile {h['known_hosts']}", "  StrictHostKeyChecking yes",
+                      "  BatchMode yes", "  LogLevel ERROR", "  ConnectTimeout 10", ""]
         self.ssh_config.write_text("\n".join(lines))
-        (self.run_dir / "hosts.json").write_text(json.dumps(self.hosts, indent=2))
+        self.known_hosts.write_text("".join(Path(h["known_hosts"]).read_text()
+                                            for h in self.hosts.values()))
+        self.pyinfra_inventory_file()
 
-    def _start_file_server(self) -> None:
-        binds = [h["runner_address"] for h in self.hosts.values()]
-        with socket.socket() as s:
-            s.bind((binds[0], 0))
-            self.files_port = s.getsockname()[1]
-        self.server = subprocess.Popen(
-            [sys.executable, "-m", "neverdark.testfleet", "serve", "--port", str(self.files_port),
-             *[f"--bind={b}" for b in binds],
-             *[f"--dir={k}={v}" for k, v in self.serve_dirs.items()]],
-            stdout=subprocess.DEVNULL, stderr=open(self.run_dir / "files.log", "wb"),
-            start_new_session=True, cwd=Path(__file__).resolve().parent.parent)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                with socket.create_connection((binds[0], self.files_port), timeout=1):
-                    for name, h in self.hosts.items():
-                        h["files_url"] = self.files_url(name)
-                    self._write_outputs()
-                    return
-            time.sleep(0.1)
-        raise FleetError("file server did not start; see files.log")
+    def pyinfra_inventory(self) -> list[tuple[str, dict]]:
+        """(name, host data) for pyinfra's SSH connector: the run's key, strict host keys."""
+        out = []
+        for name, h in self.hosts.items():
+            data = {"ssh_hostname": h["address"], "ssh_port": h["port"], "ssh_user": h["user"],
+                    "ssh_key": h["key"], "ssh_known_hosts_file": h["known_hosts"],
+                    "ssh_strict_host_key_checking": "yes"}
+            if h["sudo"]:
+                data["_sudo"] = True
+            out.append((name, data))
+        return out
 
-    def files_url(self, name: str) -> str:
-        return f"http://{self.hosts[name]['runner_address']}:{self.files_port}"
+    def pyinfra_inventory_file(self) -> Path:
+        path = self.run_dir / "inventory.py"
+        path.write_text("# pyinfra inventory of the neverdark test fleet (generated)\n"
+                        f"hosts = {self.pyinfra_inventory()!r}\n")
+        return path
 
-    def runner_address(self, name: str) -> str:
-        return self.hosts[name]["runner_address"]
+    def testinfra_url(self, name: str) -> str:
+        sudo = "&sudo=true" if self.hosts[name]["sudo"] else ""
+        return f"ssh://{name}?ssh_config={self.ssh_config}{sudo}"
 
-    def served_dir(self, key: str) -> str:
-        return self.serve_dirs[key]
+    def _state(self) -> dict:
+        return {"run_id": self.run_id, "subnet": self.subnet, "run_dir": str(self.run_dir),
+                "owner": None if self.persistent else os.getpid(),
+                "owner_start": None if self.persistent else _proc_start(os.getpid()),
+                "machine_prefix": self.machine_prefix, "specs": self.specs,
+                "serve_dirs": self.serve_dirs, "files_port": self.files_port,
+                "files_pid": self.files_pid, "hosts": self.hosts}
+
+    def _register(self) -> None:
+        REGISTRY.mkdir(parents=True, exist_ok=True)
+        _atomic_write(REGISTRY / f"{self.run_id}.json", json.dumps(self._state(), indent=2))
+
+    def _save(self) -> None:
+        self._register()
+        _atomic_write(self.run_dir / "run.json", json.dumps(self._state(), indent=2))
+        _atomic_write(self.run_dir / "hosts.json", json.dumps(self.hosts, indent=2))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> FleetContext:
+        """The fleet a `up` left running in run_dir (for the CLI)."""
+        run_dir = Path(run_dir).resolve()
+        try:
+            state = json.loads((run_dir / "run.json").read_text())
+        except OSError:
+            raise FleetError(f"no test fleet in {run_dir} (no run.json)") from None
+        fleet = cls(run_dir, [tuple(s) for s in state["specs"]], state["serve_dirs"],
+                    persistent=state["owner"] is None)
+        fleet.run_id, fleet.subnet = state["run_id"], state["subnet"]
+        fleet.hosts, fleet.files_port = state["hosts"], state["files_port"]
+        fleet.files_pid = state["files_pid"]
+        return fleet
+
+    def _clear_previous_run_here(self) -> None:
+        if (self.run_dir / "run.json").exists():
+            with contextlib.suppress(FleetError, ValueError, KeyError):
+                old = FleetContext.load(self.run_dir)
+                entry = REGISTRY / f"{old.run_id}.json"
+                info = json.loads(entry.read_text()) if entry.exists() else {}
+                if info.get("owner") and _alive(info["owner"], info.get("owner_start")) \
+                        and info["owner"] != os.getpid():
+                    raise FleetError(f"{self.run_dir} is in use by pid {info['owner']}")
+                self.log(f"testfleet: removing the previous run {old.run_id} in {self.run_dir}")
+                old.destroy(keep_logs=False)
+        for point in _mounts_under(self.run_dir / "hosts"):
+            _umount(point)
+        shutil.rmtree(self.run_dir / "hosts", ignore_errors=True)
+
+    # -- using the hosts ----------------------------------------------------------------------
+    def is_alive(self, name: str) -> bool:
+        h = self.hosts[name]
+        proc = self.procs.get(name)
+        if proc is not None:
+            return proc.poll() is None
+        return _alive(h["pid"], h.get("pid_start"))
+
+    def exec(self, name: str, command: str, check: bool = True, timeout: float = 60,
+             input: str | None = None) -> str:
+        """Run a shell command inside the host as root through nsenter (no SSH)."""
+        pid1 = self.hosts[name]["pid1"]
+        return sh(["nsenter", "-t", str(pid1), "-a", "/bin/sh", "-c", command], check=check,
+                  timeout=timeout, input=input, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                                                     "LANG": "C.UTF-8", "HOME": "/root"})
+
+    def ssh_argv(self, name: str, command: str | None = None, connect_timeout: int = 10,
+                 tty: bool = False) -> list[str]:
+        argv = ["ssh", "-F", str(self.ssh_config), "-o", f"ConnectTimeout={connect_timeout}"]
+        if tty:
+            argv.append("-t")
+        argv.append(name)
+        if command is not None:
+            argv.append(command)
+        return argv
 
     def ssh(self, name: str, command: str, check: bool = True, timeout: float = 600,
-            input: str | None = None) -> str:
-        """Run a command over SSH as the host's login user (root, or pi with sudo)."""
-        h = self.hosts[name]
-        remote = command if h["user"] == "root" else f"sudo -n sh -c {shlex.quote(command)}"
-        proc = subprocess.run(["ssh", "-F", str(self.ssh_config), name, remote],
-                              capture_output=True, text=True, timeout=timeout, input=input)
+            input: str | None = None, as_root: bool = True) -> str:
+        """Run a command over SSH. as_root (default): as root, through `sudo -n` on a pi host;
+        as_root=False: as the login user (root on vps, pi on pi). Returns stdout."""
+        remote = command
+        if as_root and self.hosts[name]["sudo"]:
+            remote = f"sudo -n sh -c {shlex.quote(command)}"
+        try:
+            proc = subprocess.run(self.ssh_argv(name, remote), capture_output=True, text=True,
+                                  timeout=timeout, input=input)
+        except subprocess.TimeoutExpired as e:
+            raise FleetError(f"ssh {name} {command!r}: no answer within {timeout}s") from e
         if check and proc.returncode != 0:
             raise FleetError(f"ssh {name} {command!r} failed ({proc.returncode}): "
                              f"{proc.stderr.strip()[-2000:]}\n{proc.stdout[-2000:]}")
         return proc.stdout
 
-    def down(self, timeout: float = 30) -> None:
-        for name in list(self.hosts):
-            proc = self.procs.get(name)
-            if proc and proc.poll() is None:
-                with contextlib.suppress(FleetError, subprocess.TimeoutExpired):
-                    self.exec(name, "systemctl poweroff", check=False, timeout=10)
-        deadline = time.monotonic() + timeout
-        for proc in self.procs.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            if proc.poll() is None:
-                with contextlib.suppress(OSError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        if self.server and self.server.poll() is None:
-            self.server.terminate()
-            self.server.wait(10)
+    def runner_address(self, name: str) -> str:
+        return self.hosts[name]["runner_address"]
 
-    def destroy(self) -> None:
-        self.down()
+    def files_url(self, name: str) -> str:
+        if self.files_port is None:
+            raise FleetError("no file server: pass serve_dirs")
+        return f"http://{self.hosts[name]['runner_address']}:{self.files_port}"
+
+    def served_dir(self, key: str) -> Path:
+        """This run's writable layer of /KEY/: files put here are served over the source dir
+        (which stays untouched, so a shared cache is never polluted by a test)."""
+        return self.run_dir / "files" / key
+
+    # -- the file server -------------------------------------------------------------------------
+    def start_file_server(self, timeout: float = 20) -> None:
+        binds = [h["runner_address"] for h in self.hosts.values()]
+        args = []
+        for key, src in self.serve_dirs.items():
+            self.served_dir(key).mkdir(parents=True, exist_ok=True)
+            args += ["--dir", f"{key}={self.served_dir(key)}:{src}"]
+        portfile = self.run_dir / "files.port"
+        portfile.unlink(missing_ok=True)
+        with open(self.run_dir / "logs" / "files.log", "ab") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "neverdark.testfleet", "serve", "--port-file",
+                 str(portfile), *[f"--bind={b}" for b in binds], *args],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                start_new_session=True, cwd=Path(__file__).resolve().parent.parent)
+        self.files_pid = proc.pid
+        self._files_proc = proc
+        deadline = time.monotonic() + timeout
+        while not portfile.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise FleetError(f"file server did not start; see {self.run_dir}/logs/files.log")
+            time.sleep(0.05)
+        self.files_port = int(portfile.read_text())
+        for name, h in self.hosts.items():
+            h["files_url"] = self.files_url(name)
+        self._save()
+
+    def stop_file_server(self) -> None:
+        pid = self.files_pid
+        if pid and _alive(pid) and "serve" in _cmdline(pid):
+            _kill(pid, signal.SIGTERM)
+            if not _wait_gone([pid], 5):
+                _kill(pid)
+        proc = getattr(self, "_files_proc", None)
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+        self.files_pid = None
+
+    # -- teardown ---------------------------------------------------------------------------
+    def down(self, timeout: float = 30) -> None:
+        """Clean `systemctl poweroff` in every host, a bounded wait, then SIGKILL; unmount."""
+        self.stop_file_server()
+        for name, h in self.hosts.items():
+            if self.is_alive(name) and h.get("pid1"):
+                with contextlib.suppress(FleetError):
+                    self.exec(name, "systemctl poweroff --no-block", check=False, timeout=10)
+        deadline = time.monotonic() + timeout
+        for name, h in self.hosts.items():
+            while self.is_alive(name) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if self.is_alive(name):
+                self.log(f"testfleet: {name} did not power off within {timeout}s; killing it")
+                _kill(h.get("pid1"))          # SIGKILL to PID 1 ends the whole PID namespace
+                _kill(h["pid"])
+            proc = self.procs.get(name)
+            if proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(10)
+        leftover = _nspawn_pids(self.machine_prefix) if self.run_id else []
+        for pid in leftover:
+            _kill(pid)
+        _wait_gone(leftover, 10)
         for h in self.hosts.values():
-            subprocess.run(["ip", "link", "del", h["link"]], capture_output=True)
+            if h["link"] in _links():     # the veth goes with the container's netns
+                subprocess.run(["ip", "link", "del", h["link"]], capture_output=True)
+        for point in _mounts_under(self.run_dir / "hosts"):
+            _umount(point)
+        if self.run_id and (self.run_dir / "run.json").exists():
+            self._save()
+
+    def destroy(self, keep_logs: bool = True) -> None:
+        """down(), then remove the run's links, mounts, host roots, keys and registry entry."""
+        if not (self.run_dir / "run.json").exists() and not self.hosts:
+            return
+        self.down()
+        for point in _mounts_under(self.run_dir / "hosts"):
+            _umount(point)
         shutil.rmtree(self.run_dir / "hosts", ignore_errors=True)
-        (REGISTRY / f"{self.run_id}.json").unlink(missing_ok=True)
+        shutil.rmtree(self.run_dir / "files", ignore_errors=True)
+        for f in ("ssh_config", "known_hosts", "hosts.json", "run.json", "inventory.py",
+                  "files.port", "id_ed25519", "id_ed25519.pub"):
+            (self.run_dir / f).unlink(missing_ok=True)
+        if not keep_logs:
+            shutil.rmtree(self.run_dir / "logs", ignore_errors=True)
+        if self.run_id:
+            (REGISTRY / f"{self.run_id}.json").unlink(missing_ok=True)
+        self.hosts = {}
+
+    def leftovers(self) -> dict[str, list]:
+        """What of this run still exists on the runner (empty lists after destroy())."""
+        return {"links": [ln for ln in _links() if ln.startswith(f"ve-{self.machine_prefix}")],
+                "mounts": _mounts_under(self.run_dir),
+                "processes": _nspawn_pids(self.machine_prefix)
+                + [p for p in [self.files_pid] if p and _alive(p)],
+                "roots": [str(p) for p in (self.run_dir / "hosts").glob("*")]}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
-def fleet_context(hosts: list[tuple[str, str]], run_dir: Path,
-                  serve_dirs: dict[str, Path] | None = None):
+def fleet_context(hosts: list[tuple[str, str]] = DEFAULT_HOSTS, run_dir: Path | None = None,
+                  serve_dirs: dict[str, Path] | None = None, keep: bool = False):
+    """The fleet up for the duration of the block, destroyed after (unless keep=True)."""
+    if run_dir is None:
+        raise FleetError("fleet_context needs a run_dir")
     fleet = FleetContext(run_dir, hosts, serve_dirs)
+    fleet.up()
     try:
-        fleet.up()
         yield fleet
     finally:
-        fleet.destroy()
+        if not keep:
+            fleet.destroy()
 
 
-def clear_stale() -> None:
-    """Remove what earlier runs left behind on a reused machine (their owner is gone)."""
-    if not REGISTRY.exists():
-        return
-    for entry in REGISTRY.glob("*.json"):
-        with contextlib.suppress(ValueError, OSError):
-            info = json.loads(entry.read_text())
-            if _alive(info["owner"]):
+def clear_stale(log=print) -> list[str]:
+    """Remove what dead runs left on a reused machine. Never touches a live run's state.
+
+    A run is dead when its owner process is gone (library runs) or, for CLI runs, when none
+    of its containers is running. Also removes links, nspawn processes and image overlays of
+    our naming that no registered run claims.
+    """
+    cleared = []
+    REGISTRY.mkdir(parents=True, exist_ok=True)
+    with _locked(REGISTRY / ".lock", timeout=60):
+        live_ids, live_dirs = set(), set()
+        for entry in sorted(REGISTRY.glob("*.json")):
+            try:
+                info = json.loads(entry.read_text())
+                run_id = info["run_id"]
+            except (ValueError, OSError, KeyError):
+                entry.unlink(missing_ok=True)
                 continue
-            run_id = entry.stem
-            out = sh(["pgrep", "-f", f"--machine={PREFIX}{run_id}-"], check=False)
-            for pid in out.split():
-                with contextlib.suppress(OSError):
-                    os.killpg(int(pid), signal.SIGKILL)
-            for line in sh("ip -o link show", check=False).splitlines():
-                link = line.split(":")[1].strip().split("@")[0]
-                if link.startswith(f"ve-{PREFIX}{run_id}"):
-                    subprocess.run(["ip", "link", "del", link], capture_output=True)
-            shutil.rmtree(Path(info["run_dir"]) / "hosts", ignore_errors=True)
-            entry.unlink()
+            prefix = f"{PREFIX}{run_id}-"
+            if info.get("owner"):
+                alive = _alive(info["owner"], info.get("owner_start"))
+            else:
+                alive = bool(_nspawn_pids(prefix))
+            if alive:
+                live_ids.add(run_id)
+                live_dirs.add(info["run_dir"])
+                continue
+            log(f"testfleet: clearing stale run {run_id} ({info.get('run_dir')})")
+            _teardown_remnants(prefix, info)
+            entry.unlink(missing_ok=True)
+            cleared.append(run_id)
+        # Unregistered remnants of our naming (registry lost, e.g. /run cleared by hand).
+        for pid in _nspawn_pids(PREFIX):
+            machine = next(a for a in _cmdline(pid) if a.startswith("--machine="))
+            m = re.match(rf"--machine={PREFIX}([0-9a-f]{{4}})-", machine)
+            if m and m.group(1) not in live_ids:
+                log(f"testfleet: killing unregistered container {machine} (pid {pid})")
+                _kill_container(pid)
+        for link in _links():
+            m = re.match(rf"ve-{PREFIX}([0-9a-f]{{4}})-", link)
+            if m and m.group(1) not in live_ids:
+                subprocess.run(["ip", "link", "del", link], capture_output=True)
+        for point in _image_overlay_mounts():
+            if not any(point.startswith(d.rstrip("/") + "/") for d in live_dirs):
+                log(f"testfleet: unmounting stale overlay {point}")
+                _umount(point)
+    return cleared
+
+
+def _kill_container(nspawn_pid: int) -> None:
+    for kid in _children(nspawn_pid):
+        _kill(kid)
+    _kill(nspawn_pid)
+    _wait_gone([nspawn_pid], 10)
+
+
+def _teardown_remnants(prefix: str, info: dict) -> None:
+    if info.get("files_pid") and "serve" in _cmdline(info["files_pid"]) \
+            and "neverdark.testfleet" in " ".join(_cmdline(info["files_pid"])):
+        _kill(info["files_pid"])
+    for pid in _nspawn_pids(prefix):
+        _kill_container(pid)
+    for link in _links():
+        if link.startswith(f"ve-{prefix}"):
+            subprocess.run(["ip", "link", "del", link], capture_output=True)
+    run_dir = Path(info.get("run_dir") or "/nonexistent")
+    for point in _mounts_under(run_dir / "hosts"):
+        _umount(point)
+    if run_dir.is_dir() and not _mounts_under(run_dir / "hosts"):
+        shutil.rmtree(run_dir / "hosts", ignore_errors=True)
 
 
 # -- CLI -----------------------------------------------------------------------------------------
 
+run_dir_option = click.option(
+    "--run-dir", type=click.Path(path_type=Path), default=DEFAULT_RUN_DIR, show_default=True,
+    help="where the run keeps its keys, ssh_config, hosts.json and host roots "
+         "($NEVERDARK_TESTFLEET_DIR)")
+
+
 @click.group()
 def cli() -> None:
-    """The nspawn test fleet."""
+    """The nspawn test fleet: Debian 12 hosts with systemd and sshd on this machine (root)."""
 
 
 @cli.command()
-@click.option("--port", type=int, required=True)
-@click.option("--bind", "binds", multiple=True, required=True)
-@click.option("--dir", "dirs", multiple=True, help="KEY=PATH served under /KEY/")
-def serve(port: int, binds: tuple[str, ...], dirs: tuple[str, ...]) -> None:
-    """Serve files to the hosts (runs until killed)."""
-    serve_forever(list(binds), port, dict(d.split("=", 1) for d in dirs))
-
-
-@cli.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@run_dir_option
 @click.argument("hosts", nargs=-1)
-def up(run_dir: Path, hosts: tuple[str, ...]) -> None:
-    """Boot HOSTS (NAME:PROFILE ...) and leave them running; prints hosts.json."""
-    specs = [tuple(h.split(":", 1)) for h in hosts] or [("vps1", "vps"), ("pi1", "pi")]
-    fleet = FleetContext(run_dir, specs)
+@click.option("--serve", "serves", multiple=True, metavar="KEY=DIR",
+              help="serve DIR to the hosts under /KEY/ (e.g. wheels=/var/cache/neverdark/wheels)")
+def up(run_dir: Path, hosts: tuple[str, ...], serves: tuple[str, ...]) -> None:
+    """Boot HOSTS (NAME:PROFILE, profile vps or pi; default vps1:vps pi1:pi) and leave them
+    running. Prints hosts.json."""
+    specs = [tuple(h.split(":", 1)) if ":" in h else (h, "vps") for h in hosts] or DEFAULT_HOSTS
+    serve_dirs = dict(s.split("=", 1) for s in serves)
+    fleet = FleetContext(run_dir, specs, serve_dirs, persistent=True)
     fleet.up()
-    (Path(run_dir) / "run.json").write_text(json.dumps({"run_id": fleet.run_id}))
-    (REGISTRY / f"{fleet.run_id}.json").write_text(json.dumps(
-        {"owner": os.getppid(), "run_dir": str(fleet.run_dir)}))
     click.echo(json.dumps(fleet.hosts, indent=2))
-    click.echo(f"ssh -F {fleet.ssh_config} {specs[0][0]}   # to log in", err=True)
+    click.echo(f"up in {fleet.timings['up_s']:.1f} s; ssh -F {fleet.ssh_config} "
+               f"{specs[0][0]}", err=True)
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@run_dir_option
+def down(run_dir: Path) -> None:
+    """Power the hosts off (bounded, then killed); keeps their roots and keys."""
+    FleetContext.load(run_dir).down()
+
+
+@cli.command()
+@run_dir_option
 def destroy(run_dir: Path) -> None:
-    """Stop the hosts of RUN_DIR and remove their state."""
-    hosts = json.loads((Path(run_dir) / "hosts.json").read_text())
-    for h in hosts.values():
-        with contextlib.suppress(ProcessLookupError):
-            subprocess.run(["nsenter", "-t", str(h["pid1"]), "-a", "systemctl", "poweroff"],
-                           capture_output=True, timeout=10)
-    time.sleep(3)
-    for h in hosts.values():
-        with contextlib.suppress(OSError):
-            os.killpg(h["pid"], signal.SIGKILL)
-        subprocess.run(["ip", "link", "del", h["link"]], capture_output=True)
-    shutil.rmtree(Path(run_dir) / "hosts", ignore_errors=True)
+    """Power off and remove the run's links, mounts, host roots and keys (logs stay)."""
+    try:
+        fleet = FleetContext.load(run_dir)
+    except FleetError:
+        clear_stale()
+        return
+    fleet.destroy()
+
+
+@cli.command()
+@run_dir_option
+def status(run_dir: Path) -> None:
+    """Per host: address, user, running or not, systemd state."""
+    fleet = FleetContext.load(run_dir)
+    for name, h in fleet.hosts.items():
+        state = "stopped"
+        if fleet.is_alive(name):
+            state = fleet.exec(name, "systemctl is-system-running || true", check=False,
+                               timeout=10).strip()
+        click.echo(f"{name:10} {h['profile']:4} {h['user']}@{h['address']:15} "
+                   f"runner {h['runner_address']:15} {state}  {h.get('files_url', '')}")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@run_dir_option
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def ssh(run_dir: Path, name: str, command: tuple[str, ...]) -> None:
+    """SSH to host NAME as its login user: ssh NAME -- CMD (no CMD: a login shell)."""
+    fleet = FleetContext.load(run_dir)
+    if name not in fleet.hosts:
+        raise click.UsageError(f"no host {name}; hosts: {', '.join(fleet.hosts)}")
+    argv = fleet.ssh_argv(name, " ".join(command) if command else None,  # as ssh joins them
+                          tty=not command and sys.stdin.isatty())
+    os.execvp(argv[0], argv)
+
+
+@cli.command("serve", hidden=True)
+@click.option("--bind", "binds", multiple=True, required=True)
+@click.option("--port", type=int, default=0)
+@click.option("--port-file", type=click.Path(path_type=Path))
+@click.option("--dir", "dirs", multiple=True, help="KEY=DIR[:DIR...] served under /KEY/")
+def _serve_cmd(binds: tuple[str, ...], port: int, port_file: Path | None,
+               dirs: tuple[str, ...]) -> None:
+    """Serve files to the hosts until terminated (started by the harness)."""
+    layers = {k: v.split(":") for k, v in (d.split("=", 1) for d in dirs)}
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    servers, port = serve(layers, list(binds), port)
+    if port_file:
+        _atomic_write(port_file, str(port))
+    stop.wait()
+    for s in servers:
+        s.shutdown()
+        s.server_close()
 
 
 if __name__ == "__main__":
