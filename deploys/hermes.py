@@ -38,7 +38,7 @@ def wizard(w: dict, install_changes):
     user, etc, var = w["user"], f"{WIZARDS_ETC}/{w['name']}", f"{WIZARDS_VAR}/{w['name']}"
     server.group(name=f"{user} group", group=user, system=True)
     server.user(name=f"{user} user", user=user, group=user, system=True, home=w["home"],
-                create_home=False, shell="/usr/sbin/nologin")
+                create_home=False, ensure_home=False, shell="/usr/sbin/nologin")
     files.directory(name=f"{w['name']} etc", path=f"{etc}/backends", user="root", group=user,
                     mode="0750")
     files.directory(name=f"{w['name']} var", path=var, user="root", group="root", mode="0755")
@@ -89,7 +89,7 @@ def remove_wizard(name: str):
     gone = files.file(name=f"remove {unit}", path=f"{UNIT_DIR}/{unit}", present=False)
     systemd.daemon_reload(name=f"daemon-reload (removed {unit})", _if=gone.did_change)
     ops.archive_directory(name=f"archive {name}'s sessions and memories",
-                          path=f"{WIZARDS_VAR}/{name}", archive_root=ARCHIVE, name=name)
+                          path=f"{WIZARDS_VAR}/{name}", archive_root=ARCHIVE, prefix=name)
     files.directory(name=f"remove {name}'s config", path=f"{WIZARDS_ETC}/{name}", present=False)
 
 

@@ -19,7 +19,8 @@ def install():
     p = plan()
     server.group(name="llama group", group="neverdark-llama", system=True)
     server.user(name="llama user", user="neverdark-llama", group="neverdark-llama", system=True,
-                home="/nonexistent", create_home=False, shell="/usr/sbin/nologin")
+                home="/nonexistent", create_home=False, ensure_home=False,
+                shell="/usr/sbin/nologin")
     files.directory(name="llama dir", path="/opt/neverdark/llama", mode="0755")
     pip.venv(name="llama venv", path=VENV, python="python3")
     reqs = ops.pip_requirements(name="llama-cpp-python[server]", venv=VENV,

@@ -95,13 +95,13 @@ def write_if_missing(path: str, source: str, user: str, group: str, mode: str):
 
 
 @operation()
-def archive_directory(path: str, archive_root: str, name: str):
+def archive_directory(path: str, archive_root: str, prefix: str):
     """Move a removed wizard's data aside rather than deleting it."""
     if not host.get_fact(Directory, path=path):
         host.noop(f"{path} already gone")
         return
     yield (f"mkdir -p {q(archive_root)} && chmod 0700 {q(archive_root)} && "
-           f"mv {q(path)} {q(archive_root)}/{q(name)}-$(date -u +%Y%m%dT%H%M%SZ)")
+           f"mv {q(path)} {q(archive_root)}/{q(prefix)}-$(date -u +%Y%m%dT%H%M%SZ)")
 
 
 def listed_names(directory: str) -> list[str]:

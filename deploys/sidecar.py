@@ -21,7 +21,8 @@ def install():
     server.group(name="operators group (control socket)", group="neverdark-ops", system=True)
     server.group(name="sidecar group", group="neverdark-sidecar", system=True)
     server.user(name="sidecar user", user="neverdark-sidecar", group="neverdark-sidecar",
-                system=True, home="/nonexistent", create_home=False, shell="/usr/sbin/nologin")
+                system=True, home="/nonexistent", create_home=False, ensure_home=False,
+                shell="/usr/sbin/nologin")
     files.directory(name="sidecar dir", path=BASE, mode="0755")
     pip.venv(name="sidecar venv", path=f"{BASE}/venv", python="python3")
     reqs = ops.pip_requirements(name="sidecar requirements", venv=f"{BASE}/venv",
@@ -35,11 +36,13 @@ def install():
 @deploy("neverdark sidecar: configure and activate")
 def configure_and_activate(install_changes, variant_ops):
     p = plan()["sidecar"]
-    wizard_groups = [w["user"] for w in plan()["hermes"]["wizards"]]
-    # Group membership lets it read each wizard's variants and logs, never its .env (0600).
+    # Wizard groups let it read each wizard's variants and logs, never its .env (0600);
+    # neverdark-ops lets it hand its control socket to the operators' group.
+    wizard_groups = [w["user"] for w in plan()["hermes"]["wizards"]] + ["neverdark-ops"]
     member = server.user(name="sidecar reads wizard variants", user="neverdark-sidecar",
                          group="neverdark-sidecar", groups=wizard_groups, system=True,
-                         home="/nonexistent", create_home=False, shell="/usr/sbin/nologin")
+                         home="/nonexistent", create_home=False, ensure_home=False,
+                shell="/usr/sbin/nologin")
     files.directory(name="sidecar state", path="/var/lib/neverdark/sidecar/state",
                     user="neverdark-sidecar", group="neverdark-sidecar", mode="0700")
     config = files.put(name="sidecar config", src=StringIO(p["config"]),

@@ -219,7 +219,7 @@ class Testbed:
             "size_mb": 253, "server": {"threads": 2}, "kv": GEMMA_KV}}
         return {"secrets": {"file": str(self.secrets_path)}, "hosts": hosts, "models": models,
                 "wizards": wizards,
-                "sidecar": {"probe": {"interval": 2, "timeout": 2, "fall": 2, "rise": 2,
+                "sidecar": {"probe": {"interval": 2, "timeout": 1, "fall": 2, "rise": 2,
                                       "min_dwell": 10, "cooldown_429": 30, "damping_base": 5,
                                       "damping_cap": 60}}}
 
