@@ -42,6 +42,8 @@ def wizard(w: dict, install_changes):
     files.directory(name=f"{w['name']} etc", path=f"{etc}/backends", user="root", group=user,
                     mode="0750")
     files.directory(name=f"{w['name']} var", path=var, user="root", group="root", mode="0755")
+    # 0700, as Hermes itself sets it at every start (a looser mode would be undone and never
+    # converge); the sidecar reads the gateway's errors from the journal instead.
     files.directory(name=f"{w['name']} home", path=w["home"], user=user, group=user, mode="0700")
     files.directory(name=f"{w['name']} managed dir", path=w["managed_dir"],
                     user="neverdark-sidecar", group=user, mode="0750")
