@@ -36,13 +36,14 @@ def install():
 @deploy("neverdark sidecar: configure and activate")
 def configure_and_activate(install_changes, variant_ops):
     p = plan()["sidecar"]
-    # Wizard groups let it read each wizard's variants and logs, never its .env (0600);
-    # neverdark-ops lets it hand its control socket to the operators' group.
-    wizard_groups = [w["user"] for w in plan()["hermes"]["wizards"]] + ["neverdark-ops"]
+    # Wizard groups let it read each wizard's variants, never its .env (0600); neverdark-ops
+    # lets it hand its control socket to the operators; systemd-journal lets it read the
+    # gateways' logged provider errors (Hermes keeps its own log directory 0700).
+    groups = [w["user"] for w in plan()["hermes"]["wizards"]] + ["neverdark-ops", "systemd-journal"]
     member = server.user(name="sidecar reads wizard variants", user="neverdark-sidecar",
-                         group="neverdark-sidecar", groups=wizard_groups, system=True,
+                         group="neverdark-sidecar", groups=groups, system=True,
                          home="/nonexistent", create_home=False, ensure_home=False,
-                shell="/usr/sbin/nologin")
+                         shell="/usr/sbin/nologin")
     files.directory(name="sidecar state", path="/var/lib/neverdark/sidecar/state",
                     user="neverdark-sidecar", group="neverdark-sidecar", mode="0700")
     config = files.put(name="sidecar config", src=StringIO(p["config"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from neverdark.inventory import validate_cmd
+from neverdark.testfleet import cli as testfleet_cli
 
 
 @click.group()
@@ -13,9 +14,4 @@ def main() -> None:
 
 
 main.add_command(validate_cmd)
-
-try:  # the test fleet needs root and systemd-nspawn; the rest of the CLI does not
-    from neverdark.testfleet import cli as _testfleet_cli
-    main.add_command(_testfleet_cli, "testfleet")
-except ImportError:
-    pass
+main.add_command(testfleet_cli, "testfleet")

@@ -1,4 +1,8 @@
-"""Provider errors the wizard's own traffic hit, read from Hermes' errors.log.
+"""Provider errors the wizard's own traffic hit, read from Hermes' errors.log or the journal.
+
+Hermes keeps its home 0700 (it resets the mode at every start), so on a deployed host the
+sidecar cannot read errors.log; the gateway logs the same warnings to stderr, so then the
+watcher reads the unit's journal instead (the sidecar user is in group systemd-journal).
 
 Hermes 0.19.0 logs every failed provider call once per attempt, e.g.
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import subprocess
 from pathlib import Path
 
 from sidecar.probes import ProbeResult
@@ -40,6 +45,8 @@ class PassiveWatcher:
         self._inode: int | None = None
         self._offset = 0
         self._partial = b""
+        self._journal = False
+        self._cursor: str | None = None
         # Only errors logged from now on are news; history was before we were watching.
         try:
             st = self.path.stat()
@@ -91,11 +98,32 @@ class PassiveWatcher:
             candidates = [b for b in self.wizard.backends if b.model == model]
         return candidates[0].name if len(candidates) == 1 else ""
 
+    def _read_journal(self) -> bytes:
+        """New lines of the gateway unit's journal since the last call."""
+        args = ["journalctl", "-u", self.wizard.unit, "-o", "cat", "--no-pager", "--show-cursor"]
+        args += [f"--after-cursor={self._cursor}"] if self._cursor else ["-n", "0"]
+        out = subprocess.run(args, capture_output=True, timeout=10).stdout
+        body, _, tail = out.rpartition(b"-- cursor: ")
+        if tail.strip():
+            self._cursor = tail.strip().decode()
+            return body
+        return out
+
     def poll(self) -> list[ProbeResult]:
         """New provider failures; `backend` is "" when the line names no backend of this wizard."""
         try:
-            data = self._partial + self._read_new()
-        except OSError as exc:
+            if self._journal:
+                data = self._partial + self._read_journal()
+            else:
+                data = self._partial + self._read_new()
+        except PermissionError:
+            if not self._journal and getattr(self.wizard, "unit", None):
+                log.info("%s is not readable; reading %s's journal instead", self.path,
+                         self.wizard.unit)
+                self._journal, self._partial = True, b""
+                self._read_journal()  # only what comes from now on is news
+            return []
+        except (OSError, subprocess.SubprocessError) as exc:
             log.warning("cannot read %s: %s", self.path, exc)
             return []
         # A line still being written stays for the next poll.
