@@ -90,12 +90,15 @@ class PassiveWatcher:
             return f.read(max(0, size - offset))
 
     def _backend_for(self, base_url: str | None, model: str | None) -> str:
-        candidates = [b for b in self.wizard.backends
-                      if base_url is not None and _norm(b.base_url) == _norm(base_url)]
-        if len(candidates) > 1 and model is not None:
-            candidates = [b for b in candidates if b.model == model] or candidates
-        if not candidates and model is not None:
+        if base_url is None:
             candidates = [b for b in self.wizard.backends if b.model == model]
+        else:
+            # A line naming another endpoint is not about our backend even if the model name
+            # matches: Hermes' auxiliary clients call the provider's default URL (seen:
+            # https://api.anthropic.com while the wizard's anthropic backend was a proxy).
+            candidates = [b for b in self.wizard.backends if _norm(b.base_url) == _norm(base_url)]
+            if len(candidates) > 1 and model is not None:
+                candidates = [b for b in candidates if b.model == model] or candidates
         return candidates[0].name if len(candidates) == 1 else ""
 
     def _read_journal(self) -> bytes:

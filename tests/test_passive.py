@@ -165,3 +165,15 @@ def test_real_gateway_errors_are_seen_and_attributed(live):
     assert got and all(r.backend == "gone" and r.status is None for r in got), got
     assert "Connection" in got[0].detail
     atomic_install(live.backends[0].variant, live.active)
+
+
+def test_same_model_on_another_endpoint_is_unattributed(tmp_path):
+    """Hermes' auxiliary clients call a provider's default URL; an error there says nothing
+    about the backend that serves the same model through another base_url."""
+    w = file_wizard(tmp_path)
+    log = tmp_path / "logs" / "errors.log"
+    watcher = PassiveWatcher(w)
+    append(log, LINE_401.replace("http://127.0.0.1:18801/v1", "https://api.anthropic.com"))
+    [r] = watcher.poll()
+    assert r.backend == ""
+
