@@ -1,0 +1,1 @@
+"""neverdark sidecar: per-host failover daemon (python -m sidecar). Stdlib + httpx + pyyaml only."""

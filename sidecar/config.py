@@ -1,0 +1,403 @@
+"""The sidecar's YAML config (format in docs/CONTRACTS.md) as frozen dataclasses.
+
+Loading is all-or-nothing: any problem raises ConfigError naming the file and the field path, so
+the daemon never starts half-configured. Secret values are resolved here from the dotenv secrets
+file and kept out of every repr.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import stat
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+KINDS = ("anthropic", "openai", "google", "local")
+# Cloud APIs that always want a key; an OpenAI-compatible or local server may not.
+KEYED_KINDS = ("anthropic", "google")
+# Wizard and backend names become file names (state_dir/<w>.json) and metric labels.
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    interval: float = 10.0       # Kubernetes periodSeconds 10
+    timeout: float = 5.0
+    fall: int = 3                # HAProxy fall 3, Kubernetes failureThreshold 3
+    rise: int = 2                # HAProxy rise 2
+    min_dwell: float = 60.0
+    cooldown_429: float = 60.0
+    damping_base: float = 30.0   # Envoy base ejection time 30 s, times n
+    damping_cap: float = 300.0   # Envoy max ejection time 300 s
+    paid_probe: bool = False
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    command: str | None = None
+    webhook: str | None = None
+    # {"token_env": NAME, "chat_id": "..."}: a mapping because hooks.notify reads it with .get
+    telegram: dict | None = field(default=None, hash=False)
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: str
+    kind: str
+    base_url: str
+    model: str
+    api_key: str | None = field(repr=False)
+    variant: Path
+    api_key_env: str | None = None
+
+
+@dataclass(frozen=True)
+class WizardConfig:
+    name: str
+    unit: str
+    api_port: int
+    api_key: str = field(repr=False)
+    home: Path
+    active_config: Path
+    probe: ProbeSettings
+    backends: tuple[BackendConfig, ...]
+
+    def backend(self, name: str) -> BackendConfig:
+        for b in self.backends:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    path: Path
+    listen: tuple[str, int]
+    control_socket: Path
+    state_dir: Path
+    secrets_file: Path | None
+    probe: ProbeSettings
+    hooks: HooksConfig
+    wizards: dict[str, WizardConfig] = field(hash=False)
+    secrets: dict[str, str] = field(default_factory=dict, repr=False, hash=False)
+
+
+# --- dotenv ----------------------------------------------------------------------------------
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "$": "$"}
+
+
+def _unquote_double(raw: str) -> str:
+    out, i = [], 0
+    while i < len(raw):
+        c = raw[i]
+        if c == "\\" and i + 1 < len(raw) and raw[i + 1] in _ESCAPES:
+            out.append(_ESCAPES[raw[i + 1]])
+            i += 2
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines (optional `export `, '...' / "..." quoting, # comments); no interpolation.
+
+    Strict on purpose: a malformed line is an error (naming the line, never its value) rather than
+    a silently missing key that later looks like a rejected API key.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read secrets file: {exc.strerror or exc}") from None
+    values: dict[str, str] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.startswith("export "):
+            stripped = stripped[len("export "):].lstrip()
+        key, sep, raw = stripped.partition("=")
+        key = key.strip()
+        if not sep or not _ENV_NAME.match(key):
+            raise ConfigError(f"{path}: line {lineno}: expected NAME=VALUE")
+        raw = raw.strip()
+        if raw[:1] in ("'", '"'):
+            quote = raw[0]
+            end = raw.rfind(quote)
+            if end == 0 or raw[end + 1:].strip()[:1] not in ("", "#"):
+                raise ConfigError(f"{path}: line {lineno}: {key}: unterminated quoted value")
+            value = raw[1:end]
+            if quote == '"':
+                value = _unquote_double(value)
+        else:
+            value = re.split(r"\s+#", raw, maxsplit=1)[0].rstrip()
+        if key in values:
+            raise ConfigError(f"{path}: line {lineno}: {key}: defined twice")
+        values[key] = value
+    return values
+
+
+# --- YAML ------------------------------------------------------------------------------------
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _mapping_no_dupes(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_no_dupes)
+
+
+class _Reader:
+    """Typed access to the parsed YAML that reports errors as `file: field.path: problem`."""
+
+    def __init__(self, path: Path, secrets: dict[str, str] | None = None) -> None:
+        self.path = path
+        self.secrets = secrets
+
+    def fail(self, where: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {where}: {msg}")
+
+    def mapping(self, value: Any, where: str, allowed: tuple[str, ...], required=()) -> dict:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise self.fail(where, f"must be a mapping, got {_typename(value)}")
+        for key in value:
+            if key not in allowed:
+                raise self.fail(_join(where, key), f"unknown key (allowed: {', '.join(allowed)})")
+        for key in required:
+            if key not in value:
+                raise self.fail(_join(where, key), "missing")
+        return value
+
+    def string(self, value: Any, where: str, *, optional=False) -> str | None:
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(where, f"must be a non-empty string, got {_typename(value)}")
+        return value
+
+    def number(self, value: Any, where: str, *, minimum: float, integer=False) -> float | int:
+        ok_types = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, ok_types):
+            want = "an integer" if integer else "a number"
+            raise self.fail(where, f"must be {want}, got {_typename(value)}")
+        if value < minimum:
+            raise self.fail(where, f"must be >= {minimum}, got {value}")
+        return value
+
+    def abspath(self, value: Any, where: str, *, optional=False) -> Path | None:
+        text = self.string(value, where, optional=optional)
+        if text is None:
+            return None
+        if not os.path.isabs(text):
+            raise self.fail(where, f"must be an absolute path, got {text!r}")
+        return Path(text)
+
+    def name(self, value: Any, where: str) -> str:
+        if not isinstance(value, str) or not _NAME.match(value):
+            raise self.fail(where, f"must match {_NAME.pattern}, got {value!r}")
+        return value
+
+    def secret(self, value: Any, where: str, *, optional=False) -> tuple[str | None, str | None]:
+        """(env name, resolved value)."""
+        env = self.string(value, where, optional=optional)
+        if env is None:
+            return None, None
+        if not _ENV_NAME.match(env):
+            raise self.fail(where, f"must be an environment-style name, got {env!r}")
+        if self.secrets is None:
+            raise self.fail(where, f"names secret {env} but no secrets_file is configured")
+        if env not in self.secrets:
+            raise self.fail(where, f"secret {env} is not defined in the secrets file")
+        return env, self.secrets[env]
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _typename(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+_PROBE_KEYS = tuple(f.name for f in fields(ProbeSettings))
+
+
+def _probe(r: _Reader, raw: Any, where: str, base: ProbeSettings) -> ProbeSettings:
+    raw = r.mapping(raw, where, _PROBE_KEYS)
+    values = {f.name: getattr(base, f.name) for f in fields(ProbeSettings)}
+    for key, value in raw.items():
+        at = _join(where, key)
+        if key == "paid_probe":
+            if not isinstance(value, bool):
+                raise r.fail(at, f"must be true or false, got {_typename(value)}")
+            values[key] = value
+        elif key in ("fall", "rise"):
+            values[key] = r.number(value, at, minimum=1, integer=True)
+        elif key in ("interval", "timeout"):
+            values[key] = float(r.number(value, at, minimum=0.01))
+        else:
+            values[key] = float(r.number(value, at, minimum=0))
+    if values["damping_cap"] < values["damping_base"]:
+        raise r.fail(_join(where, "damping_cap"),
+                     f"must be >= damping_base ({values['damping_base']}), got {values['damping_cap']}")
+    return ProbeSettings(**values)
+
+
+def _listen(r: _Reader, raw: Any) -> tuple[str, int]:
+    text = r.string(raw, "listen")
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise r.fail("listen", f"must be HOST:PORT, got {text!r}")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        # /status and the metrics name every backend and wizard: they stay on this host.
+        raise r.fail("listen", f"must be a loopback address such as 127.0.0.1, got {host!r}")
+    return host, int(port)
+
+
+def _url(r: _Reader, raw: Any, where: str) -> str:
+    text = r.string(raw, where)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise r.fail(where, f"must be an http(s) URL, got {text!r}")
+    return text
+
+
+def _hooks(r: _Reader, raw: Any) -> HooksConfig:
+    raw = r.mapping(raw, "hooks", ("command", "webhook", "telegram"))
+    command = r.string(raw.get("command"), "hooks.command", optional=True)
+    webhook = raw.get("webhook")
+    if webhook is not None:
+        webhook = _url(r, webhook, "hooks.webhook")
+    telegram = raw.get("telegram")
+    if telegram is not None:
+        tg = r.mapping(telegram, "hooks.telegram", ("token_env", "chat_id"),
+                       required=("token_env", "chat_id"))
+        r.secret(tg["token_env"], "hooks.telegram.token_env")
+        chat = tg["chat_id"]
+        if isinstance(chat, bool) or not isinstance(chat, (str, int)) or chat == "":
+            raise r.fail("hooks.telegram.chat_id", f"must be a string or integer, got {_typename(chat)}")
+        telegram = {"token_env": tg["token_env"], "chat_id": str(chat)}
+    return HooksConfig(command=command, webhook=webhook, telegram=telegram)
+
+
+_BACKEND_KEYS = ("name", "kind", "base_url", "model", "api_key_env", "variant")
+
+
+def _backend(r: _Reader, raw: Any, where: str) -> BackendConfig:
+    raw = r.mapping(raw, where, _BACKEND_KEYS, required=("name", "kind", "base_url", "model", "variant"))
+    name = r.name(raw["name"], f"{where}.name")
+    kind = raw["kind"]
+    if kind not in KINDS:
+        raise r.fail(f"{where}.kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
+    key_where = f"{where}.api_key_env"
+    if kind in KEYED_KINDS and raw.get("api_key_env") is None:
+        raise r.fail(key_where, f"required for kind {kind}")
+    env, key = r.secret(raw.get("api_key_env"), key_where, optional=True)
+    return BackendConfig(
+        name=name, kind=kind, base_url=_url(r, raw["base_url"], f"{where}.base_url"),
+        model=r.string(raw["model"], f"{where}.model"), api_key=key,
+        variant=r.abspath(raw["variant"], f"{where}.variant"), api_key_env=env)
+
+
+_WIZARD_KEYS = ("unit", "api_port", "api_key_env", "home", "active_config", "probe", "backends")
+
+
+def _wizard(r: _Reader, name: Any, raw: Any, defaults: ProbeSettings) -> WizardConfig:
+    where = f"wizards.{name}"
+    r.name(name, where)
+    raw = r.mapping(raw, where, _WIZARD_KEYS,
+                    required=("unit", "api_port", "api_key_env", "home", "active_config", "backends"))
+    backends_raw = raw["backends"]
+    if not isinstance(backends_raw, list):
+        raise r.fail(f"{where}.backends", f"must be a list, got {_typename(backends_raw)}")
+    if len(backends_raw) < 2:
+        raise r.fail(f"{where}.backends",
+                     f"needs at least 2 backends to fail over between, got {len(backends_raw)}")
+    backends, seen = [], set()
+    for i, b in enumerate(backends_raw):
+        backend = _backend(r, b, f"{where}.backends[{i}]")
+        if backend.name in seen:
+            raise r.fail(f"{where}.backends[{i}].name", f"duplicate backend name {backend.name!r}")
+        seen.add(backend.name)
+        backends.append(backend)
+    _, api_key = r.secret(raw["api_key_env"], f"{where}.api_key_env")
+    return WizardConfig(
+        name=name, unit=r.string(raw["unit"], f"{where}.unit"),
+        api_port=r.number(raw["api_port"], f"{where}.api_port", minimum=1, integer=True),
+        api_key=api_key, home=r.abspath(raw["home"], f"{where}.home"),
+        active_config=r.abspath(raw["active_config"], f"{where}.active_config"),
+        probe=_probe(r, raw.get("probe"), f"{where}.probe", defaults),
+        backends=tuple(backends))
+
+
+_TOP_KEYS = ("listen", "control_socket", "state_dir", "secrets_file", "probe", "hooks", "wizards")
+
+
+def _check_secrets_mode(path: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # read_dotenv reports it
+    if mode & stat.S_IRWXO:
+        raise ConfigError(f"{path}: secrets file is accessible to other users "
+                          f"(mode {stat.S_IMODE(mode):04o}); chmod o-rwx it")
+
+
+def load(path: str | os.PathLike) -> SidecarConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        doc = yaml.load(text, Loader=_StrictLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    r = _Reader(path)
+    doc = r.mapping(doc, "", _TOP_KEYS, required=("listen", "control_socket", "state_dir", "wizards"))
+    secrets_file = r.abspath(doc.get("secrets_file"), "secrets_file", optional=True)
+    if secrets_file is not None:
+        _check_secrets_mode(secrets_file)
+        r.secrets = read_dotenv(secrets_file)
+    probe = _probe(r, doc.get("probe"), "probe", ProbeSettings())
+    wizards_raw = doc["wizards"]
+    if not isinstance(wizards_raw, dict) or not wizards_raw:
+        raise r.fail("wizards", "must be a non-empty mapping of wizard name to settings")
+    wizards = {name: _wizard(r, name, raw, probe) for name, raw in wizards_raw.items()}
+    return SidecarConfig(
+        path=path, listen=_listen(r, doc["listen"]),
+        control_socket=r.abspath(doc["control_socket"], "control_socket"),
+        state_dir=r.abspath(doc["state_dir"], "state_dir"), secrets_file=secrets_file,
+        probe=probe, hooks=_hooks(r, doc.get("hooks")), wizards=wizards,
+        secrets=dict(r.secrets or {}))

@@ -1,0 +1,69 @@
+"""GET /status, /metrics, /healthz on a loopback address, with asyncio streams only.
+
+One request per connection (Connection: close): the callers are curl, Prometheus and the CLI,
+and keeping the server this small keeps the sidecar free of a web framework.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD = 8192
+READ_TIMEOUT = 5.0
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            503: "Service Unavailable"}
+
+
+class HttpApi:
+    def __init__(self, status: Callable[[], dict], metrics: Callable[[], str],
+                 healthy: Callable[[], bool]) -> None:
+        self.status, self.metrics, self.healthy = status, metrics, healthy
+
+    def route(self, method: str, target: str) -> tuple[int, str, bytes]:
+        path = target.split("?", 1)[0]
+        if path not in ("/status", "/metrics", "/healthz"):
+            return 404, "text/plain", b"not found\n"
+        if method not in ("GET", "HEAD"):
+            return 405, "text/plain", b"only GET\n"
+        if path == "/status":
+            return 200, "application/json", (json.dumps(self.status(), default=str) + "\n").encode()
+        if path == "/metrics":
+            return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics().encode()
+        ok = self.healthy()
+        return (200 if ok else 503), "text/plain", b"ok\n" if ok else b"unhealthy\n"
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError):
+                return
+            parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+            if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+                status, ctype, body = 400, "text/plain", b"bad request\n"
+                method = "GET"
+            else:
+                method = parts[0]
+                try:
+                    status, ctype, body = self.route(method, parts[1])
+                except Exception:  # noqa: BLE001 -- a bug in one view must not kill the server
+                    log.exception("http view failed")
+                    status, ctype, body = 503, "text/plain", b"internal error\n"
+            headers = (f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n"
+                       f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                       "Cache-Control: no-store\r\nConnection: close\r\n\r\n").encode()
+            writer.write(headers + (b"" if method == "HEAD" else body))
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def start(self, host: str, port: int) -> asyncio.Server:
+        return await asyncio.start_server(self.handle, host, port, limit=MAX_HEAD,
+                                          reuse_address=True)
