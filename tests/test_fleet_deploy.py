@@ -195,3 +195,39 @@ def test_secrets_stay_out_of_output_and_world_readable_files(bed, first_deploy):
             for path in hits:
                 mode_owner = bed.ssh(host, f"stat -c '%a %U' {shlex.quote(path)}").split()
                 assert mode_owner[0] == "600", f"{host}:{path} holds a secret with mode {mode_owner}"
+
+
+def neverdark_cli(bed, *args: str) -> dict:
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, NEVERDARK_INVENTORY=str(bed.inventory_path))
+    proc = subprocess.run([str(Path(sys.executable).with_name("neverdark")), *args], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.stdout.strip(), proc.stderr
+    return json.loads(proc.stdout)
+
+
+def active_of(bed, host: str, wizard: str) -> str:
+    out = bed.ssh(host, "python3 -c 'import urllib.request as u;"
+                        "print(u.urlopen(\"http://127.0.0.1:9470/status\",timeout=5).read().decode())'")
+    return json.loads(out)["wizards"][wizard]["active"]
+
+
+def test_a_deploy_keeps_a_wizard_on_its_fallback(bed, first_deploy):
+    """Operator drill through the control socket (real systemd restart of the gateway, a real
+    turn on Gemma), then a deploy: the wizard stays on its fallback, and nothing changes."""
+    bed.write_inventory(bed.default_wizards())
+    answer = neverdark_cli(bed, "pin", "merlin", "--to", "local")
+    assert answer["ok"], answer
+    assert active_of(bed, "vps1", "merlin") == "local"
+    variant = bed.ssh("vps1", "cat /etc/neverdark/wizards/merlin/backends/local.yaml")
+    assert bed.ssh("vps1", "cat /var/lib/neverdark/wizards/merlin/managed/config.yaml") == variant
+    assert bed.ssh("vps1", "systemctl is-active neverdark-wizard-merlin").strip() == "active"
+    result = bed.deploy()
+    assert result.rc == 0 and result.changed == 0, result.changed_ops
+    assert active_of(bed, "vps1", "merlin") == "local"
+    assert bed.ssh("vps1", "cat /var/lib/neverdark/wizards/merlin/managed/config.yaml") == variant
+    assert neverdark_cli(bed, "release", "merlin")["ok"]
+    back = neverdark_cli(bed, "failover", "merlin", "--to", "claude")
+    assert back["ok"] and back["active"] == "claude", back
