@@ -180,8 +180,11 @@ class Testbed:
     def cloud(self, name: str, host: str, provider: str, model: str) -> dict:
         kind = {"anthropic": "anthropic", "openai": "openai", "google": "google"}[provider]
         mock = self.mocks[f"{host}/{kind}"]
+        # Hermes speaks Gemini's own protocol only to a URL naming generativelanguage.googleapis
+        # .com (docs/hermes.md); the userinfo part carries the name, the host is LLMock.
+        gemini = f"http://generativelanguage.googleapis.com@{mock.host}:{mock.port}/gemini/v1beta"
         base = {"anthropic": f"{mock.url}/anthropic", "openai": f"{mock.url}/v1",
-                "google": f"{mock.url}/gemini/v1beta"}[kind]
+                "google": gemini}[kind]
         key = {"anthropic": "ANTHROPIC_KEY", "openai": "OPENAI_KEY", "google": "GOOGLE_KEY"}[kind]
         return {"name": name, "provider": provider, "model": model, "base_url": base,
                 "api_key": {"secret": key}, "context_length": 200000, "max_tokens": 1024}

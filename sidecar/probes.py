@@ -51,13 +51,15 @@ def _request(backend, deep: bool) -> tuple[str, str, dict, dict | None]:
             return "POST", f"{base}/v1/messages", headers, body
         return "GET", f"{base}/v1/models", headers, None
     if kind == "google":
+        # base_url carries the API version, as Hermes takes it
+        # (https://generativelanguage.googleapis.com/v1beta).
         # The header, not ?key=, so the key never lands in a URL that httpx or a proxy may log.
         headers = {"x-goog-api-key": key}
         if deep:
             body = {"contents": [{"role": "user", "parts": [{"text": "ping"}]}],
                     "generationConfig": {"maxOutputTokens": 1}}
-            return "POST", f"{base}/v1beta/models/{backend.model}:generateContent", headers, body
-        return "GET", f"{base}/v1beta/models", headers, None
+            return "POST", f"{base}/models/{backend.model}:generateContent", headers, body
+        return "GET", f"{base}/models", headers, None
     if kind in ("openai", "local"):
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         if deep:

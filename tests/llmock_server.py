@@ -65,7 +65,7 @@ class LLMock:
 
     @property
     def google_base(self) -> str:
-        return f"{self.root}/gemini"
+        return f"{self.root}/gemini/v1beta"
 
     def _wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
