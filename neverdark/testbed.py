@@ -132,6 +132,8 @@ def parse_results(output: str) -> tuple[int, int, int, list[str]]:
 class Testbed:
     """Context manager: the test fleet up, LLMock servers, a valid inventory written."""
 
+    __test__ = False  # a helper, not a pytest test class
+
     def __init__(self, run_dir: Path, hosts=HOSTS):
         self.run_dir = Path(run_dir)
         self.host_specs = hosts
