@@ -672,6 +672,16 @@ def _check_names(report: _Report, fleet: Fleet, names: dict[str, set]) -> None:
                 report.add(("wizards", w, "backends", i, "name"),
                            f"duplicate backend name '{b.name}' (also backends[{seen[b.name]}])")
             seen.setdefault(b.name, i)
+        # Hermes reads anthropic and google keys only from one environment variable each
+        # (ANTHROPIC_API_KEY, GOOGLE_API_KEY), so one wizard cannot hold two of them.
+        first_key: dict[str, tuple[int, str]] = {}
+        for i, b in enumerate(wz.backends):
+            if isinstance(b, CloudBackend) and b.provider in ("anthropic", "google"):
+                j, secret = first_key.setdefault(b.provider, (i, b.api_key.secret))
+                if secret != b.api_key.secret:
+                    report.add(("wizards", w, "backends", i, "api_key"),
+                               f"a second {b.provider} key ('{b.api_key.secret}', backends[{j}] "
+                               f"uses '{secret}'): Hermes reads one {b.provider} key per wizard")
 
 
 def _check_references(report: _Report, fleet: Fleet, host_names: set, model_names: set) -> set:

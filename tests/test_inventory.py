@@ -464,3 +464,22 @@ def test_pi_with_1gb_holds_one_wizard(tmp_path):
     path = write_inventory(tmp_path, text)
     fleet = validate(path, env={"NEVERDARK_SECRETS": str(tmp_path / "secrets.env")})
     assert sum(mb for _, mb in memory_fit.memory_budget(fleet, "pi")) == 560 + 150 + 40 + 256
+
+
+
+def test_two_anthropic_keys_in_one_chain_are_refused(tmp_path):
+    """Hermes reads an anthropic key only from ANTHROPIC_API_KEY: one per wizard."""
+    text = variant(("      - name: local\n",
+                    "      - name: claude2\n"
+                    "        provider: anthropic\n"
+                    "        model: claude-haiku-4-5\n"
+                    "        api_key: {secret: OTHER_ANTHROPIC_KEY}  # second key\n"
+                    "        context_length: 200000\n"
+                    "      - name: local\n"))
+    path = write_inventory(tmp_path, text,
+                           {**SECRET_VALUES, "OTHER_ANTHROPIC_KEY": "sk-ant-TOPSECRET-other-42"})
+    with pytest.raises(InventoryError) as err:
+        validate(path, env={})
+    line = line_of(text, "# second key")
+    assert (f"{path}:{line}: wizards.merlin.backends[1].api_key: a second anthropic key"
+            in str(err.value))
