@@ -23,10 +23,10 @@ import pytest
 import yaml
 
 from neverdark import hermes_config as hc
+from tests import runtimes
 from tests.llmock_server import LLMock, free_port
 
-HERMES_BIN = Path(os.environ.get("NEVERDARK_HERMES_BIN",
-                                 "/var/cache/neverdark/hermes-venv/bin/hermes"))
+HERMES_BIN = runtimes.HERMES_BIN
 CHAT_TIMEOUT = 120
 
 
@@ -131,8 +131,8 @@ class Backend:
 
 def require_hermes() -> Path:
     if not HERMES_BIN.exists():
-        pytest.fail(f"Hermes not found at {HERMES_BIN}: install hermes-agent[messaging]==0.19.0 "
-                    "into /var/cache/neverdark/hermes-venv or set NEVERDARK_HERMES_BIN")
+        pytest.fail(f"Hermes not found at {HERMES_BIN}: set NEVERDARK_HERMES_BIN or "
+                    + runtimes.INSTALL_HINT)
     return HERMES_BIN
 
 
