@@ -7,10 +7,11 @@ file or a whole new one: write a temp file beside the target, fsync, rename over
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 import yaml
+
+from sidecar.atomic import write_atomic
 
 # libyaml's loader is ~50x faster; the pure-Python one is the fallback on hosts without it.
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -69,41 +70,12 @@ def _target_owner(variant: Path, dest: Path) -> tuple[int, int, int]:
         return os.geteuid(), variant.stat().st_gid, 0o640
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_install(variant: Path, dest: Path) -> None:
     variant, dest = Path(variant), Path(dest)
     data = _load_variant(variant)
     clean_stale_temps(dest)
     uid, gid, mode = _target_owner(variant, dest)
-    tmp = dest.parent / f"{_tmp_prefix(dest)}{os.getpid()}-{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            st = os.fstat(fd)
-            if (st.st_uid, st.st_gid) != (uid, gid):
-                os.fchown(fd, uid if st.st_uid != uid else -1, gid)
-            os.fchmod(fd, mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(dest.parent)
+    write_atomic(dest, data, mode=mode, owner=(uid, gid), tmp_prefix=_tmp_prefix(dest))
 
 
 def _parse(path: Path):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
 from pathlib import Path
+
+from sidecar.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -20,39 +20,6 @@ FORMAT = 1
 
 def path_for(state_dir: Path, wizard: str) -> Path:
     return Path(state_dir) / f"{wizard}.json"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(dest: Path, data: bytes, mode: int = 0o600) -> None:
-    """Temp file beside `dest`, fsync, rename over, fsync the directory: a reader (or a crash)
-    sees the whole old file or the whole new one."""
-    dest = Path(dest)
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # the umask must not widen or narrow it
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(dest.parent)
 
 
 def save(state_dir: Path, wizard: str, snapshot: dict) -> Path:
