@@ -14,9 +14,8 @@ from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from deploys import ops
-from deploys.common import no_diff, plan, template
+from deploys.common import component_venv, no_diff, plan, template
 
-VENV = "/opt/neverdark/hermes/venv"
 UNIT_DIR = "/etc/systemd/system"
 WIZARDS_ETC = "/etc/neverdark/wizards"
 WIZARDS_VAR = "/var/lib/neverdark/wizards"
@@ -25,12 +24,7 @@ ARCHIVE = "/var/lib/neverdark/archive"
 
 @deploy("neverdark hermes: install")
 def install():
-    p = plan()
-    files.directory(name="hermes dir", path="/opt/neverdark/hermes", mode="0755")
-    from pyinfra.operations import pip
-    pip.venv(name="hermes venv", path=VENV, python="python3")
-    return (ops.pip_requirements(name="hermes-agent (pinned)", venv=VENV,
-                                 requirements=p["hermes"]["requirements"], **p["pip"]),)
+    return (component_venv("hermes", plan()["hermes"]["requirements"]),)
 
 
 @deploy("neverdark hermes: wizard")
@@ -65,8 +59,8 @@ def wizard(w: dict, install_changes):
     base = files.put(name=f"{w['name']} base config", src=StringIO(w["base_config"]),
                      dest=f"{etc}/config.yaml", user="root", group=user, mode="0640")
     home_config = ops.copy_on_change(name=f"{w['name']} HERMES_HOME/config.yaml",
-                                source=f"{etc}/config.yaml", dest=f"{w['home']}/config.yaml",
-                                user=user, mode="0600", changed=base.did_change)
+                                     source=f"{etc}/config.yaml", dest=f"{w['home']}/config.yaml",
+                                     user=user, mode="0600", changed=base.did_change)
     with no_diff():
         env = files.put(name=f"{w['name']} secrets (.env)", src=StringIO(w["env"]),
                         dest=f"{w['home']}/.env", user=user, group=user, mode="0600")

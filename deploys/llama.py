@@ -3,28 +3,20 @@
 from __future__ import annotations
 
 from pyinfra.api import deploy
-from pyinfra.operations import files, pip, server, systemd
+from pyinfra.operations import files, systemd
 from pyinfra.operations.util import any_changed
 
 from deploys import ops
-from deploys.common import plan, template
+from deploys.common import component_venv, plan, system_user, template
 
-VENV = "/opt/neverdark/llama/venv"
 UNIT_DIR = "/etc/systemd/system"
 PREFIX = "neverdark-llama-"
 
 
 @deploy("neverdark llama: install")
 def install():
-    p = plan()
-    server.group(name="llama group", group="neverdark-llama", system=True)
-    server.user(name="llama user", user="neverdark-llama", group="neverdark-llama", system=True,
-                home="/nonexistent", create_home=False, ensure_home=False,
-                shell="/usr/sbin/nologin")
-    files.directory(name="llama dir", path="/opt/neverdark/llama", mode="0755")
-    pip.venv(name="llama venv", path=VENV, python="python3")
-    reqs = ops.pip_requirements(name="llama-cpp-python[server]", venv=VENV,
-                                requirements=p["llama"]["requirements"], **p["pip"])
+    system_user("neverdark-llama")
+    reqs = component_venv("llama", plan()["llama"]["requirements"])
     launcher = files.put(name="llama launcher", src=template("llama", "serve.py"),
                          dest="/opt/neverdark/llama/serve.py", mode="0644")
     return reqs, launcher

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from pyinfra import host
 from pyinfra.api import deploy
+from pyinfra.facts.files import Sha256File
 from pyinfra.operations import files
 
 from deploys import ops
@@ -34,6 +36,4 @@ def deploy_models():
 
 
 def _verified(path: str, sha256: str) -> bool:
-    from pyinfra import host
-    from pyinfra.facts.files import Sha256File
     return host.get_fact(Sha256File, path=path) == sha256

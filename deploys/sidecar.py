@@ -5,11 +5,11 @@ from __future__ import annotations
 from io import StringIO
 
 from pyinfra.api import deploy
-from pyinfra.operations import files, pip, server, systemd
+from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from deploys import ops
-from deploys.common import REPO, no_diff, plan, template
+from deploys.common import REPO, component_venv, no_diff, plan, system_user, template
 
 BASE = "/opt/neverdark/sidecar"
 UNIT = "neverdark-sidecar.service"
@@ -17,16 +17,9 @@ UNIT = "neverdark-sidecar.service"
 
 @deploy("neverdark sidecar: install")
 def install():
-    p = plan()
     server.group(name="operators group (control socket)", group="neverdark-ops", system=True)
-    server.group(name="sidecar group", group="neverdark-sidecar", system=True)
-    server.user(name="sidecar user", user="neverdark-sidecar", group="neverdark-sidecar",
-                system=True, home="/nonexistent", create_home=False, ensure_home=False,
-                shell="/usr/sbin/nologin")
-    files.directory(name="sidecar dir", path=BASE, mode="0755")
-    pip.venv(name="sidecar venv", path=f"{BASE}/venv", python="python3")
-    reqs = ops.pip_requirements(name="sidecar requirements", venv=f"{BASE}/venv",
-                                requirements=p["sidecar"]["requirements"], **p["pip"])
+    system_user("neverdark-sidecar")
+    reqs = component_venv("sidecar", plan()["sidecar"]["requirements"])
     code = files.sync(name="sidecar code", src=str(REPO / "sidecar"), dest=f"{BASE}/lib/sidecar",
                       mode="0644", dir_mode="0755", delete=True, exclude=["*.pyc"],
                       exclude_dir=["__pycache__"])
@@ -40,10 +33,7 @@ def configure_and_activate(install_changes, variant_ops):
     # lets it hand its control socket to the operators; systemd-journal lets it read the
     # gateways' logged provider errors (Hermes keeps its own log directory 0700).
     groups = [w["user"] for w in plan()["hermes"]["wizards"]] + ["neverdark-ops", "systemd-journal"]
-    member = server.user(name="sidecar reads wizard variants", user="neverdark-sidecar",
-                         group="neverdark-sidecar", groups=groups, system=True,
-                         home="/nonexistent", create_home=False, ensure_home=False,
-                         shell="/usr/sbin/nologin")
+    member = system_user("neverdark-sidecar", groups=groups, label="sidecar reads wizard variants")
     files.directory(name="sidecar state", path="/var/lib/neverdark/sidecar/state",
                     user="neverdark-sidecar", group="neverdark-sidecar", mode="0700")
     config = files.put(name="sidecar config", src=StringIO(p["config"]),

@@ -10,7 +10,6 @@ each wizard and model runs and what each sidecar sees.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -24,12 +23,6 @@ from neverdark.testbed import Testbed
 
 def say(text: str = "") -> None:
     print(text, flush=True)
-
-
-def sidecar_status(bed: Testbed, host: str) -> dict:
-    out = bed.ssh(host, "python3 -c 'import urllib.request as u;"
-                        "print(u.urlopen(\"http://127.0.0.1:9470/status\",timeout=5).read().decode())'")
-    return json.loads(out)
 
 
 def main() -> int:
@@ -61,7 +54,7 @@ def main() -> int:
         say("what each sidecar sees (GET 127.0.0.1:9470/status on the host):")
         say(f"  {'wizard':10} {'host':6} {'active':8} {'backends (healthy?)'}")
         for host in sorted(fleet.hosts):
-            status = sidecar_status(bed, host)
+            status = bed.sidecar_status(host)
             for name, w in sorted(status["wizards"].items()):
                 health = ", ".join(f"{b}:{'up' if s.get('healthy') else 'down'}"
                                    for b, s in w["backends"].items())

@@ -212,6 +212,6 @@ def summary(fleet: Fleet) -> list[str]:
                          f"{s.threads} threads, serving {', '.join(s.wizards)}")
         for w in fleet.wizards_on(host):
             chain = " -> ".join(f"{b.name} ({backend_kind(b)})" for b in fleet.wizards[w].backends)
-            lines.append(f"  wizard {w}: API 127.0.0.1:{hermes_spec(fleet, w)['api_port']}, "
+            lines.append(f"  wizard {w}: API 127.0.0.1:{fleet.wizards[w].api_port}, "
                          f"chain {chain}")
     return lines

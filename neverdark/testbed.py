@@ -14,6 +14,7 @@ operator runs: `pyinfra inventory deploys/fleet.py` against real hosts over SSH.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets as pysecrets
@@ -249,6 +250,12 @@ class Testbed:
 
     def ssh(self, host: str, command: str, check: bool = True) -> str:
         return self.fleet.ssh(host, command, check=check)
+
+    def sidecar_status(self, host: str) -> dict:
+        """The host's sidecar `GET /status` (it listens on the host's loopback only)."""
+        out = self.ssh(host, "python3 -c 'import urllib.request as u;print(u.urlopen("
+                             "\"http://127.0.0.1:9470/status\",timeout=5).read().decode())'")
+        return json.loads(out)
 
     def api_key(self, wizard: str) -> str:
         return self.secrets[f"NEVERDARK_API_KEY_{wizard.upper()}"]

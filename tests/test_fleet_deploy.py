@@ -209,9 +209,7 @@ def neverdark_cli(bed, *args: str) -> dict:
 
 
 def active_of(bed, host: str, wizard: str) -> str:
-    out = bed.ssh(host, "python3 -c 'import urllib.request as u;"
-                        "print(u.urlopen(\"http://127.0.0.1:9470/status\",timeout=5).read().decode())'")
-    return json.loads(out)["wizards"][wizard]["active"]
+    return bed.sidecar_status(host)["wizards"][wizard]["active"]
 
 
 def test_a_deploy_keeps_a_wizard_on_its_fallback(bed, first_deploy):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-from neverdark import plan
-
 MODELS = "/var/lib/neverdark/models"
 
 
@@ -19,7 +17,7 @@ def units(fleet, host_name):
 
 def ports(fleet, host_name):
     found = [s.port for s in fleet.llama_servers(host_name)]
-    found += [plan.hermes_spec(fleet, w)["api_port"] for w in fleet.wizards_on(host_name)]
+    found += [fleet.wizards[w].api_port for w in fleet.wizards_on(host_name)]
     if fleet.wizards_on(host_name):
         found.append(fleet.sidecar.port)
     return found
@@ -88,6 +86,6 @@ def test_llama_server_answers_a_real_completion(host, fleet, host_name):
 
 def test_each_gateway_health_answers(host, fleet, host_name):
     for w in fleet.wizards_on(host_name):
-        port = plan.hermes_spec(fleet, w)["api_port"]
+        port = fleet.wizards[w].api_port
         status, _ = http(host, "GET", f"http://127.0.0.1:{port}/health", timeout=10)
         assert status == 200
