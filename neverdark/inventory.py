@@ -311,7 +311,14 @@ class Wizard(Strict):
     notice: str = Field(default_factory=default_notice)
     telegram: Telegram | None = None
     probe: ProbeOverrides = Field(default_factory=ProbeOverrides)
+    # Restart the gateway after the sidecar flips its backend. Default: only with Telegram,
+    # whose sessions cache their agent; the API server re-reads the config on every request.
+    restart_on_switch: bool | None = None
     backends: list[Backend]
+
+    @property
+    def restarts_on_switch(self) -> bool:
+        return self.telegram is not None if self.restart_on_switch is None else self.restart_on_switch
 
     @field_validator("backends")
     @classmethod

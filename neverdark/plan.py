@@ -148,7 +148,8 @@ def sidecar_plan(fleet: Fleet, host: str, wizards: list[dict]) -> dict:
         conf_wizards[w["name"]] = {
             "unit": w["unit"], "api_port": w["api_port"], "api_key_env": key_env,
             "home": w["home"], "active_config": f"{w['managed_dir']}/config.yaml",
-            "probe": wz.probe.overrides(), "backends": backends}
+            "probe": wz.probe.overrides(), "restart": wz.restarts_on_switch,
+            "backends": backends}
     hooks = fleet.sidecar.hooks
     telegram = None
     if hooks.telegram:

@@ -72,6 +72,9 @@ class WizardConfig:
     active_config: Path
     probe: ProbeSettings
     backends: tuple[BackendConfig, ...]
+    # Restart the gateway after a flip. Hermes re-reads the active config on every API-server
+    # request, so only gateways with messaging sessions (which cache their agent) need it.
+    restart: bool = True
 
     def backend(self, name: str) -> BackendConfig:
         for b in self.backends:
@@ -328,7 +331,8 @@ def _backend(r: _Reader, raw: Any, where: str) -> BackendConfig:
         variant=r.abspath(raw["variant"], f"{where}.variant"), api_key_env=env)
 
 
-_WIZARD_KEYS = ("unit", "api_port", "api_key_env", "home", "active_config", "probe", "backends")
+_WIZARD_KEYS = ("unit", "api_port", "api_key_env", "home", "active_config", "probe", "backends",
+                "restart")
 
 
 def _wizard(r: _Reader, name: Any, raw: Any, defaults: ProbeSettings) -> WizardConfig:
@@ -356,7 +360,13 @@ def _wizard(r: _Reader, name: Any, raw: Any, defaults: ProbeSettings) -> WizardC
         api_key=api_key, home=r.abspath(raw["home"], f"{where}.home"),
         active_config=r.abspath(raw["active_config"], f"{where}.active_config"),
         probe=_probe(r, raw.get("probe"), f"{where}.probe", defaults),
-        backends=tuple(backends))
+        backends=tuple(backends), restart=_flag(r, raw.get("restart", True), f"{where}.restart"))
+
+
+def _flag(r: _Reader, value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise r.fail(where, f"must be true or false, got {_typename(value)}")
+    return value
 
 
 _TOP_KEYS = ("listen", "control_socket", "state_dir", "secrets_file", "probe", "hooks", "wizards")

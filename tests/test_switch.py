@@ -96,6 +96,25 @@ def test_switch_openai_to_anthropic_and_back(fleet):
     assert chats(claude_mock) == []
 
 
+def test_api_only_gateway_switches_without_a_restart(fleet):
+    """restart: false (no messaging platform): the flip is live, the same process answers."""
+    gpt_mock, claude_mock = fleet.mocks
+    w = wizard(fleet, "u-norestart")
+    w.restart = False
+    atomic_install(fleet.backends[0].variant, fleet.active)
+    for m in fleet.mocks:
+        m.reset()
+    before = fleet.gw.gateway_pid()
+    r = run(do_switch(fleet, w, "claude", "gpt"))
+    assert r.ok, r.detail
+    assert fleet.gw.gateway_pid() == before
+    assert "restart" not in r.timings and {"install", "ready", "first_turn"} <= set(r.timings)
+    assert any(q["path"] == "/anthropic/v1/messages" and q["status"] == 200 for q in chats(claude_mock))
+    assert chats(gpt_mock) == []
+    assert "u-norestart" not in switch_mod._restarts
+    atomic_install(fleet.backends[0].variant, fleet.active)
+
+
 def test_failed_verify_rolls_back(fleet):
     gpt_mock, claude_mock = fleet.mocks
     w = wizard(fleet, "u-rollback")
