@@ -33,6 +33,8 @@ log = logging.getLogger("sidecar")
 DEFAULT_SYSTEMCTL = ("sudo", "-n", "/usr/bin/systemctl")
 SYSTEMCTL_ENV = "NEVERDARK_SIDECAR_SYSTEMCTL"
 DEFAULT_WAIT = 600.0
+PRE_SWITCH_TIMEOUT = 15.0
+PRE_SWITCH_TIMEOUT_LOCAL = 180.0
 
 SwitchFn = Callable[[WizardConfig, BackendConfig, BackendConfig | None, httpx.AsyncClient, list[str]],
                     Awaitable[SwitchResult]]
@@ -110,8 +112,8 @@ class WizardRunner:
         # A provider that asked us to wait is left alone until its Retry-After.
         return self.policy.health[backend.name].held_until <= now
 
-    async def _probe(self, backend: BackendConfig, deep: bool) -> ProbeResult:
-        r = await probe(backend, self.d.client, self.w.probe.timeout, deep=deep)
+    async def _probe(self, backend: BackendConfig, deep: bool, timeout: float | None = None) -> ProbeResult:
+        r = await probe(backend, self.d.client, timeout or self.w.probe.timeout, deep=deep)
         self.d.metrics.probe(self.w.name, r)
         if not r.ok:
             log.info("probe failed", extra={"wizard": self.w.name, "backend": r.backend,
@@ -143,7 +145,12 @@ class WizardRunner:
             return
         target = self.w.backend(decision.target)
         # Never onto a backend on the strength of a list-models answer alone: a real generation.
-        self.policy.observe_result(await self._probe(target, deep=True), self.clock())
+        # A local server answers one request at a time: this probe may queue behind a whole
+        # prefill (the wizards' own per-turn fallbacks land there during an outage).
+        wait = PRE_SWITCH_TIMEOUT_LOCAL if target.kind == "local" else PRE_SWITCH_TIMEOUT
+        self.policy.observe_result(await self._probe(target, deep=True,
+                                                     timeout=max(wait, self.w.probe.timeout)),
+                                   self.clock())
         confirmed = self.policy.decide(self.clock())
         if confirmed is None or confirmed.target != decision.target:
             log.warning("switch called off: pre-switch deep probe failed",
@@ -166,6 +173,8 @@ class WizardRunner:
         finally:
             self.switching = False
         record = self.policy.commit(decision, self.clock(), result.ok, result.detail)
+        # Kept with the transition (state file, /status, control replies): drills report them.
+        record["timings"] = {k: round(v, 2) for k, v in result.timings.items()}
         if result.ok:
             self.d.metrics.transition(self.w.name, decision.kind)
         (log.warning if result.ok else log.error)(

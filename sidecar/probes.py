@@ -8,6 +8,7 @@ the readiness check (a server can list models while its model is broken).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import re
@@ -189,13 +190,35 @@ def _redact(text: str, backend) -> str:
     return text[:300]
 
 
+async def _connect(backend, timeout: float) -> None:
+    url = httpx.URL(backend.base_url)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    async with asyncio.timeout(timeout):
+        _, writer = await asyncio.open_connection(url.host, port)
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
 async def probe(backend, client: httpx.AsyncClient, timeout: float, deep: bool = False) -> ProbeResult:
-    method, url, headers, body = _request(backend, deep)
     started = time.monotonic()
 
     def result(ok: bool, reason: str, status=None, retry_after=None, detail="") -> ProbeResult:
         return ProbeResult(backend.name, ok, reason, status, retry_after,
                            time.monotonic() - started, _redact(detail, backend))
+
+    if backend.kind == "local" and not deep:
+        # Liveness of the local server is its listening socket. Every HTTP route of
+        # llama-cpp-python's server waits while it generates (a Hermes prefill: a minute), and
+        # with --interrupt_requests (its default) a request cuts short the answer in flight.
+        # Readiness is the deep probe: a real generation, sent before any switch onto it.
+        try:
+            await _connect(backend, timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            return result(False, _classify_transport(exc), detail=f"{type(exc).__name__}: {exc}")
+        return result(True, "ok", detail="listening")
+
+    method, url, headers, body = _request(backend, deep)
 
     try:
         # The outer bound catches a server that trickles bytes and so never trips a phase timeout.

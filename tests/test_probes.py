@@ -254,6 +254,7 @@ def test_retry_after_parser_priorities():
 # --- local llama server -----------------------------------------------------------------------
 
 LLAMA_PY = runtimes.LLAMA_PYTHON
+SERVE_PY = Path(__file__).resolve().parent.parent / "templates" / "llama" / "serve.py"
 
 
 @pytest.fixture(scope="module")
@@ -264,10 +265,11 @@ def llama_server(tmp_path_factory):
                     + runtimes.INSTALL_HINT)
     port = free_port()
     log = (tmp_path_factory.mktemp("llama") / "llama.log").open("wb")
+    # The deployed launcher (templates/llama/serve.py) with the deployed request handling.
     proc = subprocess.Popen(
-        [str(LLAMA_PY), "-m", "llama_cpp.server", "--model", str(GGUF), "--host", "127.0.0.1",
+        [str(LLAMA_PY), str(SERVE_PY), "--model", str(GGUF), "--host", "127.0.0.1",
          "--port", str(port), "--n_ctx", "2048", "--chat_format", "chatml", "--logits_all", "false",
-         "--n_threads", "2", "--model_alias", "gemma3-270m"],
+         "--interrupt_requests", "false", "--n_threads", "2", "--model_alias", "gemma3-270m"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}/v1"
     try:
@@ -298,8 +300,42 @@ def test_local_liveness_and_deep_readiness(llama_server):
     assert (deep.ok, deep.reason) == (True, "ok"), deep.detail
 
 
+def test_local_liveness_answers_while_a_long_answer_streams(llama_server):
+    """The liveness probe neither waits for nor cuts short a generation in flight (any HTTP
+    request to llama-cpp-python's server would do one or the other)."""
+    b = backend("local", llama_server, "gemma3-270m", api_key=None)
+    out = {}
+
+    def generate():   # streamed, as Hermes asks
+        with httpx.stream("POST", f"{llama_server}/chat/completions", timeout=120, json={
+                # ~1,500 prompt tokens: seconds of prefill, whatever the model then says.
+                "messages": [{"role": "user", "content": "tell me a story " * 375}],
+                "max_tokens": 200, "stream": True}) as r:
+            out["status"] = r.status_code
+            out["lines"] = [line for line in r.iter_lines() if line.startswith("data: ")]
+    worker = threading.Thread(target=generate)
+    worker.start()
+    import time
+    time.sleep(0.5)
+    probes = [run_probe(b) for _ in range(3)]
+    busy = worker.is_alive()
+    worker.join(120)
+    assert busy, "the generation ended before the probes: make it longer"
+    assert all(p.ok and p.latency < 0.5 for p in probes), probes
+    # Not cut short: the stream ran to its end.
+    assert out["status"] == 200 and out["lines"][-1] == "data: [DONE]", out
+    assert any('"finish_reason": "' in line or '"finish_reason":"' in line for line in out["lines"])
+
+
 def test_local_wrong_path_is_bad_response(llama_server):
-    # A base_url missing /v1 lists nothing: the local server answers 404.
+    # A base_url missing /v1: the server listens (liveness passes), but the readiness probe's
+    # generation gets a 404, so nothing switches onto it.
     b = backend("local", llama_server[: -len("/v1")], "gemma3-270m", api_key=None)
-    r = run_probe(b)
+    r = run_probe(b, timeout=60, deep=True)
     assert (r.ok, r.reason, r.status) == (False, "bad_response", 404)
+
+
+def test_local_server_gone_is_refused(llama_server):
+    b = backend("local", f"http://127.0.0.1:{free_port()}/v1", "gemma3-270m", api_key=None)
+    r = run_probe(b)
+    assert (r.ok, r.reason) == (False, "refused")
