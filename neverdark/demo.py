@@ -4,13 +4,17 @@
 
 Boots two Debian 12 hosts (a VPS and a Pi profile) with systemd-nspawn, starts LLMock servers
 as their cloud APIs, writes an inventory with three wizards, runs
-`pyinfra inventory deploys/fleet.py`, re-runs it to show it changes nothing, and prints where
-each wizard and model runs and what each sidecar sees.
+`pyinfra inventory deploys/fleet.py`, re-runs it to show it changes nothing, prints where
+each wizard and model runs and the `neverdark status` table, then takes merlin's cloud API down
+(503) and brings it back while talking to merlin, and prints the measured failover and failback
+times (outage start to the first answer from the local model, recovery to the first answer from
+the primary).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -18,11 +22,68 @@ from pathlib import Path
 
 from neverdark import plan
 from neverdark.inventory import validate
+from neverdark.outage import first_answer_from
 from neverdark.testbed import Testbed
+
+LOCAL, CLOUD = "gemma3-270m", "claude-sonnet-4-5"
 
 
 def say(text: str = "") -> None:
     print(text, flush=True)
+
+
+def show_status(bed) -> None:
+    proc = subprocess.run([str(Path(sys.executable).with_name("neverdark")), "status"],
+                          env=dict(os.environ, NEVERDARK_INVENTORY=str(bed.inventory_path),
+                                   NEVERDARK_SECRETS=str(bed.secrets_path)),
+                          capture_output=True, text=True, timeout=120)
+    for line in (proc.stdout + proc.stderr).splitlines():
+        say("  " + line)
+    say()
+
+
+def wait_active(bed, wizard: str, backend: str, timeout: float = 400) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        w = bed.sidecar_status("vps1")["wizards"][wizard]
+        if w["active"] == backend and not w["switching"]:
+            return
+        time.sleep(1)
+    raise RuntimeError(f"{wizard} did not reach {backend} in {timeout:.0f} s")
+
+
+def outage(bed) -> None:
+    """merlin's cloud API goes dark (503) and comes back; a user keeps talking throughout."""
+    merlin = bed.client("merlin")
+    claude = bed.mocks["vps1/anthropic"]
+    first = merlin.turn("Hello Merlin!")
+    say(f"merlin answers from {first.model} in {first.latency:.1f} s")
+    say("\n--- outage: vps1's Anthropic API (LLMock) now answers every request with 503 ---")
+    t0 = time.monotonic()
+    claude.fault({"type": "fail", "status": 503, "times": None})
+    down = first_answer_from(merlin, LOCAL, t0)
+    wait_active(bed, "merlin", "local")
+    say(f"  outage start -> first answer from the local model: {down.seconds:.1f} s "
+        f"({len(down.turns)} turns, {down.failed} failed)")
+    switch = bed.sidecar_status("vps1")["wizards"]["merlin"]["transitions"][-1]
+    say(f"  sidecar: {switch['from']} -> {switch['to']} ({switch['reason']}), verified switch "
+        f"took {switch['timings'].get('total', 0):.1f} s")
+    turn = merlin.turn("How are you feeling?")
+    say(f"  a turn now: answered by {turn.model} in {turn.latency:.1f} s: {turn.content[:70]!r}")
+    say("\n$ neverdark status")
+    show_status(bed)
+    say("--- recovery: the API answers again ---")
+    t1 = time.monotonic()
+    claude.recover()
+    up = first_answer_from(merlin, CLOUD, t1)
+    say(f"  recovery -> first answer from the primary again: {up.seconds:.1f} s "
+        f"({len(up.turns)} turns, {up.failed} failed; failback waits for rise passes and the "
+        f"dwell on the fallback)")
+    wait_active(bed, "merlin", "claude")
+    say(f"\nfailover {down.seconds:.1f} s, failback {up.seconds:.1f} s, "
+        f"failed turns {down.failed + up.failed}\n")
+    say("$ neverdark status")
+    show_status(bed)
 
 
 def main() -> int:
@@ -51,14 +112,9 @@ def main() -> int:
         for line in plan.summary(fleet):
             say("  " + line)
         say()
-        say("what each sidecar sees (GET 127.0.0.1:9470/status on the host):")
-        say(f"  {'wizard':10} {'host':6} {'active':8} {'backends (healthy?)'}")
-        for host in sorted(fleet.hosts):
-            status = bed.sidecar_status(host)
-            for name, w in sorted(status["wizards"].items()):
-                health = ", ".join(f"{b}:{'up' if s.get('healthy') else 'down'}"
-                                   for b, s in w["backends"].items())
-                say(f"  {name:10} {host:6} {w['active']:8} {health}")
+        say("$ neverdark status")
+        show_status(bed)
+        outage(bed)
         if keep:
             say(f"\n--keep: hosts stay up; ssh -F {bed.fleet.ssh_config} vps1 ; Ctrl-C to end")
             try:

@@ -14,6 +14,7 @@ operator runs: `pyinfra inventory deploys/fleet.py` against real hosts over SSH.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ import httpx
 import yaml
 
 from neverdark import testfleet, wheelhouse
+from neverdark.inventory import validate
 
 REPO = Path(__file__).resolve().parent.parent
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
@@ -51,6 +54,7 @@ class LLMock:
     port: int
     log: Path
     proc: subprocess.Popen | None = None
+    name: str = "llmock"
 
     @property
     def url(self) -> str:
@@ -75,8 +79,32 @@ class LLMock:
         httpx.post(f"{self.url}/_llmock/scenario", json={"behaviors": behaviors},
                    timeout=5).raise_for_status()
 
+    def plain_answers(self) -> None:
+        """Answer every completion with plain text naming this backend. LLMock's default answers
+        carry tool calls, which make Hermes run tools and turn one turn into several requests."""
+        self.scenario([{"type": "reply", "text": f"Plain answer from {self.name}.",
+                        "times": None}])
+
+    def fault(self, *behaviors: dict) -> None:
+        """An outage: these faults (until recover()) in front of the plain answers."""
+        httpx.delete(f"{self.url}/_llmock/scenario", timeout=5).raise_for_status()
+        self.scenario(list(behaviors))
+        self.plain_answers()
+
+    def recover(self) -> None:
+        httpx.delete(f"{self.url}/_llmock/scenario", timeout=5).raise_for_status()
+        self.plain_answers()
+
     def reset(self) -> None:
+        """Faults and request log cleared; plain answers again."""
         httpx.post(f"{self.url}/_llmock/reset", timeout=5).raise_for_status()
+        self.plain_answers()
+
+    def chats(self, since: float = 0.0) -> list[dict]:
+        """Completion requests (not model lists), started at or after `since` (time.monotonic();
+        LLMock stamps its log with the same system-wide clock)."""
+        return [r for r in self.requests() if r["method"] == "POST"
+                and r["started_at"] >= since]
 
     def requests(self) -> list[dict]:
         r = httpx.get(f"{self.url}/_llmock/requests", timeout=5)
@@ -91,6 +119,54 @@ class LLMock:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+class HookReceiver:
+    """The sidecars' webhook target: records each POSTed event (JSON) with its arrival time.
+
+    Listens on the runner's address on the first host's link; the other hosts get a /32 route
+    to it through their own link, so one fleet-wide `hooks.webhook` URL serves every host.
+    """
+
+    def __init__(self, fleet: testfleet.FleetContext) -> None:
+        self.fleet = fleet
+        self.events: list[dict] = []
+        self._lock = threading.Lock()
+        first = next(iter(fleet.hosts))
+        self.address = fleet.runner_address(first)
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 -- http.server's naming
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                with contextlib.suppress(ValueError):
+                    event = json.loads(body)
+                    with receiver._lock:
+                        receiver.events.append({**event, "received_at": time.monotonic()})
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((self.address, 0), Handler)
+        self.url = f"http://{self.address}:{self.server.server_address[1]}/neverdark-events"
+        for name, h in fleet.hosts.items():
+            if name != first:
+                fleet.exec(name, f"ip route replace {self.address}/32 via {h['runner_address']}")
+
+    def __enter__(self) -> HookReceiver:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def seen(self, since: float = 0.0, **match) -> list[dict]:
+        with self._lock:
+            return [e for e in self.events if e["received_at"] >= since
+                    and all(e.get(k) == v for k, v in match.items())]
 
 
 @dataclass
@@ -130,6 +206,60 @@ def parse_results(output: str) -> tuple[int, int, int, list[str]]:
     return (*total, changed_ops)
 
 
+@dataclass
+class Turn:
+    """One chat turn through a wizard's Hermes API server, and who answered it."""
+    ok: bool
+    latency: float
+    status: int | None = None
+    content: str = ""
+    session: str | None = None
+    model: str | None = None   # from Hermes' session record: the model that really answered
+    error: str = ""
+    sent_at: float = 0.0
+
+
+class WizardClient:
+    """Talks to one wizard's API server (through an SSH tunnel: it listens on the host's
+    loopback only), the way an application would."""
+
+    def __init__(self, url: str, key: str) -> None:
+        self.url, self.key = url, key
+        self.http = httpx.Client(headers={"Authorization": f"Bearer {key}"})
+
+    def turn(self, text: str, session: str | None = None, timeout: float = 300) -> Turn:
+        headers = {"X-Hermes-Session-Id": session} if session else {}
+        sent = time.monotonic()
+        try:
+            r = self.http.post(f"{self.url}/v1/chat/completions", headers=headers, timeout=timeout,
+                               json={"messages": [{"role": "user", "content": text}]})
+        except httpx.HTTPError as exc:
+            return Turn(False, time.monotonic() - sent, error=f"{type(exc).__name__}: {exc}",
+                        sent_at=sent)
+        latency = time.monotonic() - sent
+        turn = Turn(False, latency, r.status_code, session=r.headers.get("X-Hermes-Session-Id"),
+                    sent_at=sent)
+        try:
+            choice = r.json()["choices"][0]
+            turn.content = (choice.get("message") or {}).get("content") or ""
+            failed = choice.get("finish_reason") == "error" or not turn.content.strip()
+        except (ValueError, KeyError, IndexError, TypeError):
+            turn.error = f"HTTP {r.status_code}: {r.text[:200]}"
+            return turn
+        if r.status_code != 200 or failed:
+            turn.error = f"HTTP {r.status_code}, agent error: {turn.content[:200]}"
+            return turn
+        turn.ok = True
+        if turn.session:
+            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
+                turn.model = self.http.get(f"{self.url}/api/sessions/{turn.session}",
+                                           timeout=10).json()["session"]["model"]
+        return turn
+
+    def close(self) -> None:
+        self.http.close()
+
+
 class Testbed:
     """Context manager: the test fleet up, LLMock servers, a valid inventory written."""
 
@@ -156,10 +286,13 @@ class Testbed:
             for host, _ in self.host_specs:
                 for backend in ("anthropic", "openai", "google"):
                     mock = LLMock(self.fleet.runner_address(host), free_port(),
-                                  self.run_dir / f"llmock-{host}-{backend}.log")
+                                  self.run_dir / f"llmock-{host}-{backend}.log",
+                                  name=f"{host}/{backend}")
                     mock.start()
+                    mock.plain_answers()
                     self._stack.callback(mock.stop)
                     self.mocks[f"{host}/{backend}"] = mock
+            self.hooks = self._stack.enter_context(HookReceiver(self.fleet))
             self.secrets = self._make_secrets()
             self.write_inventory(self.default_wizards())
         except BaseException:
@@ -199,7 +332,9 @@ class Testbed:
             "merlin": {"host": "vps1", "persona": "You are Merlin. MARKER-PERSONA-MERLIN.",
                        "backends": [self.cloud("claude", "vps1", "anthropic", "claude-sonnet-4-5"),
                                     dict(local)]},
-            "gandalf": {"host": "vps1",
+            # Restarts its gateway on each switch, as a wizard with Telegram does: the drills
+            # cover the systemd restart path too.
+            "gandalf": {"host": "vps1", "restart_on_switch": True,
                         "backends": [self.cloud("claude", "vps1", "anthropic", "claude-haiku-4-5"),
                                      self.cloud("gpt", "vps1", "openai", "gpt-4.1-mini"),
                                      dict(local)]},
@@ -226,8 +361,9 @@ class Testbed:
         return {"secrets": {"file": str(self.secrets_path)}, "hosts": hosts, "models": models,
                 "wizards": wizards,
                 "sidecar": {"probe": {"interval": 2, "timeout": 1, "fall": 2, "rise": 2,
-                                      "min_dwell": 10, "cooldown_429": 30, "damping_base": 5,
-                                      "damping_cap": 60}}}
+                                      "min_dwell": 10, "cooldown_429": 30, "damping_base": 4,
+                                      "damping_cap": 16},
+                            "hooks": {"webhook": self.hooks.url}}}
 
     def write_inventory(self, wizards: dict, models: dict | None = None,
                         path: Path | None = None) -> Path:
@@ -259,6 +395,44 @@ class Testbed:
 
     def api_key(self, wizard: str) -> str:
         return self.secrets[f"NEVERDARK_API_KEY_{wizard.upper()}"]
+
+    def validated(self, path: Path | None = None):
+        return validate(path or self.inventory_path,
+                        env=dict(os.environ, NEVERDARK_SECRETS=str(self.secrets_path)))
+
+    def tunnel(self, host: str, port: int) -> int:
+        """A local port forwarded over SSH to the host's 127.0.0.1:`port` (closed on exit)."""
+        key = (host, port)
+        self._tunnels = getattr(self, "_tunnels", {})
+        if key in self._tunnels:
+            return self._tunnels[key]
+        h = self.fleet.hosts[host]
+        local = free_port()
+        proc = subprocess.Popen(
+            ["ssh", "-N", "-i", h["key"], "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+             "-o", f"UserKnownHostsFile={h['known_hosts']}", "-o", "StrictHostKeyChecking=yes",
+             "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=5",
+             "-L", f"127.0.0.1:{local}:127.0.0.1:{port}", f"{h['user']}@{h['address']}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        self._stack.callback(lambda: (proc.terminate(), proc.wait(10)))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", local), 1):
+                self._tunnels[key] = local
+                return local
+            if proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise RuntimeError(f"SSH tunnel to {host}:127.0.0.1:{port} did not come up")
+
+    def client(self, wizard: str) -> WizardClient:
+        """A client for the wizard's Hermes API server, from the validated inventory's port."""
+        wz = self.validated().wizards[wizard]
+        local = self.tunnel(wz.host, wz.api_port)
+        c = WizardClient(f"http://127.0.0.1:{local}", self.api_key(wizard))
+        self._stack.callback(c.close)
+        return c
 
 
 def scrub(path: Path) -> None:

@@ -1,5 +1,9 @@
 """Shared test configuration (markers are registered in pyproject.toml)."""
 
+import pytest
+
+from neverdark.testbed import Testbed
+
 
 def pytest_ignore_collect(collection_path, config):
     # tests/infra is the operator-facing testinfra suite for a deployed inventory: it runs only
@@ -7,3 +11,18 @@ def pytest_ignore_collect(collection_path, config):
     if collection_path.name == "infra" and config.getoption("--inventory", None) is None:
         return True
     return None
+
+
+@pytest.fixture(scope="session")
+def bed(tmp_path_factory):
+    """The test fleet (two nspawn hosts, LLMock clouds, webhook receiver), shared by the fleet
+    test files: booting and deploying it is the expensive part."""
+    with Testbed(tmp_path_factory.mktemp("testbed")) as bed:
+        yield bed
+
+
+@pytest.fixture(scope="session")
+def first_deploy(bed):
+    result = bed.deploy()
+    assert result.rc == 0, result.output[-6000:]
+    return result

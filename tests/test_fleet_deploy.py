@@ -2,7 +2,8 @@
 
 Order matters and is part of the story: a fresh deploy, a no-op re-run, a wizard added and
 removed, a corrupt model download, an invalid inventory. One fleet serves the whole module
-because bringing it up and deploying it is the expensive part.
+because bringing it up and deploying it is the expensive part (the `bed` and `first_deploy`
+fixtures in conftest.py; tests/test_fleet_drills.py runs on the same fleet afterwards).
 """
 
 from __future__ import annotations
@@ -16,22 +17,9 @@ import httpx
 import pytest
 import testinfra
 
-from neverdark.testbed import GEMMA_SHA256, Testbed
+from neverdark.testbed import GEMMA_SHA256
 
 pytestmark = pytest.mark.fleet
-
-
-@pytest.fixture(scope="module")
-def bed(tmp_path_factory):
-    with Testbed(tmp_path_factory.mktemp("testbed")) as bed:
-        yield bed
-
-
-@pytest.fixture(scope="module")
-def first_deploy(bed):
-    result = bed.deploy()
-    assert result.rc == 0, result.output[-6000:]
-    return result
 
 
 def pids(bed, host: str) -> dict[str, str]:
