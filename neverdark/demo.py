@@ -42,6 +42,10 @@ def show_status(bed) -> None:
     say()
 
 
+def secs(value: float | None) -> str:
+    return "no answer" if value is None else f"{value:.1f} s"
+
+
 def wait_active(bed, wizard: str, backend: str, timeout: float = 400) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -63,7 +67,7 @@ def outage(bed) -> None:
     claude.fault({"type": "fail", "status": 503, "times": None})
     down = first_answer_from(merlin, LOCAL, t0)
     wait_active(bed, "merlin", "local")
-    say(f"  outage start -> first answer from the local model: {down.seconds:.1f} s "
+    say(f"  outage start -> first answer from the local model: {secs(down.seconds)} "
         f"({len(down.turns)} turns, {down.failed} failed)")
     switch = bed.sidecar_status("vps1")["wizards"]["merlin"]["transitions"][-1]
     say(f"  sidecar: {switch['from']} -> {switch['to']} ({switch['reason']}), verified switch "
@@ -76,11 +80,11 @@ def outage(bed) -> None:
     t1 = time.monotonic()
     claude.recover()
     up = first_answer_from(merlin, CLOUD, t1)
-    say(f"  recovery -> first answer from the primary again: {up.seconds:.1f} s "
+    say(f"  recovery -> first answer from the primary again: {secs(up.seconds)} "
         f"({len(up.turns)} turns, {up.failed} failed; failback waits for rise passes and the "
         f"dwell on the fallback)")
     wait_active(bed, "merlin", "claude")
-    say(f"\nfailover {down.seconds:.1f} s, failback {up.seconds:.1f} s, "
+    say(f"\nfailover {secs(down.seconds)}, failback {secs(up.seconds)}, "
         f"failed turns {down.failed + up.failed}\n")
     say("$ neverdark status")
     show_status(bed)

@@ -156,8 +156,9 @@ def test_outage_503_fails_over_and_back_with_no_lost_turns(calm):
     with Stream(bed.client("merlin"), "merlin") as m_stream, \
             Stream(bed.client("gandalf"), "gandalf") as g_stream:
         time.sleep(3)
-        t0, wall0 = time.monotonic(), time.time()
         claude.fault({"type": "fail", "status": 503, "times": None})
+        # After the fault is in place: a turn that reached LLMock just before it got its 200.
+        t0, wall0 = time.monotonic(), time.time()
         wait_active(bed, "merlin", "local")
         wait_active(bed, "gandalf", "gpt")
         switched = time.monotonic() - t0
