@@ -50,36 +50,22 @@ def _backend(wizard, ref):
 async def _restart_and_verify(wizard, target, control: GatewayControl, client: httpx.AsyncClient,
                               timings: dict, prefix: str, ready_timeout: float,
                               verify_timeout: float) -> tuple[bool, str]:
-    if not getattr(wizard, "restart", True):
-        # API-server-only gateway: Hermes builds each turn's agent from the config it re-reads
-        # per request, so the flip is already live and a restart would only refuse the turns
-        # that arrive while the port is closed.
-        return await _verify_only(wizard, target, control, client, timings, prefix,
-                                  ready_timeout, verify_timeout)
-    now = time.monotonic()
-    if not _restart_allowed(wizard.unit, now):
-        return False, (f"restart refused: {wizard.unit} already restarted {STORM_MAX} times in "
-                       f"{STORM_WINDOW:.0f}s (Hermes' respawn-storm brake and systemd's start limit)")
-    _restarts[wizard.unit].append(now)
-    t = time.monotonic()
-    try:
-        await control.restart()
-    except Exception as exc:  # noqa: BLE001 -- any failure to restart is a failed switch
-        return False, f"restart failed: {exc}"
-    timings[f"{prefix}restart"] = time.monotonic() - t
-    t = time.monotonic()
-    try:
-        await wait_ready(control, wizard.api_port, client, ready_timeout)
-    except TimeoutError as exc:
-        return False, str(exc)
-    timings[f"{prefix}ready"] = time.monotonic() - t
-    verdict = await verify(wizard, target, client, verify_timeout)
-    timings[f"{prefix}first_turn"] = verdict.latency
-    return verdict.ok, verdict.detail
-
-
-async def _verify_only(wizard, target, control, client, timings, prefix, ready_timeout,
-                       verify_timeout) -> tuple[bool, str]:
+    # An API-server-only gateway (restart false) is not restarted: Hermes builds each turn's
+    # agent from the config it re-reads per request, so the flip is already live and a restart
+    # would only refuse the turns that arrive while the port is closed.
+    if getattr(wizard, "restart", True):
+        now = time.monotonic()
+        if not _restart_allowed(wizard.unit, now):
+            return False, (f"restart refused: {wizard.unit} already restarted {STORM_MAX} times "
+                           f"in {STORM_WINDOW:.0f}s (Hermes' respawn-storm brake and systemd's "
+                           "start limit)")
+        _restarts[wizard.unit].append(now)
+        t = time.monotonic()
+        try:
+            await control.restart()
+        except Exception as exc:  # noqa: BLE001 -- any failure to restart is a failed switch
+            return False, f"restart failed: {exc}"
+        timings[f"{prefix}restart"] = time.monotonic() - t
     t = time.monotonic()
     try:
         await wait_ready(control, wizard.api_port, client, ready_timeout)
