@@ -32,20 +32,6 @@ CLAUDE, GPT, LOCAL = "claude-haiku-4-5", "gpt-4.1-mini", "gemma3-270m"
 MERLIN_CLAUDE = "claude-sonnet-4-5"
 
 
-def active(bed, wizard: str) -> str:
-    return bed.sidecar_status("vps1")["wizards"][wizard]["active"]
-
-
-def wait_active(bed, wizard: str, backend: str, timeout: float = 400) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = bed.sidecar_status("vps1")["wizards"][wizard]
-        if s["active"] == backend and not s["switching"]:
-            return
-        time.sleep(1)
-    raise RuntimeError(f"{wizard} not back on {backend} after {timeout:.0f}s")
-
-
 def flips(bed) -> dict:
     claude = bed.mocks["vps1/anthropic"]
     clients = {"merlin": bed.client("merlin"), "gandalf": bed.client("gandalf")}
@@ -68,12 +54,12 @@ def flips(bed) -> dict:
     claude.fault({"type": "fail", "status": 503, "times": None})
     measure(0, t0)
     for w in clients:
-        wait_active(bed, w, "local" if w == "merlin" else "gpt")
+        bed.wait_active("vps1", w, "local" if w == "merlin" else "gpt")
     t1 = time.monotonic()
     claude.recover()
     measure(1, t1)
     for w in clients:
-        wait_active(bed, w, "claude")
+        bed.wait_active("vps1", w, "claude")
     return out
 
 
@@ -93,7 +79,7 @@ def latency(bed, seconds: float) -> dict:
     rows = {"baseline": {"mean_s": round(baseline, 2), "turns": len(base)}}
     for mode in ("hermes-alone", "neverdark"):
         for name, fault in FAULTS.items():
-            wait_active(bed, "gandalf", "claude")
+            bed.wait_active("vps1", "gandalf", "claude")
             if mode == "hermes-alone":
                 bed.ssh("vps1", "systemctl stop neverdark-sidecar")
             if fault is None:

@@ -46,16 +46,6 @@ def secs(value: float | None) -> str:
     return "no answer" if value is None else f"{value:.1f} s"
 
 
-def wait_active(bed, wizard: str, backend: str, timeout: float = 400) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        w = bed.sidecar_status("vps1")["wizards"][wizard]
-        if w["active"] == backend and not w["switching"]:
-            return
-        time.sleep(1)
-    raise RuntimeError(f"{wizard} did not reach {backend} in {timeout:.0f} s")
-
-
 def outage(bed) -> None:
     """merlin's cloud API goes dark (503) and comes back; a user keeps talking throughout."""
     merlin = bed.client("merlin")
@@ -66,7 +56,7 @@ def outage(bed) -> None:
     t0 = time.monotonic()
     claude.fault({"type": "fail", "status": 503, "times": None})
     down = first_answer_from(merlin, LOCAL, t0)
-    wait_active(bed, "merlin", "local")
+    bed.wait_active("vps1", "merlin", "local")
     say(f"  outage start -> first answer from the local model: {secs(down.seconds)} "
         f"({len(down.turns)} turns, {down.failed} failed)")
     switch = bed.sidecar_status("vps1")["wizards"]["merlin"]["transitions"][-1]
@@ -83,7 +73,7 @@ def outage(bed) -> None:
     say(f"  recovery -> first answer from the primary again: {secs(up.seconds)} "
         f"({len(up.turns)} turns, {up.failed} failed; failback waits for rise passes and the "
         f"dwell on the fallback)")
-    wait_active(bed, "merlin", "claude")
+    bed.wait_active("vps1", "merlin", "claude")
     say(f"\nfailover {secs(down.seconds)}, failback {secs(up.seconds)}, "
         f"failed turns {down.failed + up.failed}\n")
     say("$ neverdark status")

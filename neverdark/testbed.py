@@ -393,6 +393,21 @@ class Testbed:
                              "\"http://127.0.0.1:9470/status\",timeout=5).read().decode())'")
         return json.loads(out)
 
+    def wait_active(self, host: str, wizard: str, backend: str, timeout: float = 400) -> dict:
+        """Until the host's sidecar has `wizard` on `backend` and not mid-switch; its status."""
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while time.monotonic() < deadline:
+            try:
+                last = self.sidecar_status(host)["wizards"][wizard]
+            except (testfleet.FleetError, ValueError, KeyError, OSError) as exc:
+                last = exc  # the host's sidecar mid-restart: keep polling
+            else:
+                if last["active"] == backend and not last["switching"]:
+                    return last
+            time.sleep(1)
+        raise TimeoutError(f"{wizard} not on {backend} after {timeout:.0f} s; last: {last!r}")
+
     def api_key(self, wizard: str) -> str:
         return self.secrets[f"NEVERDARK_API_KEY_{wizard.upper()}"]
 

@@ -64,8 +64,7 @@ def wizard_status(bed, wizard: str) -> dict:
 
 
 def wait_active(bed, wizard: str, backend: str, timeout: float = 300) -> dict:
-    return wait_for(lambda: (lambda s: s if s["active"] == backend and not s["switching"] else None)(
-        wizard_status(bed, wizard)), timeout, f"{wizard} on {backend}")
+    return bed.wait_active(PRIMARY[wizard][0], wizard, backend, timeout)
 
 
 def llama_served(bed, host: str, since_wall: float) -> int:
