@@ -26,7 +26,7 @@ from sidecar.metrics import Metrics
 from sidecar.passive import PassiveWatcher
 from sidecar.policy import Decision, Policy, PolicyError
 from sidecar.probes import ProbeResult, probe
-from sidecar.switch import SwitchResult, switch
+from sidecar.switch import SwitchResult, restart_wait, switch
 
 log = logging.getLogger("sidecar")
 
@@ -68,6 +68,7 @@ class WizardRunner:
         self.watcher = PassiveWatcher(wizard)
         self.wake = asyncio.Event()
         self.switching = False
+        self.deferred: str | None = None  # the target of a switch waiting for the restart budget
         self.last_tick = time.monotonic()
         self._waiters: list[tuple[str, asyncio.Future]] = []
         self._saved_key: tuple | None = None
@@ -142,8 +143,19 @@ class WizardRunner:
     async def _act(self) -> None:
         decision = self.policy.decide(self.clock())
         if decision is None:
+            self.deferred = None
             return
         target = self.w.backend(decision.target)
+        # A switch that could not restart the gateway would fail and count as a transition; the
+        # decision (a forced drill or failback included) waits for the budget instead.
+        budget = restart_wait(self.w)
+        if budget > 0:
+            if self.deferred != decision.target:
+                log.warning("switch deferred: restart budget", extra={
+                    "wizard": self.w.name, "to": decision.target, "seconds": round(budget, 1)})
+            self.deferred = decision.target
+            return
+        self.deferred = None
         # Never onto a backend on the strength of a list-models answer alone: a real generation.
         # A local server answers one request at a time: this probe may queue behind a whole
         # prefill (the wizards' own per-turn fallbacks land there during an outage).
@@ -253,6 +265,7 @@ class WizardRunner:
         view = self.policy.describe(now)
         view["since_iso"] = iso(view["since"])
         view["switching"] = self.switching
+        view["deferred"] = self.deferred
         for t in view["transitions"]:
             t["at_iso"] = iso(t.get("at"))
         return view

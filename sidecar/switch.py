@@ -24,10 +24,22 @@ _restarts: dict[str, deque[float]] = defaultdict(deque)
 
 
 def _restart_allowed(unit: str, now: float) -> bool:
+    return restart_wait_for(unit, now) == 0.0
+
+
+def restart_wait_for(unit: str, now: float) -> float:
+    """Seconds until `unit` may be restarted again (0: now)."""
     times = _restarts[unit]
     while times and now - times[0] >= STORM_WINDOW:
         times.popleft()
-    return len(times) < STORM_MAX
+    return 0.0 if len(times) < STORM_MAX else times[0] + STORM_WINDOW - now
+
+
+def restart_wait(wizard, now: float | None = None) -> float:
+    """Seconds before a switch of `wizard` could restart its gateway; 0 for live switches."""
+    if not getattr(wizard, "restart", True):
+        return 0.0
+    return restart_wait_for(wizard.unit, time.monotonic() if now is None else now)
 
 
 @dataclass

@@ -33,6 +33,7 @@ import yaml
 from sidecar import config, flip, jsonlog, sdnotify, state
 from sidecar.control import control_request
 from sidecar.daemon import Daemon
+from sidecar import switch as switch_mod
 from sidecar.switch import SwitchResult
 from tests.llmock_server import LLMock, free_port, variant
 
@@ -318,3 +319,40 @@ def test_sd_notify_abstract_namespace_and_watchdog_pid(monkeypatch):
     assert sdnotify.watchdog_interval() is None
     monkeypatch.delenv("NOTIFY_SOCKET")
     assert sdnotify.notify("READY=1") is False
+
+
+def test_switch_waits_for_the_restart_budget(site, mocks):
+    """A gateway restarted STORM_MAX times in the window: a forced switch waits for a free slot
+    (reported as `deferred`) instead of failing, and no failed transition is recorded."""
+    cfg = config.load(site)
+    w = cfg.wizards["merlin"]
+    assert w.restart
+    slot_in = 2.0
+
+    async def scenario():
+        d = Daemon(cfg, switch_fn=flip_only, systemctl=["/bin/false"])
+        await d.start()
+        runner = d.runners["merlin"]
+        try:
+            await until(lambda: runner.policy.health["local"].healthy, what="local healthy")
+            before = len(runner.policy.transitions)
+            start = time.monotonic()
+            switch_mod._restarts[w.unit].extend(
+                [start - switch_mod.STORM_WINDOW + slot_in] * switch_mod.STORM_MAX)
+            reply_task = asyncio.create_task(asyncio.to_thread(
+                control_request, cfg.control_socket,
+                {"op": "failover", "wizard": "merlin", "to": "local", "timeout": 30}))
+            await until(lambda: runner.deferred == "local", what="switch deferred")
+            assert runner.status()["deferred"] == "local"
+            reply = await reply_task
+            took = time.monotonic() - start
+            assert reply["ok"] and reply["active"] == "local", reply
+            assert took >= slot_in - 0.1, took
+            new = list(runner.policy.transitions)[before:]
+            assert [(t["kind"], t["ok"]) for t in new] == [("manual", True)], new
+            assert runner.deferred is None
+        finally:
+            switch_mod._restarts.pop(w.unit, None)
+            await d.close()
+
+    asyncio.run(scenario())
