@@ -5,8 +5,8 @@ it costs per turn with Hermes' own per-turn fallback alone against neverdark.
 
 1. Flips (503 on vps1's Anthropic stand-in, which merlin and gandalf both use as primary):
    outage start to the first answer from the fallback, recovery to the first answer from the
-   primary, and the turns that failed meanwhile. merlin (claude -> local Gemma) switches live;
-   gandalf (claude -> gpt) restarts its gateway on each switch, as a Telegram wizard does.
+   primary, and the turns that failed meanwhile, for merlin (claude -> local Gemma) and gandalf
+   (claude -> gpt). Both switch live (no gateway restart).
 2. Added latency per turn (gandalf, claude -> gpt, so both ends are LLMock and the difference is
    the retry overhead, not model speed): turns back to back for --seconds under each outage
    (503, 429 with Retry-After 30, refused connection, 500), with the sidecar stopped (Hermes'

@@ -148,6 +148,8 @@ def render_base_config(wizard) -> str:
         "host": API_SERVER_HOST, "port": int(_get(wizard, "api_port"))}}}
     if _get(wizard, "telegram_token_secret"):
         platforms["telegram"] = {"enabled": True}
+        if _get(wizard, "telegram_api_url"):
+            platforms["telegram"]["extra"] = {"base_url": _get(wizard, "telegram_api_url")}
     doc = {
         "model": _model_section(wizard, primary),
         # Hermes' own per-turn fallback. Read from this file only (never from the managed

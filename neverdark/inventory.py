@@ -293,6 +293,8 @@ class ProbeOverrides(Strict):
 class Telegram(Strict):
     token: SecretRef
     allowed_users: list[int | str]
+    # A self-hosted telegram-bot-api server, e.g. http://10.0.0.5:8081/bot (the token follows).
+    api_url: str | None = Field(None, pattern=r"^https?://")
 
     @field_validator("allowed_users")
     @classmethod
@@ -311,14 +313,15 @@ class Wizard(Strict):
     notice: str = Field(default_factory=default_notice)
     telegram: Telegram | None = None
     probe: ProbeOverrides = Field(default_factory=ProbeOverrides)
-    # Restart the gateway after the sidecar flips its backend. Default: only with Telegram,
-    # whose sessions cache their agent; the API server re-reads the config on every request.
-    restart_on_switch: bool | None = None
+    # Restart the gateway after the sidecar flips its backend. Off by default: Hermes 0.19.0
+    # re-reads the config per API request and rebuilds a Telegram session's agent when the model
+    # changes, while a cold start drops the Telegram updates queued meanwhile (docs/hermes.md, 11).
+    restart_on_switch: bool = False
     backends: list[Backend]
 
     @property
     def restarts_on_switch(self) -> bool:
-        return self.telegram is not None if self.restart_on_switch is None else self.restart_on_switch
+        return self.restart_on_switch
 
     @field_validator("backends")
     @classmethod

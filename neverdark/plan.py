@@ -114,6 +114,7 @@ def hermes_spec(fleet: Fleet, name: str) -> dict:
         "api_key_secret": api_key_secret(fleet, name),
         "telegram_token_secret": wz.telegram.token.secret if wz.telegram else None,
         "telegram_allowed_users": [str(u) for u in wz.telegram.allowed_users] if wz.telegram else [],
+        "telegram_api_url": wz.telegram.api_url if wz.telegram else None,
         "persona": wz.persona,
         "notice": wz.notice,
         "backends": [{

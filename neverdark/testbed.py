@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ import yaml
 
 from neverdark import testfleet, wheelhouse
 from neverdark.inventory import validate
+from neverdark.telegram_standin import BotApiStandIn
 
 REPO = Path(__file__).resolve().parent.parent
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
@@ -119,6 +121,10 @@ class LLMock:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+TELEGRAM_BOT_ID = 424242
+TELEGRAM_USERS = (4711, 4712)  # the users allowed to talk to gandalf's bot
 
 
 class HookReceiver:
@@ -228,7 +234,10 @@ class WizardClient:
         self.http = httpx.Client(headers={"Authorization": f"Bearer {key}"})
 
     def turn(self, text: str, session: str | None = None, timeout: float = 300) -> Turn:
-        headers = {"X-Hermes-Session-Id": session} if session else {}
+        # Without the header Hermes derives the session id from the system prompt and the first
+        # user message: the same text would continue an old session, whose record keeps the model
+        # it began with (docs/hermes.md, finding 8). A new conversation gets a new id.
+        headers = {"X-Hermes-Session-Id": session or f"nd-{uuid.uuid4().hex[:16]}"}
         sent = time.monotonic()
         try:
             r = self.http.post(f"{self.url}/v1/chat/completions", headers=headers, timeout=timeout,
@@ -293,6 +302,11 @@ class Testbed:
                     self._stack.callback(mock.stop)
                     self.mocks[f"{host}/{backend}"] = mock
             self.hooks = self._stack.enter_context(HookReceiver(self.fleet))
+            # gandalf's Telegram: the stand-in listens where the webhook receiver does (every host
+            # has a route to that address); the token is a secret like any bot token.
+            self.telegram = self._stack.enter_context(
+                BotApiStandIn(token=f"{TELEGRAM_BOT_ID}:{pysecrets.token_hex(12)}", bot_id=TELEGRAM_BOT_ID,
+                              host=self.hooks.address))
             self.secrets = self._make_secrets()
             self.write_inventory(self.default_wizards())
         except BaseException:
@@ -308,6 +322,7 @@ class Testbed:
         names += [f"NEVERDARK_API_KEY_{w.upper()}" for w in
                   ("MERLIN", "RADAGAST", "GANDALF", "MORGANA", "SARUMAN")]
         values = {n: "sk-test-" + pysecrets.token_hex(16) for n in names}
+        values["TELEGRAM_TOKEN_GANDALF"] = self.telegram.token
         self.secrets_path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
         self.secrets_path.chmod(0o600)
         return values
@@ -332,9 +347,11 @@ class Testbed:
             "merlin": {"host": "vps1", "persona": "You are Merlin. MARKER-PERSONA-MERLIN.",
                        "backends": [self.cloud("claude", "vps1", "anthropic", "claude-sonnet-4-5"),
                                     dict(local)]},
-            # Restarts its gateway on each switch, as a wizard with Telegram does: the drills
-            # cover the systemd restart path too.
-            "gandalf": {"host": "vps1", "restart_on_switch": True,
+            # With Telegram (the stand-in Bot API): messaging sessions are drilled too.
+            "gandalf": {"host": "vps1",
+                        "telegram": {"token": {"secret": "TELEGRAM_TOKEN_GANDALF"},
+                                     "allowed_users": list(TELEGRAM_USERS),
+                                     "api_url": self.telegram.url},
                         "backends": [self.cloud("claude", "vps1", "anthropic", "claude-haiku-4-5"),
                                      self.cloud("gpt", "vps1", "openai", "gpt-4.1-mini"),
                                      dict(local)]},

@@ -577,3 +577,11 @@ def test_a_hermes_rewrite_keeps_variable_names(fleet, tmp_path):
                                                                          "GOOGLE_API_KEY"]
     for value in SECRETS.values():
         assert value not in text
+
+
+def test_telegram_api_url_points_hermes_at_a_self_hosted_bot_api():
+    w = wizard_for("openai", "local", telegram_token_secret="TG", telegram_allowed_users=[42])
+    assert yaml.safe_load(hc.render_base_config(w))["platforms"]["telegram"] == {"enabled": True}
+    w["telegram_api_url"] = "http://10.0.0.5:8081/bot"
+    telegram = yaml.safe_load(hc.render_base_config(w))["platforms"]["telegram"]
+    assert telegram == {"enabled": True, "extra": {"base_url": "http://10.0.0.5:8081/bot"}}

@@ -113,6 +113,9 @@ def test_example_fleet_validates(tmp_path):
     assert fleet.hosts["pi-attic"].arch == "aarch64"
     assert fleet.probe("radagast").min_dwell == 120 and fleet.probe("merlin").min_dwell == 60
     assert sorted(fleet.secret_names()) == sorted(SECRET_VALUES)
+    # Telegram sessions follow a live switch; a restart would drop their queued updates.
+    assert fleet.wizards["radagast"].telegram is not None
+    assert not any(w.restarts_on_switch for w in fleet.wizards.values())
 
 
 def test_ports_assigned_in_name_order_per_host(tmp_path):
