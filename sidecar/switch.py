@@ -62,9 +62,9 @@ def _backend(wizard, ref):
 async def _restart_and_verify(wizard, target, control: GatewayControl, client: httpx.AsyncClient,
                               timings: dict, prefix: str, ready_timeout: float,
                               verify_timeout: float) -> tuple[bool, str]:
-    # An API-server-only gateway (restart false) is not restarted: Hermes builds each turn's
-    # agent from the config it re-reads per request, so the flip is already live and a restart
-    # would only refuse the turns that arrive while the port is closed.
+    # By default (restart false) the gateway is not restarted: Hermes re-reads the config per
+    # API request and rebuilds a Telegram chat's agent when the model changes, so the flip is
+    # already live; a restart would refuse API turns and drop queued Telegram updates.
     if getattr(wizard, "restart", True):
         now = time.monotonic()
         if not _restart_allowed(wizard.unit, now):
