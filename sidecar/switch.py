@@ -23,23 +23,20 @@ STORM_MAX = 4
 _restarts: dict[str, deque[float]] = defaultdict(deque)
 
 
-def _restart_allowed(unit: str, now: float) -> bool:
-    return restart_wait_for(unit, now) == 0.0
-
-
-def restart_wait_for(unit: str, now: float) -> float:
-    """Seconds until `unit` may be restarted again (0: now)."""
-    times = _restarts[unit]
+def restart_wait(wizard, now: float | None = None) -> float:
+    """Seconds before a switch of `wizard` could restart its gateway (0: now, or never needed)."""
+    if not getattr(wizard, "restart", True):
+        return 0.0
+    now = time.monotonic() if now is None else now
+    times = _restarts[wizard.unit]
     while times and now - times[0] >= STORM_WINDOW:
         times.popleft()
     return 0.0 if len(times) < STORM_MAX else times[0] + STORM_WINDOW - now
 
 
-def restart_wait(wizard, now: float | None = None) -> float:
-    """Seconds before a switch of `wizard` could restart its gateway; 0 for live switches."""
-    if not getattr(wizard, "restart", True):
-        return 0.0
-    return restart_wait_for(wizard.unit, time.monotonic() if now is None else now)
+def _storm_refusal(wizard) -> str:
+    return (f"{wizard.unit} already restarted {STORM_MAX} times in {STORM_WINDOW:.0f}s "
+            "(Hermes' respawn-storm brake and systemd's start limit)")
 
 
 @dataclass
@@ -67,10 +64,8 @@ async def _restart_and_verify(wizard, target, control: GatewayControl, client: h
     # already live; a restart would refuse API turns and drop queued Telegram updates.
     if getattr(wizard, "restart", True):
         now = time.monotonic()
-        if not _restart_allowed(wizard.unit, now):
-            return False, (f"restart refused: {wizard.unit} already restarted {STORM_MAX} times "
-                           f"in {STORM_WINDOW:.0f}s (Hermes' respawn-storm brake and systemd's "
-                           "start limit)")
+        if restart_wait(wizard, now) > 0:
+            return False, f"restart refused: {_storm_refusal(wizard)}"
         _restarts[wizard.unit].append(now)
         t = time.monotonic()
         try:
@@ -102,10 +97,9 @@ async def switch(wizard, to, previous, client: httpx.AsyncClient, systemctl: lis
     timings: dict[str, float] = {}
     started = time.monotonic()
     # Refuse before touching the file: a switch that cannot restart must not half-happen.
-    if getattr(wizard, "restart", True) and not _restart_allowed(wizard.unit, started):
-        return SwitchResult(False, False, (
-            f"switch to {to.name} refused: {wizard.unit} already restarted {STORM_MAX} times in "
-            f"{STORM_WINDOW:.0f}s (Hermes' respawn-storm brake and systemd's start limit)"), timings)
+    if restart_wait(wizard, started) > 0:
+        return SwitchResult(False, False, f"switch to {to.name} refused: {_storm_refusal(wizard)}",
+                            timings)
     try:
         await asyncio.to_thread(flip.atomic_install, to.variant, wizard.active_config)
     except (OSError, ValueError) as exc:
