@@ -33,16 +33,28 @@ def _fleet(path):
         sys.exit(2)
 
 
-def _control(op: str, wizard: str, to: str | None, inventory) -> None:
-    fleet = _fleet(inventory)
+def _host_of(fleet, wizard: str) -> str:
     if wizard not in fleet.wizards:
         raise click.BadParameter(f"unknown wizard {wizard!r} (known: {', '.join(fleet.wizards)})")
-    host = fleet.wizards[wizard].host
+    return fleet.wizards[wizard].host
+
+
+def _last_json(proc) -> dict:
+    """The host-side tools end their output with one JSON line; ValueError when missing."""
+    lines = proc.stdout.strip().splitlines()
+    if not lines:
+        raise ValueError("no output")
+    return json.loads(lines[-1])
+
+
+def _control(op: str, wizard: str, to: str | None, inventory) -> None:
+    fleet = _fleet(inventory)
+    host = _host_of(fleet, wizard)
     args = [op, wizard] + (["--to", to] if to else [])
     proc = remote.sidecar_ctl(fleet, host, *args)
     try:
-        answer = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
+        answer = _last_json(proc)
+    except ValueError:
         click.echo(f"{host}: no answer from the sidecar: {proc.stderr.strip()}", err=True)
         sys.exit(2)
     click.echo(json.dumps(answer, indent=2))
@@ -88,15 +100,13 @@ def release(wizard: str, inventory) -> None:
 def drill(wizard: str, to: str | None, turns: int, as_json: bool, inventory) -> None:
     """Fail WIZARD over and back through its sidecar, checking real answers on each side."""
     fleet = _fleet(inventory)
-    if wizard not in fleet.wizards:
-        raise click.BadParameter(f"unknown wizard {wizard!r} (known: {', '.join(fleet.wizards)})")
-    host = fleet.wizards[wizard].host
+    host = _host_of(fleet, wizard)
     args = [wizard, "--turns", str(turns)] + (["--to", to] if to else [])
     proc = remote.run(fleet, host, f"{remote.SIDECAR_PYTHON} -m sidecar.drill "
                                    + shlex.join(args))
     try:
-        report = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
+        report = _last_json(proc)
+    except ValueError:
         click.echo(f"{host}: the drill gave no report: {proc.stderr.strip()[-500:]}", err=True)
         sys.exit(2)
     if as_json:
@@ -128,7 +138,7 @@ def drill_lines(host: str, report: dict) -> list[str]:
 def _host_status(fleet, host: str) -> tuple[str, dict | str]:
     try:
         proc = remote.sidecar_ctl(fleet, host, "status", timeout=60)
-        answer = json.loads(proc.stdout.strip().splitlines()[-1])
+        answer = _last_json(proc)
         if not answer.get("ok"):
             return host, answer.get("error") or "sidecar refused"
         return host, answer["status"]

@@ -23,11 +23,14 @@ from sidecar.ctl import SOCKET
 from sidecar.gateway import verify
 
 
-def _switch(socket: str, wizard: str, to: str | None, timeout: float) -> tuple[dict, float]:
+def _switch(socket: str, wizard: str, to: str | None, timeout: float) -> tuple[dict, dict]:
+    """A forced, verified switch through the control socket: the reply and its report line."""
     started = time.monotonic()
     reply = control_request(socket, {"op": "failover", "wizard": wizard, "to": to, "wait": True,
                                      "timeout": timeout}, timeout=timeout + 60)
-    return reply, time.monotonic() - started
+    return reply, {"ok": bool(reply.get("ok")), "seconds": round(time.monotonic() - started, 2),
+                   "to": reply.get("active"), "error": reply.get("error"),
+                   "timings": (reply.get("transition") or {}).get("timings")}
 
 
 async def _turns(wizard, backend, n: int, timeout: float) -> list[dict]:
@@ -50,20 +53,14 @@ def drill(cfg, wizard_name: str, to: str | None, turns: int, socket: str,
     start = status["active"]
     report: dict = {"wizard": wizard_name, "from": start}
 
-    reply, took = _switch(socket, wizard_name, to, timeout)
-    report["failover"] = {"ok": bool(reply.get("ok")), "seconds": round(took, 2),
-                          "to": reply.get("active"), "error": reply.get("error"),
-                          "timings": (reply.get("transition") or {}).get("timings")}
+    reply, report["failover"] = _switch(socket, wizard_name, to, timeout)
     if not reply.get("ok"):
         return {**report, "ok": False, "error": f"failover failed: {reply.get('error')}"}
     fallback = wizard.backend(reply["active"])
     report["to"] = fallback.name
     report["fallback_turns"] = asyncio.run(_turns(wizard, fallback, turns, timeout))
 
-    reply, took = _switch(socket, wizard_name, start, timeout)
-    report["failback"] = {"ok": bool(reply.get("ok")), "seconds": round(took, 2),
-                          "to": reply.get("active"), "error": reply.get("error"),
-                          "timings": (reply.get("transition") or {}).get("timings")}
+    reply, report["failback"] = _switch(socket, wizard_name, start, timeout)
     if reply.get("ok"):
         report["primary_turns"] = asyncio.run(_turns(wizard, wizard.backend(start), turns, timeout))
     answered = report["fallback_turns"] + report.get("primary_turns", [])
