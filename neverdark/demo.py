@@ -13,15 +13,12 @@ the primary).
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from neverdark import plan
-from neverdark.inventory import validate
 from neverdark.outage import first_answer_from
 from neverdark.testbed import Testbed
 
@@ -33,10 +30,7 @@ def say(text: str = "") -> None:
 
 
 def show_status(bed) -> None:
-    proc = subprocess.run([str(Path(sys.executable).with_name("neverdark")), "status"],
-                          env=dict(os.environ, NEVERDARK_INVENTORY=str(bed.inventory_path),
-                                   NEVERDARK_SECRETS=str(bed.secrets_path)),
-                          capture_output=True, text=True, timeout=120)
+    proc = bed.neverdark("status", timeout=120)
     for line in (proc.stdout + proc.stderr).splitlines():
         say("  " + line)
     say()
@@ -100,8 +94,7 @@ def main() -> int:
         again = bed.deploy()
         say(f"  second run:   {again.changed} changes in {time.monotonic() - t:.0f} s\n")
 
-        env = dict(os.environ, NEVERDARK_SECRETS=str(bed.secrets_path))
-        fleet = validate(bed.inventory_path, env=env)
+        fleet = bed.validated()
         say("where everything runs:")
         for line in plan.summary(fleet):
             say("  " + line)

@@ -283,6 +283,7 @@ class Testbed:
         self.inventory_path = self.run_dir / "fleet.yaml"
         self.secrets_path = self.run_dir / "secrets.env"
         self._stack = contextlib.ExitStack()
+        self._tunnels: dict[tuple[str, int], int] = {}
 
     # -- set-up -----------------------------------------------------------------------------
     def __enter__(self) -> Testbed:
@@ -425,6 +426,13 @@ class Testbed:
             time.sleep(1)
         raise TimeoutError(f"{wizard} not on {backend} after {timeout:.0f} s; last: {last!r}")
 
+    def neverdark(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        """The operator's `neverdark` command on this inventory, as a subprocess."""
+        env = dict(os.environ, NEVERDARK_INVENTORY=str(self.inventory_path),
+                   NEVERDARK_SECRETS=str(self.secrets_path))
+        return subprocess.run([str(Path(sys.executable).with_name("neverdark")), *args], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+
     def api_key(self, wizard: str) -> str:
         return self.secrets[f"NEVERDARK_API_KEY_{wizard.upper()}"]
 
@@ -435,17 +443,14 @@ class Testbed:
     def tunnel(self, host: str, port: int) -> int:
         """A local port forwarded over SSH to the host's 127.0.0.1:`port` (closed on exit)."""
         key = (host, port)
-        self._tunnels = getattr(self, "_tunnels", {})
         if key in self._tunnels:
             return self._tunnels[key]
-        h = self.fleet.hosts[host]
         local = free_port()
+        argv = self.fleet.ssh_argv(host)  # the fleet's ssh config: key, user, strict host keys
+        argv[-1:-1] = ["-N", "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=5",
+                       "-L", f"127.0.0.1:{local}:127.0.0.1:{port}"]
         proc = subprocess.Popen(
-            ["ssh", "-N", "-i", h["key"], "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
-             "-o", f"UserKnownHostsFile={h['known_hosts']}", "-o", "StrictHostKeyChecking=yes",
-             "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=5",
-             "-L", f"127.0.0.1:{local}:127.0.0.1:{port}", f"{h['user']}@{h['address']}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
         self._stack.callback(lambda: (proc.terminate(), proc.wait(10)))
         deadline = time.monotonic() + 20

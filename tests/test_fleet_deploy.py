@@ -8,12 +8,10 @@ fixtures in conftest.py; tests/test_fleet_drills.py runs on the same fleet after
 
 from __future__ import annotations
 
-import copy
 import json
 import shlex
 from pathlib import Path
 
-import httpx
 import pytest
 import testinfra
 
@@ -186,12 +184,7 @@ def test_secrets_stay_out_of_output_and_world_readable_files(bed, first_deploy):
 
 
 def neverdark_cli(bed, *args: str) -> dict:
-    import os
-    import subprocess
-    import sys
-    env = dict(os.environ, NEVERDARK_INVENTORY=str(bed.inventory_path))
-    proc = subprocess.run([str(Path(sys.executable).with_name("neverdark")), *args], env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = bed.neverdark(*args)
     assert proc.stdout.strip(), proc.stderr
     return json.loads(proc.stdout)
 
@@ -201,8 +194,8 @@ def active_of(bed, host: str, wizard: str) -> str:
 
 
 def test_a_deploy_keeps_a_wizard_on_its_fallback(bed, first_deploy):
-    """Operator drill through the control socket (real systemd restart of the gateway, a real
-    turn on Gemma), then a deploy: the wizard stays on its fallback, and nothing changes."""
+    """Operator drill through the control socket (a verified switch: a real turn on Gemma),
+    then a deploy: the wizard stays on its fallback, and nothing changes."""
     bed.write_inventory(bed.default_wizards())
     answer = neverdark_cli(bed, "pin", "merlin", "--to", "local")
     assert answer["ok"], answer

@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -405,10 +402,7 @@ def test_local_first_wizard_dark_then_overflow_then_back(calm):
 # --- operator tools -----------------------------------------------------------------------------
 
 def neverdark(bed, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, NEVERDARK_INVENTORY=str(bed.inventory_path),
-               NEVERDARK_SECRETS=str(bed.secrets_path))
-    proc = subprocess.run([str(Path(sys.executable).with_name("neverdark")), *args], env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = bed.neverdark(*args)
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
