@@ -486,3 +486,18 @@ def test_two_anthropic_keys_in_one_chain_are_refused(tmp_path):
     line = line_of(text, "# second key")
     assert (f"{path}:{line}: wizards.merlin.backends[1].api_key: a second anthropic key"
             in str(err.value))
+
+
+def test_telegram_api_url_must_be_http(tmp_path):
+    example = (REPO / "fleet.example.yaml").read_text()
+    text = example.replace("      allowed_users: [123456789]\n",
+                           "      allowed_users: [123456789]\n"
+                           "      api_url: ftp://10.0.0.5/bot  # not http\n", 1)
+    assert text != example
+    path = tmp_path / "fleet.yaml"
+    path.write_text(text)
+    env = {"NEVERDARK_SECRETS": str(write_secrets(tmp_path))}
+    with pytest.raises(InventoryError) as err:
+        validate(path, env=env)
+    line = line_of(text, "# not http")
+    assert f"{path}:{line}: wizards.radagast.telegram.api_url: " in str(err.value), str(err.value)
