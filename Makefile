@@ -6,7 +6,7 @@ setup:
 	./scripts/setup.sh
 
 demo: setup
-	.venv/bin/python -m neverdark.demo
+	.venv/bin/python -m testbed.demo
 
 test: setup
 	.venv/bin/python -m pytest -ra $(PYTEST_ARGS)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from neverdark.testbed import Testbed  # noqa: E402
+from testbed.bed import Testbed  # noqa: E402
 
 PROMPT_WORDS = 6500  # ~9K Gemma tokens, the size of one Hermes request
 

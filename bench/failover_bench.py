@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from neverdark.outage import first_answer_from, mean, steady_turns  # noqa: E402
-from neverdark.testbed import Testbed  # noqa: E402
+from testbed.outage import first_answer_from, mean, steady_turns  # noqa: E402
+from testbed.bed import Testbed  # noqa: E402
 
 CLAUDE, GPT, LOCAL = "claude-haiku-4-5", "gpt-4.1-mini", "gemma3-270m"
 MERLIN_CLAUDE = "claude-sonnet-4-5"

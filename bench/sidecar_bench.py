@@ -45,8 +45,8 @@ sys.path.insert(0, str(REPO))
 
 from sidecar import flip  # noqa: E402
 from sidecar.probes import probe  # noqa: E402
-from tests import runtimes  # noqa: E402
-from tests.llmock_server import LLMock, free_port, variant  # noqa: E402
+from testbed import runtimes  # noqa: E402
+from testbed.llmock import LLMock, free_port, variant  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 LOCAL_MODEL = "gemma3-270m"

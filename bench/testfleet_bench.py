@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from neverdark import testfleet, versions, wheelhouse  # noqa: E402
+from neverdark import versions
+from testbed import fleet as testfleet, wheelhouse  # noqa: E402
 
 
 def main() -> None:

@@ -13,16 +13,38 @@ import click
 
 from neverdark import remote
 from neverdark.inventory import InventoryError, default_inventory_path, validate, validate_cmd
-from neverdark.testfleet import cli as testfleet_cli
 
 
-@click.group()
+class _Group(click.Group):
+    """`testfleet` comes from the repo's test bench (testbed/), imported only when it is run:
+    the product never loads test code."""
+
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), "testfleet"])
+
+    def get_command(self, ctx, name):
+        if name != "testfleet":
+            return super().get_command(ctx, name)
+        try:
+            from testbed.fleet import cli as testfleet_cli
+        except ModuleNotFoundError as e:
+            if e.name not in ("testbed", "testbed.fleet"):
+                raise
+            repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            if not os.path.isdir(os.path.join(repo, "testbed")):
+                raise click.UsageError("the test fleet lives in the repository's testbed/ "
+                                       "package: run this from a checkout of neverdark") from None
+            sys.path.insert(0, repo)
+            from testbed.fleet import cli as testfleet_cli
+        return testfleet_cli
+
+
+@click.group(cls=_Group)
 def main() -> None:
     """neverdark: degraded, but never dark."""
 
 
 main.add_command(validate_cmd)
-main.add_command(testfleet_cli, "testfleet")
 
 
 def _fleet(path):

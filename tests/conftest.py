@@ -2,7 +2,7 @@
 
 import pytest
 
-from neverdark.testbed import Testbed
+from testbed.bed import Testbed
 
 
 def pytest_ignore_collect(collection_path, config):

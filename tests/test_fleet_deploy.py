@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import testinfra
 
-from neverdark.testbed import GEMMA_SHA256
+from testbed.bed import GEMMA_SHA256
 
 pytestmark = pytest.mark.fleet
 

@@ -12,7 +12,7 @@ The fleet: merlin (vps1: claude -> local), gandalf (vps1: claude -> gpt -> local
 through a stand-in Bot API on the runner), radagast (pi1: local -> gemini). All switch live: no
 gateway restart (docs/hermes.md, finding 11).
 merlin and gandalf share vps1's Anthropic stand-in, so one outage moves both, as a real provider
-outage would. Probe settings (neverdark.testbed): interval 2 s, fall 2, rise 2, min_dwell 10 s,
+outage would. Probe settings (testbed.bed): interval 2 s, fall 2, rise 2, min_dwell 10 s,
 damping 4 s doubling to 16 s.
 """
 
@@ -27,7 +27,7 @@ import time
 import pytest
 
 from neverdark.hermes_config import DEFAULT_NOTICE
-from neverdark.testbed import TELEGRAM_USERS, Turn
+from testbed.bed import TELEGRAM_USERS, Turn
 
 pytestmark = [pytest.mark.fleet, pytest.mark.e2e]
 

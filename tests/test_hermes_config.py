@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from neverdark import hermes_config as hc
-from tests import runtimes
-from tests.llmock_server import LLMock, free_port
+from testbed import runtimes
+from testbed.llmock import LLMock, free_port
 
 HERMES_BIN = runtimes.HERMES_BIN
 CHAT_TIMEOUT = 120

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from sidecar.hooks import notify
-from tests.llmock_server import free_port
+from testbed.llmock import free_port
 
 TOKEN = "123456:AAH-secret-bot-token-never-logged"
 EVENT = {"event": "failover", "wizard": "merlin", "from": "claude", "to": "local",

@@ -16,7 +16,7 @@ import pytest
 
 from sidecar.flip import atomic_install
 from sidecar.passive import PassiveWatcher
-from tests.llmock_server import LLMock, SupervisedGateway, free_port, variant
+from testbed.llmock import LLMock, SupervisedGateway, free_port, variant
 
 # Captured from `hermes gateway run` (0.19.0) against LLMock with a 401 and a 429 fault.
 LINE_401 = ("2026-11-23 07:48:11,301 WARNING [api-4616533c3b295d8a] agent.conversation_loop: API call "

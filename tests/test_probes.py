@@ -28,8 +28,8 @@ import httpx
 import pytest
 
 from sidecar.probes import ProbeResult, parse_retry_after, probe
-from tests import runtimes
-from tests.llmock_server import free_port, llmock, llmock_module  # noqa: F401  (fixtures)
+from testbed import runtimes
+from testbed.llmock import free_port, llmock, llmock_module  # noqa: F401  (fixtures)
 
 SECRET = "sk-probe-secret-do-not-log-0123456789"
 
@@ -182,7 +182,7 @@ def test_retry_after_http_date(canned):
 
 def test_llmock_quota_sends_anthropic_reset_headers(tmp_path):
     """A real LLMock with --rpm 1: the second listing is a quota 429 with Anthropic's headers."""
-    from tests.llmock_server import LLMock
+    from testbed.llmock import LLMock
     mock = LLMock(tmp_path, ("--rpm", "1"))
     try:
         b = kinds(mock)["anthropic"]

@@ -35,7 +35,7 @@ from sidecar.control import control_request
 from sidecar.daemon import Daemon
 from sidecar import switch as switch_mod
 from sidecar.switch import SwitchResult
-from tests.llmock_server import LLMock, free_port, variant
+from testbed.llmock import LLMock, free_port, variant
 
 PRIMARY_KEY = "sk-ant-neverdark-daemon-test-0001"
 API_KEY = "nd-api-key-daemon-test-000000001"

@@ -18,7 +18,7 @@ from sidecar import control
 from sidecar.http_api import HttpApi
 from sidecar.metrics import Metrics
 from sidecar.probes import ProbeResult
-from tests.llmock_server import free_port
+from testbed.llmock import free_port
 
 
 def run_with_http(api: HttpApi, requests):

@@ -20,7 +20,7 @@ from sidecar import switch as switch_mod
 from sidecar.flip import atomic_install, read_active_backend
 from sidecar.gateway import verify
 from sidecar.switch import switch
-from tests.llmock_server import LLMock, SupervisedGateway, variant
+from testbed.llmock import LLMock, SupervisedGateway, variant
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import testinfra
 
-from neverdark import testfleet, versions, wheelhouse
+from neverdark import versions
+from testbed import fleet as testfleet, wheelhouse
 
 pytestmark = pytest.mark.fleet
 
@@ -188,7 +189,7 @@ def test_stale_run_of_a_killed_owner_is_cleared(fleet, tmp_path):
     the live fleet of this module is left alone."""
     script = textwrap.dedent(f"""
         import sys, time
-        from neverdark import testfleet
+        from testbed import fleet as testfleet
         f = testfleet.FleetContext({str(tmp_path / 'stale')!r}, [("vps9", "vps")])
         f.up()
         print("UP", f.run_id, flush=True)

@@ -1,7 +1,7 @@
 """A real LLMock process on a free loopback port, for tests that need a cloud API to break;
 and a real Hermes gateway under a small real supervisor, pointed at such LLMocks.
 
-Import explicitly (``from tests.llmock_server import llmock, LLMock``); it is not a conftest so
+Import explicitly (``from testbed.llmock import llmock, LLMock``); it is not a conftest so
 that several engineers' fixtures cannot collide.
 
 The gateway helper is real: `hermes gateway run` from the pinned hermes venv, with its API server
@@ -26,7 +26,7 @@ import httpx
 import pytest
 import yaml
 
-from tests import runtimes
+from testbed import runtimes
 
 LLMOCK_BIN = Path(sys.executable).parent / "llmock"
 

@@ -9,7 +9,7 @@ Wheels are built for the runner's own interpreter and platform: the runner and t
 both Debian 12 with CPython 3.11 on x86_64. This machine's pip configuration (constraints file,
 extra local indexes, find-links, CA bundle) applies as usual: pip runs with it untouched.
 
-    python -m neverdark.wheelhouse [DEST]        # default: $NEVERDARK_CACHE/wheels
+    python -m testbed.wheelhouse [DEST]        # default: $NEVERDARK_CACHE/wheels
 """
 
 from __future__ import annotations

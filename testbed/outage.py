@@ -1,6 +1,6 @@
 """Timing an outage from the user's side: turns through a wizard until the answer changes hands.
 
-Shared by the demo and bench/failover_bench.py. A "client" is neverdark.testbed.WizardClient (a
+Shared by the demo and bench/failover_bench.py. A "client" is testbed.bed.WizardClient (a
 real Hermes API server behind an SSH tunnel); who answered comes from Hermes' session record.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from neverdark.testbed import Turn
+from testbed.bed import Turn
 
 
 @dataclass

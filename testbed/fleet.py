@@ -16,11 +16,11 @@ Library (tests, demo, benchmarks)::
 
 CLI (run dir defaults to `.run/testfleet`, or `--run-dir` / `$NEVERDARK_TESTFLEET_DIR`)::
 
-    python -m neverdark.testfleet up vps1:vps pi1:pi [--serve wheels=/var/cache/neverdark/wheels]
-    python -m neverdark.testfleet status
-    python -m neverdark.testfleet ssh pi1 -- sudo systemctl is-system-running
-    python -m neverdark.testfleet down        # power off, keep the host roots
-    python -m neverdark.testfleet destroy     # power off and remove everything of the run
+    python -m testbed.fleet up vps1:vps pi1:pi [--serve wheels=/var/cache/neverdark/wheels]
+    python -m testbed.fleet status
+    python -m testbed.fleet ssh pi1 -- sudo systemctl is-system-running
+    python -m testbed.fleet down        # power off, keep the host roots
+    python -m testbed.fleet destroy     # power off and remove everything of the run
 
 Everything a run creates is named with its run id (`nd<4 hex>`): machines `nd<id>-<host>`,
 links `ve-nd<id>-<host>`, a registry entry in /run/neverdark-testfleet/<id>.json. Each run
@@ -753,7 +753,7 @@ class FleetContext:
         portfile.unlink(missing_ok=True)
         with open(self.run_dir / "logs" / "files.log", "ab") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "neverdark.testfleet", "serve", "--port-file",
+                [sys.executable, "-m", "testbed.fleet", "serve", "--port-file",
                  str(portfile), *[f"--bind={b}" for b in binds], *args],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                 start_new_session=True, cwd=Path(__file__).resolve().parent.parent)
@@ -919,7 +919,7 @@ def _kill_container(nspawn_pid: int) -> None:
 
 def _teardown_remnants(prefix: str, info: dict) -> None:
     if info.get("files_pid") and "serve" in _cmdline(info["files_pid"]) \
-            and "neverdark.testfleet" in " ".join(_cmdline(info["files_pid"])):
+            and "testbed.fleet" in " ".join(_cmdline(info["files_pid"])):
         _kill(info["files_pid"])
     for pid in _nspawn_pids(prefix):
         _kill_container(pid)

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from neverdark import plan
-from neverdark.outage import first_answer_from
-from neverdark.testbed import Testbed
+from testbed.outage import first_answer_from
+from testbed.bed import Testbed
 
 LOCAL, CLOUD = "gemma3-270m", "claude-sonnet-4-5"
 
