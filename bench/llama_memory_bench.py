@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/llama_memory_bench.py
 
-Runs templates/llama/serve.py (what the llama units run) on the runner with the real Gemma 3
+Runs deploys/llama/serve.py (what the llama units run) on the runner with the real Gemma 3
 270M GGUF, once with NEVERDARK_SWA_FULL=false (the deployed default) and once with true
 (llama.cpp's own default), and prints the server's RSS once it answers.
 """
@@ -36,7 +36,7 @@ def measure(swa_full: bool, model: Path) -> float:
         port = s.getsockname()[1]
     env = dict(os.environ, NEVERDARK_SWA_FULL="true" if swa_full else "false")
     proc = subprocess.Popen(
-        [str(LLAMA_PYTHON), str(REPO / "templates/llama/serve.py"), "--model", str(model),
+        [str(LLAMA_PYTHON), str(REPO / "deploys/llama/serve.py"), "--model", str(model),
          "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "65536", "--n_threads", "2",
          "--chat_format", "chatml", "--logits_all", "false", "--verbose", "false"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -58,7 +58,7 @@ def measure(swa_full: bool, model: Path) -> float:
 
 def main() -> None:
     model = gguf()
-    print("llama-cpp-python server (templates/llama/serve.py), Gemma 3 270M Q4_K_M, n_ctx 65536:")
+    print("llama-cpp-python server (deploys/llama/serve.py), Gemma 3 270M Q4_K_M, n_ctx 65536:")
     for swa_full in (False, True):
         print(f"  swa_full={str(swa_full).lower():5}  RSS when ready: {measure(swa_full, model) / 1024:.2f} GB")
 

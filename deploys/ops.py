@@ -47,14 +47,17 @@ def pip_requirements(venv: str, requirements: list[str], find_links: str | None 
 
 
 @operation()
-def verified_file(path: str, sha256: str, url: str | None = None, staged: str | None = None):
+def verified_file(path: str, sha256: str, url: str | None = None, staged: str | None = None,
+                  rehash: bool = False):
     """Put a file at a hash-named path only once its sha256 matches.
 
     Either downloads `url` on the host or takes an already uploaded `staged` file. The bytes go to
     a temporary name first and are renamed only after the check, so a failed or corrupt download
-    never replaces a good file (pyinfra's files.download moves first and checks after).
+    never replaces a good file (pyinfra's files.download moves first and checks after). So a file
+    already at `path` was verified: a stat tells, unless `rehash` asks for the full hash.
     """
-    if host.get_fact(Sha256File, path=path) == sha256:
+    if (host.get_fact(Sha256File, path=path) == sha256 if rehash
+            else host.get_fact(File, path=path)):
         host.noop(f"{path} present and verified")
         return
     tmp = f"{path}.partial"

@@ -8,11 +8,12 @@ import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import click
 
-from neverdark import remote
-from neverdark.inventory import InventoryError, default_inventory_path, validate, validate_cmd
+from neverdark import memory_fit, remote
+from neverdark.inventory import InventoryError, default_inventory_path, validate
 
 
 class _Group(click.Group):
@@ -44,7 +45,30 @@ def main() -> None:
     """neverdark: degraded, but never dark."""
 
 
-main.add_command(validate_cmd)
+def _summary(fleet) -> str:
+    n = lambda count, word: f"{count} {word}{'' if count == 1 else 's'}"  # noqa: E731
+    lines = [f"OK: {n(len(fleet.hosts), 'host')}, {n(len(fleet.models), 'model')}, "
+             f"{n(len(fleet.wizards), 'wizard')}"]
+    for h, host in fleet.hosts.items():
+        lines.append(f"host {h} ({host.profile}, {host.arch}, {host.memory_mb} MB):")
+        lines.append(memory_fit.format_budget(memory_fit.memory_budget(fleet, h), host.memory_mb))
+    return "\n".join(lines)
+
+
+@main.command("validate")
+@click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
+def validate_cmd(path: Path | None) -> None:
+    """Check an inventory: every problem with its file, line and field, or the memory budgets.
+
+    PATH defaults to $NEVERDARK_INVENTORY, else fleet.yaml in the repo root."""
+    path = path or default_inventory_path()
+    try:
+        fleet = validate(path)
+    except InventoryError as e:
+        click.echo(str(e), err=True)
+        click.echo(f"{len(e.problems)} problem(s) in {path}", err=True)
+        sys.exit(1)
+    click.echo(_summary(fleet))
 
 
 def _fleet(path):
@@ -53,6 +77,28 @@ def _fleet(path):
     except InventoryError as err:
         click.echo(str(err), err=True)
         sys.exit(2)
+
+
+@main.command("render")
+@click.argument("host")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="directory to write the host's files under (created)")
+@click.option("--inventory", type=click.Path(dir_okay=False), default=None,
+              help="inventory YAML (default: $NEVERDARK_INVENTORY or fleet.yaml)")
+def render_cmd(host: str, out: Path, inventory) -> None:
+    """Write every file the deploy would install on HOST under OUT, touching no host.
+
+    \b
+    Example:
+      neverdark render vps-fra1 --out /tmp/vps-fra1
+      python -m sidecar --check /tmp/vps-fra1/etc/neverdark/sidecar.yaml --root /tmp/vps-fra1
+    """
+    from neverdark import render
+    fleet = _fleet(inventory)
+    if host not in fleet.hosts:
+        raise click.BadParameter(f"unknown host {host!r} (known: {', '.join(fleet.hosts)})")
+    lines = render.render(fleet, host, out)
+    click.echo(f"{len(lines)} entries for {host} under {out} (see {out}/MANIFEST)")
 
 
 def _host_of(fleet, wizard: str) -> str:

@@ -25,14 +25,16 @@ from typing import Any, Mapping
 
 import yaml
 
+from neverdark import contract
+
 DEFAULT_NOTICE = (
     "I'm running on a smaller brain right now: my usual model is unreachable, so a backup model "
     "is answering. I can still help, but I'm not as sharp as usual, so please double-check "
     "anything important. Mention this briefly when it matters to the answer."
 )
 
-HERMES_MIN_CONTEXT = 64_000  # below this Hermes 0.19.0 refuses the model (HTTP 500 per request)
-API_SERVER_HOST = "127.0.0.1"
+HERMES_MIN_CONTEXT = contract.HERMES_MIN_CONTEXT
+API_SERVER_HOST = contract.LOOPBACK
 # llama-cpp-python's server takes no key; any non-empty value keeps Hermes from substituting
 # another backend's key (leaf merge, fallback entries without api_key).
 LOCAL_API_KEY = "no-key-required"
@@ -70,7 +72,7 @@ def _backend(wizard, backend) -> Any:
     return backend
 
 
-def key_env(backend) -> str | None:
+def key_env(wizard, backend) -> str | None:
     """The environment name the wizard's .env holds this backend's key under."""
     kind = _get(backend, "kind")
     if kind == "local":
@@ -79,12 +81,12 @@ def key_env(backend) -> str | None:
         return FIXED_KEY_ENV[kind]
     if kind == "openai":
         # Never OPENAI_API_KEY: Hermes hands that to any entry lacking a key of its own.
-        return "NEVERDARK_KEY_" + re.sub(r"[^A-Z0-9]", "_", str(_get(backend, "name")).upper())
+        return contract.backend_key_env(str(_get(wizard, "name")), str(_get(backend, "name")))
     raise ValueError(f"backend {_get(backend, 'name')!r}: unknown kind {kind!r}")
 
 
-def _api_key_ref(backend) -> str:
-    env = key_env(backend)
+def _api_key_ref(wizard, backend) -> str:
+    env = key_env(wizard, backend)
     return LOCAL_API_KEY if env is None else "${%s}" % env
 
 
@@ -102,19 +104,19 @@ def _model_section(wizard, backend) -> dict:
         "provider": PROVIDER[_get(backend, "kind")],
         "default": _get(backend, "model"),
         "base_url": _get(backend, "base_url"),
-        "api_key": _api_key_ref(backend),
+        "api_key": _api_key_ref(wizard, backend),
         "context_length": _context_length(wizard, backend),
         "max_tokens": int(_get(backend, "max_tokens")),
     }
 
 
-def _fallback_entry(backend) -> dict:
+def _fallback_entry(wizard, backend) -> dict:
     # Hermes reads fallback_providers as raw YAML: a `${VAR}` api_key would be sent literally.
     # `key_env` is looked up in the environment (.env included); a local entry gets the
     # placeholder, since one with neither is handed the primary's key.
     entry = {"provider": PROVIDER[_get(backend, "kind")], "model": _get(backend, "model"),
              "base_url": _get(backend, "base_url")}
-    env = key_env(backend)
+    env = key_env(wizard, backend)
     if env is None:
         entry["api_key"] = LOCAL_API_KEY
     else:
@@ -155,7 +157,7 @@ def render_base_config(wizard) -> str:
         # Hermes' own per-turn fallback. Read from this file only (never from the managed
         # override), so it lists the whole chain below the primary; Hermes skips the entry that
         # matches the active provider+model when the sidecar has moved the wizard down.
-        "fallback_providers": [_fallback_entry(b) for b in backends[1:]],
+        "fallback_providers": [_fallback_entry(wizard, b) for b in backends[1:]],
         # A switch to a fallback drops model.context_length; Hermes then looks the window up by
         # base_url+model here instead of online (or in its built-in table: gemma -> 8192).
         "providers": {provider_key(b): {
@@ -181,18 +183,6 @@ def render_variant(wizard, backend) -> str:
                       f"{_get(wizard, 'name')} ({'fallback' if degraded else 'primary'}).\n")
 
 
-def _dotenv_value(name: str, value: str) -> str:
-    if "\n" in value or "\r" in value or "\0" in value:
-        raise ValueError(f"{name}: a secret may not contain a line break or NUL")
-    if "${" in value:
-        # Hermes loads .env with python-dotenv's interpolation on, quoted or not.
-        raise ValueError(f"{name}: a secret may not contain '${{' (.env would expand it)")
-    if re.fullmatch(r"[A-Za-z0-9_./:+=@,-]*", value):
-        return value
-    # python-dotenv: single quotes are literal, only \' and \\ are escapes inside them.
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def render_env(wizard, secrets: Mapping[str, str]) -> str:
     """HERMES_HOME/.env (0600): exactly the keys the wizard needs, under Hermes' names."""
     def value(secret: str) -> str:
@@ -202,7 +192,7 @@ def render_env(wizard, secrets: Mapping[str, str]) -> str:
 
     env: dict[str, str] = {API_SERVER_KEY_ENV: value(_get(wizard, "api_key_secret"))}
     for b in _backends(wizard):
-        name = key_env(b)
+        name = key_env(wizard, b)
         if name is None:
             continue
         v = value(_get(b, "api_key_secret"))
@@ -217,7 +207,7 @@ def render_env(wizard, secrets: Mapping[str, str]) -> str:
         if users:
             # Not a secret, but Hermes reads the allowlist from the environment only.
             env[TELEGRAM_USERS_ENV] = ",".join(users)
-    return "".join(f"{k}={_dotenv_value(k, v)}\n" for k, v in env.items())
+    return contract.dotenv_dumps(env)
 
 
 def render_soul(wizard, degraded: bool = False) -> str:

@@ -18,7 +18,7 @@ import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from neverdark.inventory import Fleet, MemoryPolicy, Model
+    from neverdark.schema import Fleet, MemoryPolicy, Model
 
 MIB = 1024 * 1024
 
@@ -56,7 +56,7 @@ def prompt_cache_bytes(model: Model, wizards: int, prompt_tokens: int) -> float:
     return wizards * prompt_tokens * kv_bytes_per_token(model)
 
 
-def _mb(n_bytes: float) -> int:
+def mb(n_bytes: float) -> int:
     return math.ceil(n_bytes / MIB)
 
 
@@ -78,13 +78,13 @@ def server_items(name: str, model: Model, wizards: int,
     items = [
         (f"model {name}: file", model.size_mb),
         (f"model {name}: KV cache (n_ctx {s.n_ctx}, {s.kv_type}{swa})",
-         _mb(kv_cache_bytes(model))),
+         mb(kv_cache_bytes(model))),
         (f"model {name}: server runtime", policy.llama_overhead_mb),
     ]
     cache = prompt_cache_bytes(model, wizards, policy.prompt_tokens)
     if cache:
         items.append((f"model {name}: prompt cache ({wizards} wizards x "
-                      f"{policy.prompt_tokens} tokens)", _mb(cache)))
+                      f"{policy.prompt_tokens} tokens)", mb(cache)))
     return items
 
 

@@ -1,43 +1,44 @@
 """From a validated inventory to what each host should have: the deployers' input.
 
 The plan is plain data (pyinfra host data): file contents, unit parameters, versions. All
-decisions live here so the deployers stay a list of operations, and so that a test can check a
-plan without a host.
+decisions live here so the deployers stay a list of operations, and so that a test (or
+`neverdark render`) can see what a host gets without touching it. Paths, users and unit names
+come from neverdark.contract; the sidecar's config is built as the sidecar's own classes and
+written with the sidecar's own `dump`, so the two sides cannot disagree.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import yaml
-
-from neverdark import hermes_config, memory_fit, model_sources
-from neverdark.inventory import Fleet, LocalBackend
+from neverdark import contract, hermes_config, memory_fit, model_sources, topology
+from neverdark.schema import CloudBackend, Fleet, LocalBackend
 from neverdark.versions import HERMES_REQUIREMENTS, LLAMA_REQUIREMENTS, SIDECAR_REQUIREMENTS
+from sidecar import config as sidecar_config
 
-
-WIZARDS_VAR = "/var/lib/neverdark/wizards"
-WIZARDS_ETC = "/etc/neverdark/wizards"
 KV_TYPE_IDS = {"f16": 1, "q4_0": 2, "q8_0": 8}  # ggml_type values llama-cpp-python's CLI takes
 WATCHDOG_SEC = 30
+BASE_PACKAGES = ["python3", "python3-venv", "sudo"]
 
 
-def api_key_secret(fleet: Fleet, wizard: str) -> str:
-    """Name of the secret holding the wizard's API-server key."""
-    return fleet.wizards[wizard].api_server_key.secret
+@dataclass(frozen=True)
+class File:
+    """One file the deploy installs: where, what, and who may read it."""
+
+    path: str
+    content: str
+    mode: str = "0644"
+    user: str = "root"
+    group: str = "root"
+    secret: bool = False   # kept out of `pyinfra --diff`
+
+    def __repr__(self) -> str:  # never print a secret file's content
+        return f"File({self.path!r}, mode={self.mode}, {self.user}:{self.group})"
 
 
 def backend_kind(backend) -> str:
     return "local" if isinstance(backend, LocalBackend) else backend.provider
-
-
-def backend_key_env(wizard: str, backend) -> str | None:
-    """The name the sidecar finds a backend's key under in its own secrets file."""
-    if isinstance(backend, LocalBackend):
-        return None
-    return f"KEY_{wizard}_{backend.name}".upper().replace("-", "_").replace(".", "_")
 
 
 def host_plan(fleet: Fleet, host: str) -> dict:
@@ -45,36 +46,39 @@ def host_plan(fleet: Fleet, host: str) -> dict:
     wheelhouse = h.wheelhouse or fleet.wheelhouse
     pip = {"find_links": wheelhouse.find_links if wheelhouse else None,
            "no_index": bool(wheelhouse and not wheelhouse.index)}
-    servers = fleet.llama_servers(host)
     wizards = [wizard_plan(fleet, w) for w in fleet.wizards_on(host)]
     return {
         "host": host,
+        "arch": h.arch,
         "pip": pip,
+        "base": {"packages": BASE_PACKAGES},
         "models": [model_plan(fleet, m) for m in fleet.local_models(host)],
         "llama": {"requirements": LLAMA_REQUIREMENTS,
-                  "servers": [llama_server_plan(fleet, host, s) for s in servers]},
+                  "servers": [llama_server_plan(fleet, s)
+                              for s in topology.llama_servers(fleet, host)]},
         "hermes": {"requirements": HERMES_REQUIREMENTS, "wizards": wizards},
         "sidecar": sidecar_plan(fleet, host, wizards),
     }
 
 
 def model_plan(fleet: Fleet, name: str) -> dict:
-    m = fleet.models[name]
-    src = m.source
-    plan = {"name": name, "sha256": src.sha256, "url": None, "upload": None}
+    src = fleet.models[name].source
+    plan = {"name": name, "sha256": src.sha256, "url": None, "upload": None,
+            "path": contract.model_file(src.sha256), "link": contract.model_link(name)}
     if src.url:
         plan["url"] = src.url
     elif src.file:
-        plan["upload"] = str(model_sources.from_file(src.file, plan["sha256"]))
+        plan["upload"] = str(model_sources.from_file(src.file, src.sha256))
     else:
-        plan["upload"] = str(model_sources.from_pypi(src.pypi, plan["sha256"]))
+        plan["upload"] = str(model_sources.from_pypi(src.pypi, src.sha256))
     return plan
 
 
-def llama_server_plan(fleet: Fleet, host: str, s) -> dict:
+def llama_server_plan(fleet: Fleet, s: topology.LlamaServer) -> dict:
     model = fleet.models[s.model]
     d = asdict(s)
-    d["unit"] = f"neverdark-llama-{s.model}.service"
+    d["unit"] = contract.llama_unit(s.model)
+    d["model_path"] = contract.model_link(s.model)
     d["kv_type_id"] = KV_TYPE_IDS[s.kv_type]
     d["cache_bytes"] = s.prompt_cache_mb * 1024 * 1024
     # systemd kills the server, not a gateway, when it outgrows what the memory fit granted it
@@ -86,22 +90,30 @@ def llama_server_plan(fleet: Fleet, host: str, s) -> dict:
 
 def wizard_plan(fleet: Fleet, name: str) -> dict:
     wz = fleet.wizards[name]
-    home = f"{WIZARDS_VAR}/{name}/home"
     spec = hermes_spec(fleet, name)
+    user = contract.wizard_user(name)
     secrets = {ref: fleet.secret(ref) for ref in hermes_config.secret_names(spec)}
     return {
         "name": name,
-        "user": f"hermes-{name}",
-        "unit": f"neverdark-wizard-{name}.service",
-        "home": home,
-        "managed_dir": f"{WIZARDS_VAR}/{name}/managed",
+        "user": user,
+        "unit": contract.wizard_unit(name),
+        "etc": contract.wizard_etc(name),
+        "var": contract.wizard_var(name),
+        "home": contract.wizard_home(name),
+        "managed_dir": contract.wizard_managed_dir(name),
+        "active_config": contract.active_config(name),
         "api_port": spec["api_port"],
         "primary": wz.backends[0].name,
         "backends": [b.name for b in wz.backends],
-        "base_config": hermes_config.render_base_config(spec),
-        "variants": {b.name: hermes_config.render_variant(spec, b.name) for b in wz.backends},
-        "env": hermes_config.render_env(spec, secrets),
-        "soul": hermes_config.render_soul(spec, degraded=False),
+        "base_config": File(contract.wizard_base_config(name),
+                            hermes_config.render_base_config(spec), "0640", "root", user),
+        "variants": {b.name: File(contract.variant_path(name, b.name),
+                                  hermes_config.render_variant(spec, b.name), "0640", "root", user)
+                     for b in wz.backends},
+        "env": File(f"{contract.wizard_home(name)}/.env", hermes_config.render_env(spec, secrets),
+                    "0600", user, user, secret=True),
+        "soul": File(f"{contract.wizard_home(name)}/SOUL.md",
+                     hermes_config.render_soul(spec, degraded=False), "0600", user, user),
     }
 
 
@@ -111,7 +123,7 @@ def hermes_spec(fleet: Fleet, name: str) -> dict:
     return {
         "name": name,
         "api_port": wz.api_port,
-        "api_key_secret": api_key_secret(fleet, name),
+        "api_key_secret": wz.api_server_key.secret,
         "telegram_token_secret": wz.telegram.token.secret if wz.telegram else None,
         "telegram_allowed_users": [str(u) for u in wz.telegram.allowed_users] if wz.telegram else [],
         "telegram_api_url": wz.telegram.api_url if wz.telegram else None,
@@ -129,56 +141,70 @@ def hermes_spec(fleet: Fleet, name: str) -> dict:
     }
 
 
-def sidecar_plan(fleet: Fleet, host: str, wizards: list[dict]) -> dict:
-    env: dict[str, str] = {}
-    conf_wizards = {}
-    for w in wizards:
-        wz = fleet.wizards[w["name"]]
-        key_env = api_key_secret(fleet, w["name"])
-        env[key_env] = fleet.secret(key_env)
+def _probe_settings(probe) -> sidecar_config.ProbeSettings:
+    """The inventory's probe settings as the sidecar's (same keys, the sidecar's types)."""
+    defaults = sidecar_config.ProbeSettings()
+    return sidecar_config.ProbeSettings(**{k: type(getattr(defaults, k))(v)
+                                           for k, v in probe.model_dump().items()})
+
+
+def sidecar_config_for(fleet: Fleet, host: str) -> sidecar_config.SidecarConfig | None:
+    """The host's sidecar config, as the sidecar's own classes (None: no wizard here)."""
+    wizards = {}
+    secrets: dict[str, str] = {}
+    for name in fleet.wizards_on(host):
+        wz = fleet.wizards[name]
         backends = []
         for b in wz.backends:
-            key = backend_key_env(w["name"], b)
-            if key:
-                env[key] = fleet.secret(b.api_key.secret)
-            backends.append({"name": b.name, "kind": backend_kind(b),
-                             "base_url": fleet.base_url(w["name"], b),
-                             "model": b.local if isinstance(b, LocalBackend) else b.model,
-                             "api_key_env": key,
-                             "variant": f"{WIZARDS_ETC}/{w['name']}/backends/{b.name}.yaml"})
-        conf_wizards[w["name"]] = {
-            "unit": w["unit"], "api_port": w["api_port"], "api_key_env": key_env,
-            "home": w["home"], "active_config": f"{w['managed_dir']}/config.yaml",
-            "probe": wz.probe.overrides(), "restart": wz.restarts_on_switch,
-            "backends": backends}
+            key_env = None if isinstance(b, LocalBackend) else contract.backend_key_env(name, b.name)
+            key = None if key_env is None else fleet.secret(b.api_key.secret)
+            backends.append(sidecar_config.BackendConfig(
+                name=b.name, kind=backend_kind(b), base_url=fleet.base_url(name, b),
+                model=b.local if isinstance(b, LocalBackend) else b.model, api_key=key,
+                variant=Path(contract.variant_path(name, b.name)), api_key_env=key_env))
+        api_env = wz.api_server_key.secret
+        secrets[api_env] = fleet.secret(api_env)
+        wizards[name] = sidecar_config.WizardConfig(
+            name=name, unit=contract.wizard_unit(name), api_port=wz.api_port,
+            api_key=secrets[api_env], api_key_env=api_env,
+            home=Path(contract.wizard_home(name)),
+            active_config=Path(contract.active_config(name)),
+            probe=_probe_settings(fleet.probe(name)), backends=tuple(backends),
+            restart=wz.restart_on_switch)
+    if not wizards:
+        return None
     hooks = fleet.sidecar.hooks
     telegram = None
     if hooks.telegram:
-        env["TELEGRAM_HOOK_TOKEN"] = fleet.secret(hooks.telegram.token.secret)
+        secrets["TELEGRAM_HOOK_TOKEN"] = fleet.secret(hooks.telegram.token.secret)
         telegram = {"token_env": "TELEGRAM_HOOK_TOKEN", "chat_id": str(hooks.telegram.chat_id)}
-    config = {
-        "listen": f"127.0.0.1:{fleet.sidecar.port}",
-        "control_socket": "/run/neverdark-sidecar/control.sock",
-        "state_dir": "/var/lib/neverdark/sidecar/state",
-        "secrets_file": "/etc/neverdark/sidecar.env",
-        "probe": fleet.sidecar.probe.model_dump(),
-        "hooks": {"command": hooks.command, "webhook": hooks.webhook, "telegram": telegram},
-        "wizards": conf_wizards,
-    }
+    return sidecar_config.SidecarConfig(
+        path=Path(contract.SIDECAR_CONFIG), listen=(contract.LOOPBACK, fleet.sidecar.port),
+        control_socket=Path(contract.CONTROL_SOCKET), state_dir=Path(contract.SIDECAR_STATE_DIR),
+        secrets_file=Path(contract.SIDECAR_ENV), probe=_probe_settings(fleet.sidecar.probe),
+        hooks=sidecar_config.HooksConfig(command=hooks.command, webhook=hooks.webhook,
+                                         telegram=telegram),
+        wizards=wizards, secrets=secrets)
+
+
+def sidecar_plan(fleet: Fleet, host: str, wizards: list[dict]) -> dict:
+    cfg = sidecar_config_for(fleet, host)
+    if cfg is None:
+        return {"requirements": SIDECAR_REQUIREMENTS, "config": None, "env": None,
+                "units": [], "groups": [], "watchdog_sec": WATCHDOG_SEC}
+    text, env = sidecar_config.dump(cfg)
+    user = contract.SIDECAR_USER
     return {
         "requirements": SIDECAR_REQUIREMENTS,
-        "config": "# Generated by neverdark from the inventory; edits are overwritten.\n"
-                  + yaml.safe_dump(config, sort_keys=False),
-        "env": "".join(f"{k}={_dotenv_quote(v)}\n" for k, v in sorted(env.items())),
+        "config": File(contract.SIDECAR_CONFIG, text, "0640", "root", user),
+        "env": File(contract.SIDECAR_ENV, env, "0600", user, user, secret=True),
         "units": [w["unit"] for w in wizards],
+        # Wizard groups let it read each wizard's variants, never its .env (0600); the ops group
+        # lets it hand its control socket to the operators; systemd-journal lets it read the
+        # gateways' logged provider errors (Hermes keeps its own log directory 0700).
+        "groups": [w["user"] for w in wizards] + [contract.OPS_GROUP, "systemd-journal"],
         "watchdog_sec": WATCHDOG_SEC,
     }
-
-
-def _dotenv_quote(value: str) -> str:
-    if all(c.isalnum() or c in "-_./:+=@" for c in value):
-        return value
-    return "'" + value.replace("'", "'\\''") + "'"
 
 
 def pyinfra_host_data(fleet: Fleet, host: str) -> dict:
@@ -209,7 +235,7 @@ def summary(fleet: Fleet) -> list[str]:
     for host in sorted(fleet.hosts):
         h = fleet.hosts[host]
         lines.append(f"{host} ({h.profile}, {h.address}, {h.memory_mb} MB):")
-        for s in fleet.llama_servers(host):
+        for s in topology.llama_servers(fleet, host):
             lines.append(f"  model {s.model}: 127.0.0.1:{s.port} n_ctx {s.n_ctx}, "
                          f"{s.threads} threads, serving {', '.join(s.wizards)}")
         for w in fleet.wizards_on(host):
@@ -217,3 +243,6 @@ def summary(fleet: Fleet) -> list[str]:
             lines.append(f"  wizard {w}: API 127.0.0.1:{fleet.wizards[w].api_port}, "
                          f"chain {chain}")
     return lines
+
+
+__all__ = ["File", "CloudBackend", "host_plan", "pyinfra_groups", "sidecar_config_for", "summary"]

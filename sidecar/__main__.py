@@ -21,11 +21,14 @@ def main(argv: list[str] | None = None) -> int:
                              f"else {' '.join(daemon.DEFAULT_SYSTEMCTL)!r})")
     parser.add_argument("--check", action="store_true",
                         help="validate the config and secrets, then exit (0 = valid)")
+    parser.add_argument("--root", default=None, metavar="DIR",
+                        help="with --check: take the paths the config names relative to DIR "
+                             "(a tree written by `neverdark render HOST --out DIR`)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     args = parser.parse_args(argv)
     jsonlog.setup(level=getattr(logging, args.log_level))
     try:
-        cfg = config.load(args.config)
+        cfg = config.load(args.config, root=args.root)
     except config.ConfigError as exc:
         log.error("invalid config: %s", exc)
         return 2

@@ -1,5 +1,9 @@
 """The sidecar's YAML config (format in docs/CONTRACTS.md) as frozen dataclasses.
 
+The deploy builds these same classes from the inventory (neverdark.plan) and writes them with
+`dump`; the daemon reads them back with `load`. Names, kinds, defaults and the dotenv codec come
+from neverdark.contract, so anything `neverdark validate` accepts, the sidecar accepts.
+
 Loading is all-or-nothing: any problem raises ConfigError naming the file and the field path, so
 the daemon never starts half-configured. Secret values are resolved here from the dotenv secrets
 file and kept out of every repr.
@@ -9,7 +13,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import stat
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,12 +21,11 @@ from urllib.parse import urlsplit
 
 import yaml
 
-KINDS = ("anthropic", "openai", "google", "local")
-# Cloud APIs that always want a key; an OpenAI-compatible or local server may not.
-KEYED_KINDS = ("anthropic", "google")
-# Wizard and backend names become file names (state_dir/<w>.json) and metric labels.
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+from neverdark import contract
+
+KINDS = contract.KINDS
+KEYED_KINDS = contract.KEYED_KINDS
+_P = contract.PROBE_DEFAULTS
 
 
 class ConfigError(ValueError):
@@ -32,15 +34,16 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ProbeSettings:
-    interval: float = 10.0       # Kubernetes periodSeconds 10
-    timeout: float = 5.0
-    fall: int = 3                # HAProxy fall 3, Kubernetes failureThreshold 3
-    rise: int = 2                # HAProxy rise 2
-    min_dwell: float = 60.0
-    cooldown_429: float = 60.0
-    damping_base: float = 30.0   # Envoy base ejection time 30 s, times n
-    damping_cap: float = 300.0   # Envoy max ejection time 300 s
-    paid_probe: bool = False
+    interval: float = float(_P["interval"])
+    timeout: float = float(_P["timeout"])
+    fall: int = _P["fall"]
+    rise: int = _P["rise"]
+    min_dwell: float = float(_P["min_dwell"])
+    cooldown_429: float = float(_P["cooldown_429"])
+    damping_base: float = float(_P["damping_base"])
+    damping_cap: float = float(_P["damping_cap"])
+    max_hold: float = float(_P["max_hold"])
+    paid_probe: bool = _P["paid_probe"]
 
 
 @dataclass(frozen=True)
@@ -72,9 +75,9 @@ class WizardConfig:
     active_config: Path
     probe: ProbeSettings
     backends: tuple[BackendConfig, ...]
-    # Restart the gateway after a flip. Hermes re-reads the active config on every API-server
-    # request, so only gateways with messaging sessions (which cache their agent) need it.
-    restart: bool = True
+    # Restart the gateway after a flip (contract.RESTART_ON_SWITCH_DEFAULT says why not).
+    restart: bool = contract.RESTART_ON_SWITCH_DEFAULT
+    api_key_env: str = ""
 
     def backend(self, name: str) -> BackendConfig:
         for b in self.backends:
@@ -98,59 +101,18 @@ class SidecarConfig:
 
 # --- dotenv ----------------------------------------------------------------------------------
 
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "$": "$"}
-
-
-def _unquote_double(raw: str) -> str:
-    out, i = [], 0
-    while i < len(raw):
-        c = raw[i]
-        if c == "\\" and i + 1 < len(raw) and raw[i + 1] in _ESCAPES:
-            out.append(_ESCAPES[raw[i + 1]])
-            i += 2
-            continue
-        out.append(c)
-        i += 1
-    return "".join(out)
-
-
 def read_dotenv(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines (optional `export `, '...' / "..." quoting, # comments); no interpolation.
-
-    Strict on purpose: a malformed line is an error (naming the line, never its value) rather than
-    a silently missing key that later looks like a rejected API key.
-    """
+    """The sidecar's secrets file, read with the contract's codec (the one the deploy wrote)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read secrets file: {exc.strerror or exc}") from None
-    values: dict[str, str] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if stripped.startswith("export "):
-            stripped = stripped[len("export "):].lstrip()
-        key, sep, raw = stripped.partition("=")
-        key = key.strip()
-        if not sep or not _ENV_NAME.match(key):
-            raise ConfigError(f"{path}: line {lineno}: expected NAME=VALUE")
-        raw = raw.strip()
-        if raw[:1] in ("'", '"'):
-            quote = raw[0]
-            end = raw.rfind(quote)
-            if end == 0 or raw[end + 1:].strip()[:1] not in ("", "#"):
-                raise ConfigError(f"{path}: line {lineno}: {key}: unterminated quoted value")
-            value = raw[1:end]
-            if quote == '"':
-                value = _unquote_double(value)
-        else:
-            value = re.split(r"\s+#", raw, maxsplit=1)[0].rstrip()
-        if key in values:
-            raise ConfigError(f"{path}: line {lineno}: {key}: defined twice")
-        values[key] = value
-    return values
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+        raise ConfigError(f"{path}: cannot read secrets file: {reason}") from None
+    try:
+        return contract.dotenv_loads(text, str(path))
+    except contract.DotenvError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 # --- YAML ------------------------------------------------------------------------------------
@@ -219,9 +181,10 @@ class _Reader:
             raise self.fail(where, f"must be an absolute path, got {text!r}")
         return Path(text)
 
-    def name(self, value: Any, where: str) -> str:
-        if not isinstance(value, str) or not _NAME.match(value):
-            raise self.fail(where, f"must match {_NAME.pattern}, got {value!r}")
+    def name(self, value: Any, where: str, what: str) -> str:
+        problem = contract.name_problem(value, what)
+        if problem:
+            raise self.fail(where, problem)
         return value
 
     def secret(self, value: Any, where: str, *, optional=False) -> tuple[str | None, str | None]:
@@ -229,7 +192,7 @@ class _Reader:
         env = self.string(value, where, optional=optional)
         if env is None:
             return None, None
-        if not _ENV_NAME.match(env):
+        if not contract.ENV_NAME.fullmatch(env):
             raise self.fail(where, f"must be an environment-style name, got {env!r}")
         if self.secrets is None:
             raise self.fail(where, f"names secret {env} but no secrets_file is configured")
@@ -317,7 +280,7 @@ _BACKEND_KEYS = ("name", "kind", "base_url", "model", "api_key_env", "variant")
 
 def _backend(r: _Reader, raw: Any, where: str) -> BackendConfig:
     raw = r.mapping(raw, where, _BACKEND_KEYS, required=("name", "kind", "base_url", "model", "variant"))
-    name = r.name(raw["name"], f"{where}.name")
+    name = r.name(raw["name"], f"{where}.name", "backend")
     kind = raw["kind"]
     if kind not in KINDS:
         raise r.fail(f"{where}.kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -337,7 +300,7 @@ _WIZARD_KEYS = ("unit", "api_port", "api_key_env", "home", "active_config", "pro
 
 def _wizard(r: _Reader, name: Any, raw: Any, defaults: ProbeSettings) -> WizardConfig:
     where = f"wizards.{name}"
-    r.name(name, where)
+    r.name(name, where, "wizard")
     raw = r.mapping(raw, where, _WIZARD_KEYS,
                     required=("unit", "api_port", "api_key_env", "home", "active_config", "backends"))
     backends_raw = raw["backends"]
@@ -353,14 +316,15 @@ def _wizard(r: _Reader, name: Any, raw: Any, defaults: ProbeSettings) -> WizardC
             raise r.fail(f"{where}.backends[{i}].name", f"duplicate backend name {backend.name!r}")
         seen.add(backend.name)
         backends.append(backend)
-    _, api_key = r.secret(raw["api_key_env"], f"{where}.api_key_env")
+    api_key_env, api_key = r.secret(raw["api_key_env"], f"{where}.api_key_env")
     return WizardConfig(
         name=name, unit=r.string(raw["unit"], f"{where}.unit"),
         api_port=r.number(raw["api_port"], f"{where}.api_port", minimum=1, integer=True),
         api_key=api_key, home=r.abspath(raw["home"], f"{where}.home"),
         active_config=r.abspath(raw["active_config"], f"{where}.active_config"),
         probe=_probe(r, raw.get("probe"), f"{where}.probe", defaults),
-        backends=tuple(backends), restart=_flag(r, raw.get("restart", True), f"{where}.restart"))
+        backends=tuple(backends), api_key_env=api_key_env,
+        restart=_flag(r, raw.get("restart", contract.RESTART_ON_SWITCH_DEFAULT), f"{where}.restart"))
 
 
 def _flag(r: _Reader, value: Any, where: str) -> bool:
@@ -382,7 +346,14 @@ def _check_secrets_mode(path: Path) -> None:
                           f"(mode {stat.S_IMODE(mode):04o}); chmod o-rwx it")
 
 
-def load(path: str | os.PathLike) -> SidecarConfig:
+def _under(root: Path | None, path: Path) -> Path:
+    """`path` as found under `root` (a rendered host tree), or itself on the host."""
+    return path if root is None else Path(root) / path.relative_to(path.anchor)
+
+
+def load(path: str | os.PathLike, root: str | os.PathLike | None = None) -> SidecarConfig:
+    """Load and check the config. `root`: the paths it names are taken relative to this
+    directory (a tree written by `neverdark render`), and every variant must exist there."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -398,16 +369,79 @@ def load(path: str | os.PathLike) -> SidecarConfig:
     doc = r.mapping(doc, "", _TOP_KEYS, required=("listen", "control_socket", "state_dir", "wizards"))
     secrets_file = r.abspath(doc.get("secrets_file"), "secrets_file", optional=True)
     if secrets_file is not None:
-        _check_secrets_mode(secrets_file)
-        r.secrets = read_dotenv(secrets_file)
+        _check_secrets_mode(_under(root, secrets_file))
+        r.secrets = read_dotenv(_under(root, secrets_file))
     probe = _probe(r, doc.get("probe"), "probe", ProbeSettings())
     wizards_raw = doc["wizards"]
     if not isinstance(wizards_raw, dict) or not wizards_raw:
         raise r.fail("wizards", "must be a non-empty mapping of wizard name to settings")
     wizards = {name: _wizard(r, name, raw, probe) for name, raw in wizards_raw.items()}
+    if root is not None:
+        for w in wizards.values():
+            for i, b in enumerate(w.backends):
+                if not _under(root, b.variant).is_file():
+                    raise r.fail(f"wizards.{w.name}.backends[{i}].variant",
+                                 f"{b.variant} is not in {root}")
     return SidecarConfig(
         path=path, listen=_listen(r, doc["listen"]),
         control_socket=r.abspath(doc["control_socket"], "control_socket"),
         state_dir=r.abspath(doc["state_dir"], "state_dir"), secrets_file=secrets_file,
         probe=probe, hooks=_hooks(r, doc.get("hooks")), wizards=wizards,
         secrets=dict(r.secrets or {}))
+
+
+# --- writing (the deploy) --------------------------------------------------------------------
+
+def _probe_doc(p: ProbeSettings, base: ProbeSettings | None = None) -> dict:
+    """Every setting (top level), or only those that differ from `base` (a wizard's)."""
+    out = {}
+    for f in fields(ProbeSettings):
+        value = getattr(p, f.name)
+        if base is None or value != getattr(base, f.name):
+            out[f.name] = value
+    return out
+
+
+def dump(cfg: SidecarConfig) -> tuple[str, str]:
+    """(sidecar.yaml, its secrets file): what `load` reads back as an equal config."""
+    secrets: dict[str, str] = {}
+
+    def ref(env: str | None, value: str | None) -> str | None:
+        if env is None:
+            return None
+        if secrets.get(env, value) != value:
+            raise ConfigError(f"{env}: two different secrets would share this variable")
+        secrets[env] = value
+        return env
+
+    wizards = {}
+    for name, w in cfg.wizards.items():
+        wizards[name] = {
+            "unit": w.unit, "api_port": w.api_port, "api_key_env": ref(w.api_key_env, w.api_key),
+            "home": str(w.home), "active_config": str(w.active_config),
+            "probe": _probe_doc(w.probe, cfg.probe), "restart": w.restart,
+            "backends": [{"name": b.name, "kind": b.kind, "base_url": b.base_url,
+                          "model": b.model, "api_key_env": ref(b.api_key_env, b.api_key),
+                          "variant": str(b.variant)} for b in w.backends]}
+    telegram = None
+    if cfg.hooks.telegram:
+        env = cfg.hooks.telegram["token_env"]
+        ref(env, cfg.secrets[env])
+        telegram = {"token_env": env, "chat_id": str(cfg.hooks.telegram["chat_id"])}
+    doc = {
+        "listen": f"{cfg.listen[0]}:{cfg.listen[1]}",
+        "control_socket": str(cfg.control_socket),
+        "state_dir": str(cfg.state_dir),
+        "secrets_file": str(cfg.secrets_file) if cfg.secrets_file else None,
+        "probe": _probe_doc(cfg.probe),
+        "hooks": {"command": cfg.hooks.command, "webhook": cfg.hooks.webhook,
+                  "telegram": telegram},
+        "wizards": wizards,
+    }
+    text = ("# Generated by neverdark from the inventory; edits are overwritten.\n"
+            + yaml.safe_dump(doc, sort_keys=False))
+    try:
+        env_text = contract.dotenv_dumps(dict(sorted(secrets.items())))
+    except contract.DotenvError as exc:
+        raise ConfigError(str(exc)) from None
+    return text, env_text

@@ -454,11 +454,11 @@ def test_env_holds_exactly_what_the_chain_needs():
     env = parse_env(hc.render_env(w, secrets_for(w)))
     assert env == {"API_SERVER_KEY": "value-of-W_API-0123456789",
                    "ANTHROPIC_API_KEY": "value-of-SECRET_ANTHROPIC0-0123456789",
-                   "NEVERDARK_KEY_OPENAI1": "value-of-SECRET_OPENAI1-0123456789",
+                   "NEVERDARK_KEY_W__OPENAI1": "value-of-SECRET_OPENAI1-0123456789",
                    "GOOGLE_API_KEY": "value-of-SECRET_GOOGLE2-0123456789"}
     w = wizard_for("openai", "local")
     assert set(parse_env(hc.render_env(w, secrets_for(w)))) == {"API_SERVER_KEY",
-                                                                "NEVERDARK_KEY_OPENAI0"}
+                                                                "NEVERDARK_KEY_W__OPENAI0"}
 
 
 def test_env_never_sets_variables_that_redirect_hermes():
@@ -468,7 +468,7 @@ def test_env_never_sets_variables_that_redirect_hermes():
     assert not {"CUSTOM_BASE_URL", "OPENAI_API_KEY", "OPENAI_BASE_URL"} & set(env)
     assert env["TELEGRAM_BOT_TOKEN"] == "value-of-TG-0123456789"
     assert env["TELEGRAM_ALLOWED_USERS"] == "42,7"
-    assert {"NEVERDARK_KEY_OPENAI0", "NEVERDARK_KEY_OPENAI1"} <= set(env)
+    assert {"NEVERDARK_KEY_W__OPENAI0", "NEVERDARK_KEY_W__OPENAI1"} <= set(env)
 
 
 def test_env_quotes_values_dotenv_would_mangle():
@@ -524,7 +524,7 @@ def test_base_config_chain_and_pins():
     base = yaml.safe_load(hc.render_base_config(w))
     assert base["fallback_providers"] == [
         {"provider": "custom", "model": "model-openai1", "base_url": "http://127.0.0.1:9001/v1",
-         "key_env": "NEVERDARK_KEY_OPENAI1"},
+         "key_env": "NEVERDARK_KEY_W__OPENAI1"},
         {"provider": "custom", "model": "model-local2", "base_url": "http://127.0.0.1:9002/v1",
          "api_key": hc.LOCAL_API_KEY}]
     assert base["providers"]["neverdark-local2"] == {
@@ -573,7 +573,7 @@ def test_a_hermes_rewrite_keeps_variable_names(fleet, tmp_path):
     doc = yaml.safe_load(text)
     assert doc["agent"]["max_turns"] == 50
     assert doc["model"]["api_key"] is not None and doc["model"]["api_key"].startswith("${")
-    assert [e.get("key_env") for e in doc["fallback_providers"]][:2] == ["NEVERDARK_KEY_GPT",
+    assert [e.get("key_env") for e in doc["fallback_providers"]][:2] == ["NEVERDARK_KEY_MERLIN__GPT",
                                                                          "GOOGLE_API_KEY"]
     for value in SECRETS.values():
         assert value not in text

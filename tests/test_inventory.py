@@ -11,10 +11,11 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from neverdark import memory_fit
-from neverdark.inventory import (FALLBACK_NOTICE, Fleet, InventoryError, LocalBackend, Model,
-                                 default_inventory_path, default_notice, main, validate,
-                                 validate_cmd)
+from neverdark import memory_fit, topology
+from neverdark.cli import validate_cmd
+from neverdark.hermes_config import DEFAULT_NOTICE
+from neverdark.inventory import (Fleet, InventoryError, LocalBackend, Model, default_inventory_path,
+                                 validate)
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data" / "inventories"
@@ -88,7 +89,7 @@ def test_minimal_fleet_validates_with_resolved_defaults(tmp_path):
     assert (model.chat_format, model.server.n_ctx, model.server.kv_type, model.server.swa_full,
             model.context_length) == ("chatml", 65536, "f16", False, 65536)
     assert wizard.api_port == 8642
-    assert wizard.notice == default_notice()
+    assert wizard.notice == DEFAULT_NOTICE
     assert wizard.api_server_key.secret == "NEVERDARK_API_KEY_MERLIN"
     claude, local = wizard.backends
     assert claude.base_url == "https://api.anthropic.com" and claude.max_tokens == 8192
@@ -97,7 +98,7 @@ def test_minimal_fleet_validates_with_resolved_defaults(tmp_path):
     assert fleet.base_url("merlin", local) == "http://127.0.0.1:8081/v1"
     assert fleet.context_length(local) == 65536
     assert fleet.sidecar.port == 9470 and fleet.probe("merlin").interval == 10
-    server, = fleet.llama_servers("vps")
+    server, = topology.llama_servers(fleet, "vps")
     assert (server.threads, server.prompt_cache_mb, server.wizards) == (2, 0, ("merlin",))
     assert fleet.secret("ANTHROPIC_API_KEY") == SECRET_VALUES["ANTHROPIC_API_KEY"]
 
@@ -115,7 +116,7 @@ def test_example_fleet_validates(tmp_path):
     assert sorted(fleet.secret_names()) == sorted(SECRET_VALUES)
     # Telegram sessions follow a live switch; a restart would drop their queued updates.
     assert fleet.wizards["radagast"].telegram is not None
-    assert not any(w.restarts_on_switch for w in fleet.wizards.values())
+    assert not any(w.restart_on_switch for w in fleet.wizards.values())
 
 
 def test_ports_assigned_in_name_order_per_host(tmp_path):
@@ -141,24 +142,15 @@ def test_ports_assigned_in_name_order_per_host(tmp_path):
     fleet = validate(write_inventory(tmp_path, text, secrets), env={})
     assert {w: fleet.wizards[w].api_port for w in fleet.wizards} == {
         "alpha": 8642, "fixed": 9000, "merlin": 8643, "zed": 8644}
-    assert [(s.model, s.port) for s in fleet.llama_servers("vps")] == [("gemma", 8081),
+    assert [(s.model, s.port) for s in topology.llama_servers(fleet, "vps")] == [("gemma", 8081),
                                                                         ("tiny", 8082)]
     # Four wizards share gemma, two share tiny: both servers get a prompt cache.
-    assert [s.prompt_cache_mb for s in fleet.llama_servers("vps")] == [4 * 216, 2 * 12]
+    assert [s.prompt_cache_mb for s in topology.llama_servers(fleet, "vps")] == [4 * 216, 2 * 12]
 
 
 def test_default_inventory_path(monkeypatch):
     assert default_inventory_path({}) == REPO / "fleet.yaml"
     assert default_inventory_path({"NEVERDARK_INVENTORY": "/x/f.yaml"}) == Path("/x/f.yaml")
-
-
-def test_notice_falls_back_without_hermes_config():
-    try:
-        from neverdark.hermes_config import DEFAULT_NOTICE
-    except ModuleNotFoundError:
-        assert default_notice() == FALLBACK_NOTICE
-    else:
-        assert default_notice() == DEFAULT_NOTICE
 
 
 # --- one test per kind of mistake ------------------------------------------------------------
@@ -447,8 +439,9 @@ def test_validate_command_prints_budgets(tmp_path):
 
 def test_validate_command_fails_with_problems_on_stderr(tmp_path, capsys):
     path = DATA / "many_problems.yaml"
-    assert main([str(path)]) == 1
-    err = capsys.readouterr().err
+    result = CliRunner().invoke(validate_cmd, [str(path)])
+    assert result.exit_code == 1
+    err = result.output
     assert f"{path}:" in err and "problem(s) in" in err
 
 

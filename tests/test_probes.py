@@ -254,7 +254,7 @@ def test_retry_after_parser_priorities():
 # --- local llama server -----------------------------------------------------------------------
 
 LLAMA_PY = runtimes.LLAMA_PYTHON
-SERVE_PY = Path(__file__).resolve().parent.parent / "templates" / "llama" / "serve.py"
+SERVE_PY = Path(__file__).resolve().parent.parent / "deploys" / "llama" / "serve.py"
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +265,7 @@ def llama_server(tmp_path_factory):
                     + runtimes.INSTALL_HINT)
     port = free_port()
     log = (tmp_path_factory.mktemp("llama") / "llama.log").open("wb")
-    # The deployed launcher (templates/llama/serve.py) with the deployed request handling.
+    # The deployed launcher (deploys/llama/serve.py) with the deployed request handling.
     proc = subprocess.Popen(
         [str(LLAMA_PY), str(SERVE_PY), "--model", str(GGUF), "--host", "127.0.0.1",
          "--port", str(port), "--n_ctx", "2048", "--chat_format", "chatml", "--logits_all", "false",

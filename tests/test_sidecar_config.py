@@ -120,7 +120,7 @@ CASES = [
     ("listen not loopback", lambda d: d.update(listen="0.0.0.0:9470"), "listen: must be a loopback address"),
     ("listen no port", lambda d: d.update(listen="127.0.0.1"), "listen: must be HOST:PORT"),
     ("relative path", lambda d: d["wizards"]["merlin"].update(home="wizards/merlin"), f"{M}.home: must be an absolute path"),
-    ("bad wizard name", lambda d: d["wizards"].update({"../evil": d["wizards"]["merlin"]}), "wizards.../evil: must match"),
+    ("bad wizard name", lambda d: d["wizards"].update({"../evil": d["wizards"]["merlin"]}), "wizards.../evil: '../evil' is not a valid wizard name"),
     ("bad port", lambda d: d["wizards"]["merlin"].update(api_port=0), f"{M}.api_port: must be >= 1"),
     ("no wizards", lambda d: d.update(wizards={}), "wizards: must be a non-empty mapping"),
     ("base_url", lambda d: d["wizards"]["merlin"]["backends"][1].update(base_url="127.0.0.1:8081"),

@@ -93,7 +93,7 @@ def site(tmp_path, mocks):
         "hooks": {"command": f"{sys.executable} {hook_script} {tmp_path / 'hook-out'}"},
         "wizards": {"merlin": {
             "unit": "neverdark-wizard-merlin.service", "api_port": 9, "api_key_env": "WIZARD_MERLIN_API_KEY",
-            "home": str(tmp_path / "home"), "active_config": str(active),
+            "home": str(tmp_path / "home"), "active_config": str(active), "restart": True,
             "backends": [
                 {"name": "claude", "kind": "anthropic", "base_url": primary.anthropic_base,
                  "model": "claude-mock", "api_key_env": "ANTHROPIC_KEY_MERLIN", "variant": str(claude_v)},

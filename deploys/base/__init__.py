@@ -1,0 +1,33 @@
+"""What every neverdark host needs before any component: the host is what the inventory says,
+Python venvs and sudo, and neverdark's top directories."""
+
+from __future__ import annotations
+
+from pyinfra import host
+from pyinfra.facts.server import Arch
+from pyinfra.operations import apt, files
+
+from deploys.deployer import Deployer
+from neverdark import contract
+
+# uname -m on the hosts neverdark knows, as the inventory spells them
+ARCH_ALIASES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+
+
+class BaseDeployer(Deployer):
+    name = "base"
+
+    def install(self) -> None:
+        # Read, never assumed: a Pi image on a VPS (or the reverse) would install wheels and
+        # binaries that cannot run, so stop before changing anything.
+        real = host.get_fact(Arch)
+        wanted = self.p["arch"]
+        if ARCH_ALIASES.get((real or "").strip(), real) != wanted:
+            raise SystemExit(f"{host.name}: the inventory says arch {wanted}, the host says "
+                             f"{real!r} (uname -m): fix hosts.{host.name}.arch; nothing was "
+                             "changed on this host")
+        # apt.packages only reaches the network when something is missing: offline hosts with
+        # these preinstalled converge without an index.
+        apt.packages(name="base packages", packages=self.p["base"]["packages"], update=False)
+        for path in (contract.OPT, contract.ETC, contract.VAR):
+            files.directory(name=path, path=path, user="root", group="root", mode="0755")

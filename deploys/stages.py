@@ -1,0 +1,45 @@
+"""Which deployers a host gets, in order, and the three stages run across all of them."""
+
+from __future__ import annotations
+
+from deploys.base import BaseDeployer
+from deploys.deployer import Deployer
+from deploys.hermes import HermesDeployer, WizardDeployer
+from deploys.llama import LlamaDeployer, LlamaServerDeployer
+from deploys.models import ModelsDeployer
+from deploys.sidecar import SidecarDeployer
+
+STAGES = ("install", "configure", "activate")
+
+
+def host_deployers(p: dict, stale_wizards: list[str] = (),
+                   stale_llama_units: list[str] = ()) -> list[Deployer]:
+    """Every deployer for a host's plan `p`; the stale lists (read from the host) become
+    disabled deployers, which remove what a wizard or a model server had installed.
+
+    Within each stage, model servers come before the gateways that fall back onto them and the
+    sidecar last; an engine or venv (and its removal) after the units that run from it."""
+    servers = p["llama"]["servers"]
+    wizards = p["hermes"]["wizards"]
+    models = ModelsDeployer(p)
+    engine = LlamaDeployer(p, enabled=bool(servers))
+    hermes = HermesDeployer(p, enabled=bool(wizards))
+    wizard_ds = [WizardDeployer(p, w["name"], w, hermes) for w in wizards]
+    return [
+        BaseDeployer(p),
+        models,
+        *[LlamaServerDeployer(p, s, s["unit"], engine, models)
+          for s in servers],
+        *[LlamaServerDeployer(p, None, unit, enabled=False) for unit in stale_llama_units],
+        engine,
+        *wizard_ds,
+        *[WizardDeployer(p, name, enabled=False) for name in stale_wizards],
+        hermes,
+        SidecarDeployer(p, wizard_ds, enabled=bool(wizards)),
+    ]
+
+
+def run(deployers: list[Deployer]) -> None:
+    for stage in STAGES:
+        for d in deployers:
+            getattr(d, stage)()

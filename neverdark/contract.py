@@ -1,0 +1,302 @@
+"""What the inventory, the plan, the deployers, the sidecar and the testinfra suite agree on.
+
+One source for each fact that crosses the plan/sidecar boundary: which names are allowed, what
+they become on a host (paths, users, units, environment names), backend kinds, probe defaults,
+the context floor, and the one dotenv codec every file neverdark writes is read back with.
+
+Standard library only: the sidecar imports this module on hosts where nothing else of neverdark
+is installed (the deploy ships it beside the sidecar's code).
+"""
+
+from __future__ import annotations
+
+import re
+
+# --- names -----------------------------------------------------------------------------------
+# Every name in the inventory becomes part of a path, a Linux user, a systemd unit, a metric
+# label or an environment variable on a host. One rule for all of them, matched in full (a
+# trailing newline is not a name): lowercase letters and digits, then also '.', '_' and '-'.
+NAME_RULE = "lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
+USER_MAX = 32            # useradd's limit on Linux user names
+UNIT_MAX = 255           # systemd's limit on unit names
+NAME_MAX = 64            # any name: short enough for logs, labels and file names
+WIZARD_USER_PREFIX = "hermes-"
+WIZARD_MAX = USER_MAX - len(WIZARD_USER_PREFIX)   # it becomes the user hermes-<wizard>
+
+
+def name_problem(value: object, what: str = "name") -> str | None:
+    """Why `value` cannot be a neverdark name (None: it can). `what` is 'wizard', 'backend',
+    'model', 'host' or 'name', for the length limit and the message."""
+    if not isinstance(value, str):
+        return f"must be a string, got {type(value).__name__}"
+    if not _NAME.fullmatch(value):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"{shown!r} is not a valid {what} name: use {NAME_RULE}"
+    limit = WIZARD_MAX if what == "wizard" else NAME_MAX
+    if len(value) > limit:
+        why = f" (it becomes the Linux user {WIZARD_USER_PREFIX}<name>)" if what == "wizard" else ""
+        return f"is {len(value)} characters long; at most {limit}{why}"
+    for unit in _units_named_by(value, what):
+        if len(unit) > UNIT_MAX:
+            return f"makes the unit name {unit[:40]}... longer than systemd's {UNIT_MAX}"
+    return None
+
+
+def _units_named_by(value: str, what: str) -> list[str]:
+    if what == "wizard":
+        return [wizard_unit(value)]
+    if what == "model":
+        return [llama_unit(value)]
+    return []
+
+
+# --- users, units, paths ---------------------------------------------------------------------
+ETC = "/etc/neverdark"
+VAR = "/var/lib/neverdark"
+OPT = "/opt/neverdark"
+UNIT_DIR = "/etc/systemd/system"
+
+LLAMA_USER = "neverdark-llama"
+SIDECAR_USER = "neverdark-sidecar"
+OPS_GROUP = "neverdark-ops"            # operators allowed on the sidecar's control socket
+
+MODELS_DIR = f"{VAR}/models"
+WIZARDS_ETC = f"{ETC}/wizards"
+WIZARDS_VAR = f"{VAR}/wizards"
+ARCHIVE_DIR = f"{VAR}/archive"
+
+SIDECAR_UNIT = "neverdark-sidecar.service"
+SIDECAR_DIR = f"{OPT}/sidecar"
+SIDECAR_LIB = f"{SIDECAR_DIR}/lib"
+SIDECAR_PYTHON = f"{SIDECAR_DIR}/venv/bin/python"
+SIDECAR_CONFIG = f"{ETC}/sidecar.yaml"
+SIDECAR_ENV = f"{ETC}/sidecar.env"
+SIDECAR_STATE_DIR = f"{VAR}/sidecar/state"
+SIDECAR_SUDOERS = "/etc/sudoers.d/neverdark-sidecar"
+CONTROL_SOCKET = "/run/neverdark-sidecar/control.sock"
+LLAMA_DIR = f"{OPT}/llama"
+HERMES_DIR = f"{OPT}/hermes"
+
+
+def venv(component: str) -> str:
+    return f"{OPT}/{component}/venv"
+
+
+def model_file(sha256: str) -> str:
+    """Where a verified model lives: named by its hash, renamed into place only once verified."""
+    return f"{MODELS_DIR}/{sha256}.gguf"
+
+
+def model_link(model: str) -> str:
+    return f"{MODELS_DIR}/{model}.gguf"
+
+
+def llama_unit(model: str) -> str:
+    return f"neverdark-llama-{model}.service"
+
+
+LLAMA_UNIT_PREFIX = "neverdark-llama-"
+
+
+def wizard_user(wizard: str) -> str:
+    return WIZARD_USER_PREFIX + wizard
+
+
+def wizard_unit(wizard: str) -> str:
+    return f"neverdark-wizard-{wizard}.service"
+
+
+def wizard_etc(wizard: str) -> str:
+    return f"{WIZARDS_ETC}/{wizard}"
+
+
+def wizard_base_config(wizard: str) -> str:
+    """The deploy's copy of the wizard's Hermes config (Hermes rewrites the one in its home)."""
+    return f"{wizard_etc(wizard)}/config.yaml"
+
+
+def variant_path(wizard: str, backend: str) -> str:
+    return f"{wizard_etc(wizard)}/backends/{backend}.yaml"
+
+
+def wizard_var(wizard: str) -> str:
+    return f"{WIZARDS_VAR}/{wizard}"
+
+
+def wizard_home(wizard: str) -> str:
+    return f"{wizard_var(wizard)}/home"
+
+
+def wizard_managed_dir(wizard: str) -> str:
+    return f"{wizard_var(wizard)}/managed"
+
+
+def active_config(wizard: str) -> str:
+    """HERMES_MANAGED_DIR/config.yaml: the sidecar's file, a copy of one variant."""
+    return f"{wizard_managed_dir(wizard)}/config.yaml"
+
+
+# --- network ---------------------------------------------------------------------------------
+LOOPBACK = "127.0.0.1"
+SIDECAR_PORT = 9470
+LLAMA_PORT_BASE = 8081
+API_PORT_BASE = 8642
+
+
+def loopback_url(port: int) -> str:
+    return f"http://{LOOPBACK}:{port}"
+
+
+def local_base_url(port: int) -> str:
+    """An OpenAI-compatible local server's base URL, as Hermes and the probes take it."""
+    return f"{loopback_url(port)}/v1"
+
+
+# --- backends, Hermes ------------------------------------------------------------------------
+KINDS = ("anthropic", "openai", "google", "local")
+CLOUD_KINDS = ("anthropic", "openai", "google")
+KEYED_KINDS = ("anthropic", "google")   # always need a key; an OpenAI-compatible one may not
+DEFAULT_BASE_URLS = {
+    "anthropic": "https://api.anthropic.com",
+    "google": "https://generativelanguage.googleapis.com/v1beta",
+}
+# Hermes 0.19.0 refuses a model whose context is under 64,000 tokens (HTTP 500 per request);
+# 65536 is the smallest power of two above it, which is what llama.cpp sizes nicely.
+HERMES_MIN_CONTEXT = 64_000
+MIN_N_CTX = 65_536
+API_KEY_MIN_LENGTH = 16   # Hermes' API server refuses shorter keys
+# Restart the gateway after a flip? No: Hermes 0.19.0 re-reads the config per API request and
+# rebuilds a Telegram chat's agent when the model changes, while a cold start drops the
+# Telegram updates queued meanwhile (docs/hermes.md, finding 11).
+RESTART_ON_SWITCH_DEFAULT = False
+
+
+# --- probe and failover defaults (sidecar.probe in the inventory, probe: in sidecar.yaml) -----
+PROBE_DEFAULTS = {
+    "interval": 10,        # s between probes (Kubernetes periodSeconds 10)
+    "timeout": 5,          # s per probe
+    "fall": 3,             # consecutive failures -> unhealthy (HAProxy fall 3)
+    "rise": 2,             # consecutive passes -> healthy (HAProxy rise 2)
+    "min_dwell": 60,       # s on a fallback before failback may happen
+    "cooldown_429": 60,    # s the primary is held off after a 429 without Retry-After
+    "damping_base": 30,    # s extra hold after a switch soon after another (Envoy 30 s x n)
+    "damping_cap": 300,    # s cap (Envoy max ejection 300 s)
+    "max_hold": 3600,      # s: the longest any provider hint (Retry-After...) may hold a backend
+    "paid_probe": False,   # a real generation probe on cloud backends (billed)
+}
+
+
+# --- environment names -----------------------------------------------------------------------
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def env_token(name: str) -> str:
+    """A neverdark name as part of an environment variable name."""
+    return re.sub(r"[^A-Z0-9]", "_", name.upper())
+
+
+def api_key_secret_default(wizard: str) -> str:
+    """The secret holding a wizard's Hermes API-server key when the inventory names none."""
+    return f"NEVERDARK_API_KEY_{env_token(wizard)}"
+
+
+def backend_key_env(wizard: str, backend: str) -> str:
+    """The variable a backend's key is kept under, in the sidecar's env file and (for providers
+    whose key name Hermes does not fix) in the wizard's .env."""
+    return f"NEVERDARK_KEY_{env_token(wizard)}__{env_token(backend)}"
+
+
+# --- dotenv: the one codec -------------------------------------------------------------------
+# Written for python-dotenv, which Hermes loads .env with (interpolation on, quoted or not), and
+# read back by the sidecar with the reader below; both are tested against python-dotenv.
+
+
+class DotenvError(ValueError):
+    """A value or a line that the codec cannot carry; the message never holds the value."""
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_./:+=@,-]*")
+
+
+def dotenv_value(name: str, value: str) -> str:
+    if any(c in value for c in "\n\r\0"):
+        raise DotenvError(f"{name}: a secret may not contain a line break or NUL")
+    if "${" in value:
+        raise DotenvError(f"{name}: a secret may not contain '${{' (python-dotenv, which Hermes "
+                          "reads .env with, would expand it)")
+    if _PLAIN.fullmatch(value):
+        return value
+    # python-dotenv: inside single quotes only \\ and \' are escapes.
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def dotenv_dumps(values: dict[str, str]) -> str:
+    lines = []
+    for name, value in values.items():
+        if not ENV_NAME.fullmatch(name):
+            raise DotenvError(f"{name!r} is not an environment variable name")
+        lines.append(f"{name}={dotenv_value(name, value)}\n")
+    return "".join(lines)
+
+
+_DOUBLE_ESCAPES = {"\\": "\\", "'": "'", '"': '"', "a": "\a", "b": "\b", "f": "\f",
+                   "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+
+
+def _unescape(body: str, escapes: dict[str, str]) -> str:
+    out, i = [], 0
+    while i < len(body):
+        c = body[i]
+        if c == "\\" and i + 1 < len(body) and body[i + 1] in escapes:
+            out.append(escapes[body[i + 1]])
+            i += 2
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _quoted(raw: str, quote: str) -> tuple[str, str] | None:
+    """(body, rest after the closing quote), honouring backslash escapes; None: unterminated."""
+    i = 1
+    while i < len(raw):
+        if raw[i] == "\\":
+            i += 2
+            continue
+        if raw[i] == quote:
+            return raw[1:i], raw[i + 1:]
+        i += 1
+    return None
+
+
+def dotenv_loads(text: str, source: str = "dotenv") -> dict[str, str]:
+    """NAME=VALUE lines as python-dotenv reads them (no interpolation; `export ` and comments
+    allowed; one line per value). Strict: a malformed line is an error naming its line, never
+    its value, rather than a silently missing key that later looks like a rejected API key."""
+    values: dict[str, str] = {}
+    # Lines end at \n only (str.splitlines would also split at \f, \x1c, \u2028... inside a
+    # quoted value); spaces around names and values go, as python-dotenv drops them.
+    for lineno, line in enumerate(text.split("\n"), 1):
+        stripped = line.removesuffix("\r").strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.startswith("export "):
+            stripped = stripped[len("export "):].lstrip()
+        name, sep, raw = stripped.partition("=")
+        name = name.strip()
+        if not sep or not ENV_NAME.fullmatch(name):
+            raise DotenvError(f"{source}: line {lineno}: expected NAME=VALUE")
+        raw = raw.strip()
+        if raw[:1] in ("'", '"'):
+            got = _quoted(raw, raw[0])
+            if got is None or got[1].strip()[:1] not in ("", "#"):
+                raise DotenvError(f"{source}: line {lineno}: {name}: unterminated quoted value")
+            body = got[0]
+            value = _unescape(body, {"\\": "\\", "'": "'"} if raw[0] == "'" else _DOUBLE_ESCAPES)
+        else:
+            value = re.sub(r"\s+#.*", "", raw).rstrip()
+        if name in values:
+            raise DotenvError(f"{source}: line {lineno}: {name}: defined twice")
+        values[name] = value
+    return values

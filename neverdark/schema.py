@@ -1,0 +1,382 @@
+"""The inventory's schema: hosts, local models, wizards and their backends, as pydantic models.
+
+Each section's entries are validated one by one (neverdark.inventory), so one broken entry does
+not hide the problems of the others; the cross-checks live in neverdark.checks, ports and model
+servers in neverdark.topology. The format is documented in docs/inventory.md.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag,
+                      ValidationInfo, field_validator, model_validator)
+
+from neverdark import contract
+from neverdark.hermes_config import DEFAULT_NOTICE
+from neverdark.secrets import SecretRef, SecretStore
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Port = Annotated[int, Field(ge=1024, le=65535)]
+
+
+class Ssh(Strict):
+    user: str = "root"
+    port: int = Field(22, ge=1, le=65535)
+    key: str | None = None
+    known_hosts: str | None = None
+    sudo: bool = Field(False, validate_default=True)
+
+    @field_validator("sudo")
+    @classmethod
+    def _sudo_for_non_root(cls, sudo: bool, info: ValidationInfo) -> bool:
+        user = info.data.get("user")
+        if user and user != "root" and not sudo:
+            raise ValueError(f"user '{user}' is not root: set sudo: true (the deploy writes "
+                             "under /etc, /opt and /var/lib and manages systemd units)")
+        return sudo
+
+
+class Wheelhouse(Strict):
+    find_links: str
+    index: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {"find_links": v} if isinstance(v, str) else v
+
+
+class Host(Strict):
+    address: str
+    ssh: Ssh = Field(default_factory=Ssh)
+    profile: Literal["vps", "pi"]
+    arch: Literal["x86_64", "aarch64"] | None = Field(None, validate_default=True)
+    memory_mb: int = Field(gt=0)
+    cores: int = Field(gt=0)
+    # Where this host gets its wheels when it differs from the fleet's (each test host reaches
+    # the runner at its own address; a Pi site may have its own mirror).
+    wheelhouse: Wheelhouse | None = None
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_from_profile(cls, arch: str | None, info: ValidationInfo) -> str | None:
+        profile = info.data.get("profile")
+        if arch is None:
+            return {"vps": "x86_64", "pi": "aarch64"}.get(profile)
+        return arch
+
+
+class ModelSource(Strict):
+    url: str | None = Field(None, pattern=r"^https?://")
+    file: str | None = None
+    pypi: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(==[A-Za-z0-9.!+_-]+)?$")
+    sha256: str
+
+    @field_validator("sha256")
+    @classmethod
+    def _lowercase_hex(cls, v: str) -> str:
+        if re.fullmatch(r"[0-9a-f]{64}", v):
+            return v
+        if re.fullmatch(r"[0-9a-fA-F]{64}", v):
+            # pyinfra compares against the lowercase digest, so the download never converges.
+            raise ValueError(f"must be lowercase hex, or the download never converges: "
+                             f"write {v.lower()}")
+        raise ValueError("must be 64 lowercase hex digits (the file's SHA-256)")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelSource:
+        given = [k for k in ("url", "file", "pypi") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of url, file or pypi (with sha256); got "
+                             + (", ".join(given) if given else "none"))
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("url", "file", "pypi") if getattr(self, k) is not None)
+
+
+class KVLayout(Strict):
+    """From the model card or GGUF metadata (<arch>.block_count, .attention.head_count_kv,
+    .attention.key_length, .attention.sliding_window)."""
+
+    layers: int = Field(gt=0)
+    kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    sliding_window_layers: int = Field(0, ge=0)
+    sliding_window: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KVLayout:
+        if self.sliding_window_layers > self.layers:
+            raise ValueError("sliding_window_layers cannot exceed layers")
+        if self.sliding_window_layers and self.sliding_window is None:
+            raise ValueError("sliding_window_layers needs sliding_window (the window in tokens)")
+        return self
+
+
+class Server(Strict):
+    threads: int | None = Field(None, gt=0)
+    n_ctx: int = Field(contract.MIN_N_CTX, gt=0)
+    kv_type: Literal["f16", "q8_0", "q4_0"] = "f16"
+    mlock: bool = False
+    swa_full: bool = False
+    port: Port | None = None
+
+
+class Model(Strict):
+    source: ModelSource
+    size_mb: int = Field(gt=0)
+    context_length: int | None = Field(None, gt=0)
+    chat_format: str = Field("chatml", pattern=r"^[A-Za-z0-9._-]+$")
+    server: Server = Field(default_factory=Server)
+    kv: KVLayout
+    hosts: list[str] | None = None
+
+    @field_validator("chat_format")
+    @classmethod
+    def _not_gemma(cls, v: str) -> str:
+        if v.lower() == "gemma":
+            raise ValueError("llama-cpp-python's gemma format silently drops system messages, "
+                             "so Hermes' persona, tools and the degraded-mode notice would never "
+                             "reach the model: use chatml")
+        return v
+
+    @model_validator(mode="after")
+    def _context_default(self) -> Model:
+        if self.context_length is None:
+            self.context_length = self.server.n_ctx
+        return self
+
+
+class CloudBackend(Strict):
+    name: str
+    provider: Literal["anthropic", "openai", "google"]
+    model: str
+    base_url: str | None = Field(None, validate_default=True)
+    api_key: SecretRef
+    context_length: int = Field(gt=0)
+    max_tokens: int = Field(8192, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _default_url(cls, v: str | None, info: ValidationInfo) -> str | None:
+        provider = info.data.get("provider")
+        if v is None:
+            if provider == "openai":
+                raise ValueError("required for provider openai (any OpenAI-compatible "
+                                 "endpoint, e.g. https://api.openai.com/v1)")
+            return contract.DEFAULT_BASE_URLS.get(provider)
+        if not re.match(r"^https?://", v):
+            raise ValueError("must be an http:// or https:// URL")
+        return v.rstrip("/")
+
+
+class LocalBackend(Strict):
+    name: str
+    local: str
+    max_tokens: int = Field(4096, gt=0)
+
+
+def _backend_kind(v: Any) -> str | None:
+    if isinstance(v, dict):
+        return "local" if "local" in v else "cloud"
+    if isinstance(v, (CloudBackend, LocalBackend)):
+        return "local" if isinstance(v, LocalBackend) else "cloud"
+    return None
+
+
+Backend = Annotated[
+    Union[Annotated[CloudBackend, Tag("cloud")], Annotated[LocalBackend, Tag("local")]],
+    Discriminator(_backend_kind, custom_error_type="backend",
+                  custom_error_message="a backend is a mapping: {name, local: MODEL} or "
+                                       "{name, provider, model, api_key, context_length}"),
+]
+
+PROBE_DEFAULTS = contract.PROBE_DEFAULTS
+
+
+class Probe(Strict):
+    interval: int = Field(PROBE_DEFAULTS["interval"], gt=0)
+    timeout: int = Field(PROBE_DEFAULTS["timeout"], gt=0)
+    fall: int = Field(PROBE_DEFAULTS["fall"], gt=0)
+    rise: int = Field(PROBE_DEFAULTS["rise"], gt=0)
+    min_dwell: int = Field(PROBE_DEFAULTS["min_dwell"], ge=0)
+    cooldown_429: int = Field(PROBE_DEFAULTS["cooldown_429"], ge=0)
+    damping_base: int = Field(PROBE_DEFAULTS["damping_base"], ge=0)
+    damping_cap: int = Field(PROBE_DEFAULTS["damping_cap"], ge=0)
+    max_hold: int = Field(PROBE_DEFAULTS["max_hold"], gt=0)
+    paid_probe: bool = PROBE_DEFAULTS["paid_probe"]
+
+
+class ProbeOverrides(Strict):
+    """A wizard's exceptions to `sidecar.probe`; unset keys inherit."""
+
+    interval: int | None = Field(None, gt=0)
+    timeout: int | None = Field(None, gt=0)
+    fall: int | None = Field(None, gt=0)
+    rise: int | None = Field(None, gt=0)
+    min_dwell: int | None = Field(None, ge=0)
+    cooldown_429: int | None = Field(None, ge=0)
+    damping_base: int | None = Field(None, ge=0)
+    damping_cap: int | None = Field(None, ge=0)
+    max_hold: int | None = Field(None, gt=0)
+    paid_probe: bool | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class Telegram(Strict):
+    token: SecretRef
+    allowed_users: list[int | str]
+    # A self-hosted telegram-bot-api server, e.g. http://10.0.0.5:8081/bot (the token follows).
+    api_url: str | None = Field(None, pattern=r"^https?://")
+
+    @field_validator("allowed_users")
+    @classmethod
+    def _someone(cls, v: list) -> list:
+        if not v:
+            raise ValueError("list at least one Telegram user id: an empty list would let "
+                             "anyone who finds the bot talk to the wizard")
+        return v
+
+
+class Wizard(Strict):
+    host: str
+    api_port: Port | None = None
+    api_server_key: SecretRef | None = None  # None: {secret: NEVERDARK_API_KEY_<NAME>}
+    persona: str | None = None
+    notice: str = DEFAULT_NOTICE
+    telegram: Telegram | None = None
+    probe: ProbeOverrides = Field(default_factory=ProbeOverrides)
+    # Restart the gateway after the sidecar flips its backend (contract says why not, by default).
+    restart_on_switch: bool = contract.RESTART_ON_SWITCH_DEFAULT
+    backends: list[Backend]
+
+    @field_validator("backends")
+    @classmethod
+    def _a_chain(cls, v: list) -> list:
+        if len(v) < 2:
+            raise ValueError(f"a chain needs at least two backends to fail over between, "
+                             f"got {len(v)}")
+        return v
+
+    @property
+    def primary(self) -> CloudBackend | LocalBackend:
+        return self.backends[0]
+
+
+class HookTelegram(Strict):
+    token: SecretRef
+    chat_id: str | int
+
+    @field_validator("chat_id")
+    @classmethod
+    def _as_text(cls, v: str | int) -> str:
+        return str(v)
+
+
+class Hooks(Strict):
+    command: str | None = None
+    webhook: str | None = Field(None, pattern=r"^https?://")
+    telegram: HookTelegram | None = None
+
+
+class Sidecar(Strict):
+    port: Port = contract.SIDECAR_PORT
+    probe: Probe = Field(default_factory=Probe)
+    hooks: Hooks = Field(default_factory=Hooks)
+
+
+class SecretsConfig(Strict):
+    file: str
+
+
+class MemoryPolicy(Strict):
+    headroom_percent: float = Field(15, ge=0, lt=100)
+    headroom_min_mb: int = Field(256, ge=0)
+    gateway_mb: int = Field(150, ge=0)
+    sidecar_mb: int = Field(40, ge=0)
+    llama_overhead_mb: int = Field(100, ge=0)
+    prompt_tokens: int = Field(12_288, ge=0)
+
+class Fleet(Strict):
+    hosts: dict[str, Host] = Field(min_length=1)
+    models: dict[str, Model] = Field(default_factory=dict)
+    wizards: dict[str, Wizard] = Field(default_factory=dict)
+    secrets: SecretsConfig | None = None
+    sidecar: Sidecar = Field(default_factory=Sidecar)
+    wheelhouse: Wheelhouse | None = None
+    memory: MemoryPolicy = Field(default_factory=MemoryPolicy)
+
+    # Secret values live only here: private attributes stay out of repr, str and model_dump.
+    _store: SecretStore = PrivateAttr(default_factory=lambda: SecretStore({}, {}))
+    _path: Path | None = PrivateAttr(None)
+    _llama_ports: dict[tuple[str, str], int] = PrivateAttr(default_factory=dict)
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    def secret(self, name: str) -> str:
+        value = self._store.get(name)
+        if value is None:
+            raise KeyError(f"secret {name!r} is not resolved")
+        return value
+
+    def secret_names(self) -> list[str]:
+        return sorted({ref.secret for _, ref in secret_refs(self)})
+
+    def wizards_on(self, host: str) -> list[str]:
+        return sorted(w for w, wz in self.wizards.items() if wz.host == host)
+
+    def wizards_using(self, host: str, model: str) -> list[str]:
+        return [w for w in self.wizards_on(host)
+                if any(isinstance(b, LocalBackend) and b.local == model
+                       for b in self.wizards[w].backends)]
+
+    def local_models(self, host: str) -> list[str]:
+        """Models served on the host: those some wizard there has a local backend for."""
+        return sorted({b.local for w in self.wizards_on(host) for b in self.wizards[w].backends
+                       if isinstance(b, LocalBackend) and b.local in self.models})
+
+    def llama_port(self, host: str, model: str) -> int:
+        return self._llama_ports[(host, model)]
+
+    def base_url(self, wizard: str, backend: CloudBackend | LocalBackend) -> str:
+        if isinstance(backend, LocalBackend):
+            return contract.local_base_url(self.llama_port(self.wizards[wizard].host, backend.local))
+        return backend.base_url
+
+    def context_length(self, backend: CloudBackend | LocalBackend) -> int:
+        if isinstance(backend, LocalBackend):
+            return self.models[backend.local].context_length
+        return backend.context_length
+
+    def probe(self, wizard: str) -> Probe:
+        """The sidecar defaults with the wizard's overrides applied."""
+        return self.sidecar.probe.model_copy(update=self.wizards[wizard].probe.overrides())
+
+
+def secret_refs(obj: Any, path: tuple = ()) -> Iterator[tuple[tuple, SecretRef]]:
+    if isinstance(obj, SecretRef):
+        yield path, obj
+    elif isinstance(obj, BaseModel):
+        for name in type(obj).model_fields:
+            yield from secret_refs(getattr(obj, name), path + (name,))
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from secret_refs(v, path + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from secret_refs(v, path + (i,))
+

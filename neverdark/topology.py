@@ -1,0 +1,86 @@
+"""Where things run on each host: the ports, and one local model server per model in use.
+
+What the plan, the memory fit's callers and the testinfra suite all read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from neverdark import contract, memory_fit
+from neverdark.problems import Report
+from neverdark.schema import Fleet
+
+
+@dataclass(frozen=True)
+class LlamaServer:
+    """One local model server on one host, everything resolved."""
+
+    model: str
+    port: int
+    threads: int
+    n_ctx: int
+    kv_type: str
+    mlock: bool
+    swa_full: bool
+    chat_format: str
+    context_length: int
+    wizards: tuple[str, ...]
+    prompt_cache_mb: int  # 0: a single wizard keeps its prefix in the server's one context
+
+    @property
+    def base_url(self) -> str:
+        return contract.local_base_url(self.port)
+
+
+def llama_servers(fleet: Fleet, host: str) -> list[LlamaServer]:
+    """The host's local model servers: one per model some wizard there can fall back onto."""
+    out = []
+    for m in fleet.local_models(host):
+        model, users = fleet.models[m], tuple(fleet.wizards_using(host, m))
+        cache = memory_fit.prompt_cache_bytes(model, len(users), fleet.memory.prompt_tokens)
+        out.append(LlamaServer(
+            model=m, port=fleet.llama_port(host, m),
+            threads=model.server.threads or fleet.hosts[host].cores,
+            n_ctx=model.server.n_ctx, kv_type=model.server.kv_type,
+            mlock=model.server.mlock, swa_full=model.server.swa_full,
+            chat_format=model.chat_format, context_length=model.context_length,
+            wizards=users, prompt_cache_mb=memory_fit.mb(cache)))
+    return out
+
+
+def assign_ports(report: Report, fleet: Fleet) -> None:
+    """Llama ports from 8081 and API ports from 8642 per host in name order, for those without
+    an explicit port; then every port a host listens on must be distinct."""
+    for h in fleet.hosts:
+        taken: list[tuple[int, tuple, str]] = [
+            (fleet.hosts[h].ssh.port, ("hosts", h, "ssh", "port"), "sshd"),
+            (fleet.sidecar.port, ("sidecar", "port"), "the sidecar"
+             + ("" if "port" in fleet.sidecar.model_fields_set else " (default)")),
+        ]
+        nxt = contract.LLAMA_PORT_BASE
+        for m in fleet.local_models(h):
+            port = fleet.models[m].server.port
+            if port is None:
+                port, nxt = nxt, nxt + 1
+                where, what = ("models", m), f"model {m}'s server (assigned)"
+            else:
+                where, what = ("models", m, "server", "port"), f"model {m}'s server"
+            fleet._llama_ports[(h, m)] = port
+            taken.append((port, where, what))
+        nxt = contract.API_PORT_BASE
+        for w in fleet.wizards_on(h):
+            port = fleet.wizards[w].api_port
+            if port is None:
+                port, nxt = nxt, nxt + 1
+                fleet.wizards[w] = fleet.wizards[w].model_copy(update={"api_port": port})
+                where, what = ("wizards", w), f"wizard {w}'s API server (assigned)"
+            else:
+                where, what = ("wizards", w, "api_port"), f"wizard {w}'s API server"
+            taken.append((port, where, what))
+        first: dict[int, tuple[tuple, str]] = {}
+        for port, where, what in taken:
+            if port in first:
+                report.add(where, f"port {port} on host {h} is taken twice: {what} and "
+                                  f"{first[port][1]}")
+            first.setdefault(port, (where, what))
