@@ -33,11 +33,19 @@ class _Group(click.Group):
                 raise
             repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             if not os.path.isdir(os.path.join(repo, "testbed")):
-                raise click.UsageError("the test fleet lives in the repository's testbed/ "
-                                       "package: run this from a checkout of neverdark") from None
+                return _absent_testfleet
             sys.path.insert(0, repo)
             from testbed.fleet import cli as testfleet_cli
         return testfleet_cli
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+               add_help_option=False)
+@click.pass_context
+def _absent_testfleet(ctx) -> None:
+    """The nspawn test fleet (needs a checkout of the repository: testbed/)."""
+    raise click.UsageError("the test fleet lives in the repository's testbed/ package, which "
+                           "`pip install` does not install: run this from a checkout of neverdark")
 
 
 @click.group(cls=_Group)

@@ -1,0 +1,61 @@
+"""`pip install .` (no extras) is the product alone: no test bench, and the CLI works without it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_wheel_holds_the_product_and_no_test_bench(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "-w", str(tmp_path), str(REPO)], check=True,
+                   capture_output=True, text=True)
+    wheel, = tmp_path.glob("neverdark-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if "/" in n and ".dist-info" not in n}
+    assert tops == {"neverdark", "sidecar", "deploys"}, tops
+    for needed in ("neverdark/contract.py", "deploys/llama/serve.py",
+                   "deploys/llama/neverdark-llama.service.j2", "deploys/sidecar/sudoers.j2",
+                   "deploys/hermes/neverdark-wizard.service.j2"):
+        assert needed in names, needed
+
+
+def test_installed_cli_works_without_the_test_bench(tmp_path):
+    """A venv with the wheel and its runtime dependencies only (no `test` extra), run outside
+    the checkout: --help, validate and render work; the test-fleet command says where it is."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "-w", str(tmp_path / "w"), str(REPO)], check=True,
+                   capture_output=True)
+    wheel, = (tmp_path / "w").glob("neverdark-*.whl")
+    venv = tmp_path / "venv"
+    # Its runtime dependencies from the package index, as an operator's `pip install .` gets
+    # them; the checkout is nowhere on the path.
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    done = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                           str(wheel)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    env = {"PATH": "/usr/bin:/bin", "NEVERDARK_SECRETS": ""}
+    where = subprocess.run([str(py), "-c", "import neverdark, deploys; "
+                            "print(neverdark.__file__, deploys.__file__)"],
+                           capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert str(venv) in where.stdout and str(REPO) not in where.stdout, where.stdout + where.stderr
+    assert subprocess.run([str(py), "-c", "import testbed"], capture_output=True,
+                          cwd=tmp_path, env=env).returncode != 0
+    cli = venv / "bin" / "neverdark"
+    run = lambda *a: subprocess.run([str(cli), *a], capture_output=True, text=True,  # noqa: E731
+                                    cwd=tmp_path, env=env, timeout=120)
+    help_ = run("--help")
+    assert help_.returncode == 0 and "validate" in help_.stdout, help_.stderr
+    inventory = REPO / "tests" / "data" / "inventories" / "contract_names.yaml"
+    assert run("validate", str(inventory)).returncode == 0
+    rendered = run("render", "vps.fra-1", "--out", str(tmp_path / "out"), "--inventory",
+                   str(inventory))
+    assert rendered.returncode == 0, rendered.stderr
+    assert (tmp_path / "out/etc/systemd/system/neverdark-wizard-merlin.service").is_file()
+    fleet = run("testfleet", "--help")
+    assert fleet.returncode == 2 and "checkout" in fleet.stderr and "Traceback" not in fleet.stderr
