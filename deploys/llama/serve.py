@@ -1,27 +1,560 @@
-"""Run llama-cpp-python's OpenAI-compatible server with a sliding-window KV cache.
+"""Run llama-cpp-python 0.3.36's OpenAI-compatible server, fixed for a small host.
 
-The server's CLI has no flag for `swa_full`; left at llama.cpp's default a Gemma 3 model keeps a
-full-size sliding-window cache, about 1 GB wasted at n_ctx 65536. NEVERDARK_SWA_FULL=true keeps
-llama.cpp's behaviour for models that need it.
+What llama-cpp-python's own server gets wrong here, and what this launcher does instead (each
+measured on the test fleet; docs/FIELD-NOTES.md in the lead's notes):
+
+- Memory. Its RAM prompt cache stores `Llama.save_state()`, which copies `_scores` (n_batch x
+  n_vocab floats: 512 MiB for Gemma 3) into every entry while the cache counts only the KV
+  state against its capacity: 575 MB grew to 12 GB in a dozen conversations, each save taking
+  seconds. With `logits_all` off those scores are never written (sampling reads the context's
+  own logits), so here a saved state is the KV state and the prompt's token ids only, and the
+  cache (`KVCache`) counts every byte it holds against NEVERDARK_CACHE_BYTES.
+- Sliding-window models. Its server has no `swa_full` flag; llama.cpp's default keeps a
+  full-size window cache (about 1 GB more at n_ctx 65536 for Gemma 3). NEVERDARK_SWA_FULL
+  (default false) sets it. With the window cache small, reusing a prefix is only sound while
+  the cells of the window before the reuse point are still held: a prefix is reused from the
+  live context or a saved state only when no more than one micro-batch was evaluated past it.
+- Routes that need no model take no lock. Every route of its server, `/v1/models` included,
+  waits for the generation in flight, and clients probe a lot: Hermes asks `/api/v1/models`,
+  `/api/tags`, `/v1/props`, `/props` and `/version` before every local turn until one answers
+  like a server it knows. Here `/health`, `/v1/models`, `/props` and `/v1/props` (llama.cpp's
+  shape, so Hermes recognises it and stops probing) and `/neverdark/status` answer at once.
+- Prefixes computed ahead and kept. `POST /neverdark/warm` evaluates a wizard's stable prompt
+  prefix in small chunks, one lock hold per chunk, and gives way at once when a real request
+  is waiting (it answers `preempted` and the caller retries later): a user's turn waits for one
+  chunk at most. The finished prefix is pinned in the cache (real turns' states are evicted
+  first) and written to NEVERDARK_PREFIX_DIR, from which a restarted server restores it.
+
+Everything else is llama-cpp-python's own server, started with the same command line.
 """
+
+from __future__ import annotations
+
+import ctypes
 import functools
+import hashlib
+import json
 import os
+import struct
 import sys
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
 
 import llama_cpp
-from llama_cpp.server.__main__ import main
+import numpy as np
+from llama_cpp import llama as llama_mod
+from llama_cpp.llama_cache import BaseLlamaCache
 
-_swa_full = os.environ.get("NEVERDARK_SWA_FULL", "false").lower() == "true"
+VERSION = "0.3.36"   # the internals patched below are this release's
+if llama_cpp.__version__ != VERSION:
+    sys.exit(f"neverdark serve.py is written for llama-cpp-python {VERSION}, "
+             f"found {llama_cpp.__version__}")
+
+SWA_FULL = os.environ.get("NEVERDARK_SWA_FULL", "false").lower() == "true"
+CACHE_BYTES = int(os.environ.get("NEVERDARK_CACHE_BYTES", str(256 << 20)))
+PREFIX_DIR = Path(os.environ["NEVERDARK_PREFIX_DIR"]) if os.environ.get("NEVERDARK_PREFIX_DIR") \
+    else None
+GENERATION = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/engines/copilot-codex/completions")
+STARTED = time.time()
+
+
+# --- saved states without scores ----------------------------------------------------------
+
+class State:
+    """A context's KV state and the token ids it holds: what a cache entry needs."""
+
+    __slots__ = ("tokens", "kv", "seed")
+
+    def __init__(self, tokens: np.ndarray, kv: bytes, seed: int) -> None:
+        self.tokens, self.kv, self.seed = tokens, kv, seed
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.kv) + self.tokens.nbytes
+
+
+def save_state(llama: llama_cpp.Llama) -> State:
+    size = llama_cpp.llama_state_get_size(llama._ctx.ctx)
+    buf = (ctypes.c_uint8 * int(size))()
+    n = llama_cpp.llama_state_get_data(llama._ctx.ctx, buf, size)
+    if int(n) > int(size):
+        raise RuntimeError("llama_state_get_data wrote past its buffer")
+    return State(llama.input_ids[:llama.n_tokens].copy(), ctypes.string_at(buf, int(n)),
+                 llama._seed)
+
+
+def load_state(llama: llama_cpp.Llama, state: State) -> None:
+    buf = (ctypes.c_uint8 * len(state.kv)).from_buffer_copy(state.kv)
+    if llama_cpp.llama_state_set_data(llama._ctx.ctx, buf, len(state.kv)) != len(state.kv):
+        raise RuntimeError("llama_state_set_data rejected a saved state")
+    llama.input_ids[:state.n_tokens] = state.tokens
+    llama.n_tokens = state.n_tokens
+    llama._requires_eval = True
+    llama._seed = state.seed
+
+
+def lcp(a, b) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    a, b = np.asarray(a[:n]), np.asarray(b[:n])
+    diff = np.flatnonzero(a != b)
+    return int(diff[0]) if len(diff) else n
+
+
+def reusable(llama: llama_cpp.Llama, held: int, common: int) -> bool:
+    """Can a context holding `held` tokens be cut back to its first `common` and continued?
+    With a small sliding-window cache, only while the window before `common` is still there."""
+    if common <= 0:
+        return False
+    if SWA_FULL or not llama_cpp.llama_model_n_swa(llama.model):
+        return True
+    return held - common <= llama_cpp.llama_n_ubatch(llama.ctx)
+
+
+# --- the cache ----------------------------------------------------------------------------
+
+class KVCache(BaseLlamaCache):
+    """Saved states by token prefix, bounded by the bytes really held. Pinned entries (warm
+    prefixes, one per key) are evicted only after every unpinned one."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        super().__init__(capacity_bytes)
+        self.entries: OrderedDict[tuple, State] = OrderedDict()
+        self.pinned: dict[str, tuple] = {}      # key -> token tuple of its entry
+        self.lock = threading.Lock()
+        self.loads = 0
+
+    @property
+    def cache_size(self) -> int:
+        return sum(s.nbytes for s in self.entries.values())
+
+    def _pinned_keys(self) -> set:
+        return set(self.pinned.values())
+
+    def best(self, tokens) -> tuple[tuple | None, int]:
+        """The entry sharing the longest prefix with `tokens` (and that prefix's length)."""
+        best, best_n = None, 0
+        for k, s in self.entries.items():
+            n = lcp(s.tokens, tokens)
+            if n > best_n:
+                best, best_n = k, n
+        return best, best_n
+
+    # llama-cpp-python's _create_completion: `self.cache[prompt_tokens]`
+    def __getitem__(self, key) -> llama_mod.LlamaState:
+        with self.lock:
+            k, n = self.best(key)
+            if k is None:
+                raise KeyError("no cached prefix")
+            self.entries.move_to_end(k)
+            state = self.entries[k]
+        # A stand-in whose input_ids let the caller compare prefixes; loading it goes through
+        # load_state above (Llama.load_state is patched).
+        return _Handle(state)
+
+    def __contains__(self, key) -> bool:
+        return self.best(tuple(key))[0] is not None
+
+    # ... and `self.cache[prompt_tokens + completion_tokens] = self.save_state()`
+    def __setitem__(self, key, value) -> None:
+        state = value.state if isinstance(value, _Handle) else value
+        self.put(tuple(key), state)
+
+    def put(self, key: tuple, state: State, pin: str | None = None) -> None:
+        with self.lock:
+            if pin is not None:
+                old = self.pinned.get(pin)
+                if old is not None and old != key and old not in (
+                        v for p, v in self.pinned.items() if p != pin):
+                    self.entries.pop(old, None)
+                self.pinned[pin] = key
+            self.entries.pop(key, None)
+            self.entries[key] = state
+            self._trim()
+
+    def _trim(self) -> None:
+        keep = self._pinned_keys()
+        for phase in (False, True):
+            for k in list(self.entries):
+                if self.cache_size <= self.capacity_bytes:
+                    return
+                if (k in keep) == phase:
+                    del self.entries[k]
+                    if phase:
+                        for p in [p for p, v in self.pinned.items() if v == k]:
+                            del self.pinned[p]
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"entries": len(self.entries), "bytes": self.cache_size,
+                    "capacity_bytes": self.capacity_bytes, "loads": self.loads,
+                    "pinned": {p: len(k) for p, k in self.pinned.items()}}
+
+
+class _Handle:
+    """What llama-cpp-python gets back from the cache: input_ids for its prefix comparison."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self.input_ids = state.tokens
+        self.n_tokens = state.n_tokens
+
+
+CACHE = KVCache(CACHE_BYTES)
+
+
+# --- counters -----------------------------------------------------------------------------
+
+class Counters:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pending = 0                   # generation requests in flight or waiting
+        self.requests = 0
+        self.prompt_tokens = 0             # prompt tokens of every request
+        self.prompt_evaluated = 0          # ... of which evaluated (the rest came from a cache)
+        self.last: dict | None = None
+        self.restored: dict[str, int] = {}
+        self.warm: dict[str, dict] = {}
+
+
+COUNTERS = Counters()
+_local = threading.local()
+
+
+# --- patches ------------------------------------------------------------------------------
+
 _init = llama_cpp.Llama.__init__
 
 
 @functools.wraps(_init)
-def _init_with_swa(self, *args, **kwargs):
-    kwargs.setdefault("swa_full", _swa_full)
+def _init_patched(self, *args, **kwargs):
+    kwargs.setdefault("swa_full", SWA_FULL)
     _init(self, *args, **kwargs)
 
 
-llama_cpp.Llama.__init__ = _init_with_swa
+def _save_state_patched(self) -> _Handle:
+    return _Handle(save_state(self))
+
+
+def _load_state_patched(self, state) -> None:
+    load_state(self, state.state if isinstance(state, _Handle) else state)
+    with CACHE.lock:
+        CACHE.loads += 1
+
+
+_generate = llama_cpp.Llama.generate
+
+
+def _generate_patched(self, tokens, *args, **kwargs):
+    tokens = list(tokens)
+    # The live context is reused only where that is sound (see `reusable`); otherwise the
+    # best saved state, otherwise from scratch.
+    common = lcp(self.input_ids[:self.n_tokens], tokens)
+    if self.n_tokens and not reusable(self, self.n_tokens, common):
+        k, n = CACHE.best(tokens)
+        if k is not None and reusable(self, len(k), n):
+            _load_state_patched(self, CACHE.entries[k])
+        else:
+            self.reset()
+    _local.request = {"prompt": len(tokens), "evaluated": None}
+    yield from _generate(self, tokens, *args, **kwargs)
+
+
+_eval = llama_cpp.Llama.eval
+
+
+def _eval_patched(self, tokens):
+    req = getattr(_local, "request", None)
+    if req is not None and req["evaluated"] is None:
+        req["evaluated"] = len(tokens)
+        _local.request = None
+        with COUNTERS.lock:
+            COUNTERS.requests += 1
+            COUNTERS.prompt_tokens += req["prompt"]
+            COUNTERS.prompt_evaluated += len(tokens)
+            COUNTERS.last = {"prompt_tokens": req["prompt"], "evaluated": len(tokens),
+                             "cached": req["prompt"] - len(tokens), "at": time.time()}
+    return _eval(self, tokens)
+
+
+llama_cpp.Llama.__init__ = _init_patched
+llama_cpp.Llama.save_state = _save_state_patched
+llama_cpp.Llama.load_state = _load_state_patched
+llama_cpp.Llama.generate = _generate_patched
+llama_cpp.Llama.eval = _eval_patched
+
+
+# --- prompts, warming, persistence ----------------------------------------------------------
+
+class _Captured(Exception):
+    pass
+
+
+def prompt_tokens(llama: llama_cpp.Llama, messages: list, tools=None) -> list[int]:
+    """The tokens a chat request with these messages is evaluated as: the server's own chat
+    handler is run and stopped where it hands its prompt to the model."""
+    from llama_cpp import llama_chat_format
+    handler = (llama.chat_handler or llama._chat_handlers.get(llama.chat_format)
+               or llama_chat_format.get_chat_completion_handler(llama.chat_format))
+    seen: dict = {}
+
+    class Recorder:
+        def __getattr__(self, name):
+            return getattr(llama, name)
+
+        def create_completion(self, prompt, **kwargs):
+            seen["prompt"] = prompt
+            raise _Captured
+
+    try:
+        handler(llama=Recorder(), messages=messages, tools=tools, max_tokens=1)
+    except _Captured:
+        pass
+    prompt = seen.get("prompt")
+    if isinstance(prompt, str):
+        prompt = llama.tokenize(prompt.encode("utf-8"), special=True)
+    if not isinstance(prompt, list):
+        raise ValueError("the chat handler produced no prompt")
+    return prompt
+
+
+def stable_prefix(llama: llama_cpp.Llama, messages: list, tools=None) -> list[int]:
+    """The part of the prompt that does not depend on the last user message: two renderings
+    with different user texts, cut where they part."""
+    last = max(i for i, m in enumerate(messages) if m.get("role") == "user")
+
+    def with_text(text):
+        ms = [dict(m) for m in messages]
+        ms[last]["content"] = text
+        return prompt_tokens(llama, ms, tools)
+
+    a, b = with_text("a"), with_text("z z")
+    return a[:lcp(a, b)]
+
+
+def warm_step(llama: llama_cpp.Llama, prefix: list[int], chunk: int) -> tuple[int, int]:
+    """Move the context one chunk closer to holding exactly `prefix`; (held, evaluated)."""
+    held = lcp(llama.input_ids[:llama.n_tokens], prefix)
+    if not reusable(llama, llama.n_tokens, held):
+        held = 0
+    k, n = CACHE.best(prefix)
+    if k is not None and n > held and reusable(llama, len(k), n):
+        _load_state_patched(llama, CACHE.entries[k])
+        held = n
+    if held == len(prefix) and llama.n_tokens == held:
+        return held, 0
+    if held == 0:
+        llama.reset()
+    llama.n_tokens = held              # eval() removes every cell from here on
+    step = prefix[held:held + max(1, chunk)]
+    _eval(llama, step)
+    return llama.n_tokens, len(step)
+
+
+def _identity(llama: llama_cpp.Llama) -> dict:
+    return {"model": os.path.realpath(llama.model_path), "n_ctx": llama.n_ctx(),
+            "swa_full": SWA_FULL, "type_k": int(llama.context_params.type_k),
+            "type_v": int(llama.context_params.type_v), "version": VERSION}
+
+
+def _prefix_file(key: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
+    return PREFIX_DIR / f"{safe}.prefix"
+
+
+def persist(llama: llama_cpp.Llama, key: str, state: State) -> None:
+    """<json header length><json header><int32 tokens><kv>, written whole or not at all."""
+    if PREFIX_DIR is None:
+        return
+    header = json.dumps({**_identity(llama), "key": key, "n_tokens": state.n_tokens,
+                         "seed": state.seed,
+                         "sha256": hashlib.sha256(state.kv).hexdigest()}).encode()
+    path = _prefix_file(key)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<I", len(header)) + header)
+        f.write(state.tokens.astype("<i4").tobytes())
+        f.write(state.kv)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def restore_all(llama: llama_cpp.Llama) -> None:
+    """Pin every saved prefix made for this model and context; drop the others."""
+    if PREFIX_DIR is None or not PREFIX_DIR.is_dir():
+        return
+    want = _identity(llama)
+    for path in sorted(PREFIX_DIR.glob("*.prefix")):
+        try:
+            data = path.read_bytes()
+            (n,) = struct.unpack_from("<I", data)
+            header = json.loads(data[4:4 + n])
+            tokens = np.frombuffer(data, "<i4", header["n_tokens"], 4 + n).astype(np.intc)
+            kv = data[4 + n + 4 * header["n_tokens"]:]
+            if any(header.get(k) != v for k, v in want.items()) or \
+                    hashlib.sha256(kv).hexdigest() != header["sha256"]:
+                path.unlink()
+                print(f"neverdark: dropped {path.name}: made for another model or context",
+                      file=sys.stderr)
+                continue
+        except (OSError, ValueError, KeyError, struct.error) as exc:
+            print(f"neverdark: cannot read {path.name}: {exc}", file=sys.stderr)
+            continue
+        CACHE.put(tuple(int(t) for t in tokens), State(tokens, kv, header["seed"]),
+                  pin=header["key"])
+        COUNTERS.restored[header["key"]] = int(header["n_tokens"])
+    if COUNTERS.restored:
+        print(f"neverdark: restored prefixes {COUNTERS.restored}", file=sys.stderr)
+
+
+# --- routes -------------------------------------------------------------------------------
+
+class PendingMiddleware:
+    """Counts generation requests from arrival (waiting for the lock included) to the end."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("method") == "POST" \
+                and scope.get("path") in GENERATION:
+            with COUNTERS.lock:
+                COUNTERS.pending += 1
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                with COUNTERS.lock:
+                    COUNTERS.pending -= 1
+        else:
+            await self.app(scope, receive, send)
+
+
+def add_routes(app) -> None:
+    from fastapi import Body
+    from fastapi.responses import JSONResponse
+    from llama_cpp.server import app as server_app
+    from starlette.concurrency import run_in_threadpool
+
+    proxy = server_app._llama_proxy
+    llama = proxy(None)
+    settings = proxy._default_model_settings
+    alias = settings.model_alias or settings.model
+    n_ctx = llama.n_ctx()
+    restore_all(llama)
+
+    async def lock():
+        await server_app.llama_outer_lock.acquire()
+        try:
+            await server_app.llama_inner_lock.acquire()
+        finally:
+            server_app.llama_outer_lock.release()
+
+    def unlock():
+        server_app.llama_inner_lock.release()
+
+    def health():
+        return {"status": "ok"}
+
+    def models():
+        return {"object": "list", "data": [{"id": alias, "object": "model",
+                                            "owned_by": "llamacpp", "permissions": []}]}
+
+    def props():
+        # llama.cpp's own shape: Hermes recognises a llama.cpp server by it, reads n_ctx from
+        # it and stops probing other servers' routes before every turn.
+        return {"default_generation_settings": {"n_ctx": n_ctx}, "model_alias": alias,
+                "total_slots": 1, "engine": "llama-cpp-python", "build_info": VERSION}
+
+    def status():
+        with COUNTERS.lock:
+            counters = {"pending": COUNTERS.pending, "requests": COUNTERS.requests,
+                        "prompt_tokens": COUNTERS.prompt_tokens,
+                        "prompt_evaluated": COUNTERS.prompt_evaluated, "last": COUNTERS.last,
+                        "restored": dict(COUNTERS.restored), "warm": dict(COUNTERS.warm)}
+        return {"engine": "llama-cpp-python", "model": alias, "n_ctx": n_ctx,
+                "swa_full": SWA_FULL, "pid": os.getpid(), "started_at": STARTED,
+                "cache": CACHE.stats(), **counters}
+
+    async def warm(body: dict = Body(...)):
+        """{key, messages, tools?, chunk?}: compute the prefix, a chunk per lock hold."""
+        key, messages = body.get("key"), body.get("messages")
+        if not isinstance(key, str) or not key or not isinstance(messages, list):
+            return JSONResponse({"error": "need key (a name) and messages (a list)"}, 400)
+        chunk = int(body.get("chunk") or 64)
+        started = time.monotonic()
+        await lock()
+        try:
+            prefix = await run_in_threadpool(stable_prefix, llama, messages, body.get("tools"))
+        finally:
+            unlock()
+        evaluated = 0
+        while True:
+            if COUNTERS.pending:
+                held = lcp(llama.input_ids[:llama.n_tokens], prefix)
+                return {"ok": False, "preempted": True, "key": key, "tokens": len(prefix),
+                        "held": held, "evaluated": evaluated}
+            await lock()
+            try:
+                held, n = await run_in_threadpool(warm_step, llama, prefix, chunk)
+                evaluated += n
+                done = held == len(prefix) and llama.n_tokens == held
+                state = await run_in_threadpool(save_state, llama) if done else None
+            finally:
+                unlock()
+            if done:
+                CACHE.put(tuple(prefix), state, pin=key)
+                await run_in_threadpool(persist, llama, key, state)
+                result = {"ok": True, "key": key, "tokens": len(prefix),
+                          "evaluated": evaluated, "state_bytes": state.nbytes,
+                          "seconds": round(time.monotonic() - started, 3)}
+                with COUNTERS.lock:
+                    COUNTERS.warm[key] = {**result, "at": time.time()}
+                return result
+
+    mine = [("/health", health, ["GET"]), ("/v1/models", models, ["GET"]),
+            ("/props", props, ["GET"]), ("/v1/props", props, ["GET"]),
+            ("/neverdark/status", status, ["GET"]), ("/neverdark/warm", warm, ["POST"])]
+    before = len(app.router.routes)
+    for path, fn, methods in mine:
+        app.add_api_route(path, fn, methods=methods, include_in_schema=False)
+    # First match wins: ours go in front of the library's lock-taking /v1/models.
+    app.router.routes[:] = app.router.routes[before:] + app.router.routes[:before]
+    app.add_middleware(PendingMiddleware)
+
+
+def main() -> int:
+    from llama_cpp.server import __main__ as server_main
+    from llama_cpp.server import model as server_model
+
+    create_app = server_main.create_app
+
+    def create_app_patched(*args, **kwargs):
+        app = create_app(*args, **kwargs)
+        add_routes(app)
+        return app
+
+    server_main.create_app = create_app_patched
+    # Its server builds LlamaRAMCache(capacity_bytes=cache_size) when --cache is on; ours
+    # instead, always (a restored prefix needs it), sized by NEVERDARK_CACHE_BYTES.
+    server_model.llama_cpp.LlamaRAMCache = lambda capacity_bytes=0: CACHE
+    load = server_model.LlamaProxy.load_llama_from_model_settings
+
+    def load_with_cache(settings):
+        llama = load(settings)
+        llama.set_cache(CACHE)
+        return llama
+
+    server_model.LlamaProxy.load_llama_from_model_settings = staticmethod(load_with_cache)
+    return server_main.main() or 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
