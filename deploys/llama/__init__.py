@@ -1,4 +1,10 @@
-"""Local model servers: one llama server unit per distinct local model on the host."""
+"""Local model servers: the engines, and one server unit per distinct local model on the host.
+
+Two engines (neverdark.engines): llama-cpp-python in a venv with deploys/llama/serve.py, and
+llama.cpp's own llama-server, uploaded from the operator's machine (neverdark.artifacts builds
+it), each file checked against its recorded sha256 before the `server` link is switched to the
+new build. A host gets only the engines its models use; the other is removed.
+"""
 
 from __future__ import annotations
 
@@ -8,30 +14,98 @@ from pyinfra.operations import files
 
 from deploys import ops
 from deploys.deployer import Deployer, component_venv, render, system_user
-from neverdark import contract
+from neverdark import contract, engines
 from neverdark.plan import File
 
 HERE = Path(__file__).parent
-LAUNCHER = f"{contract.LLAMA_DIR}/serve.py"
+
+
+def systemd_quote(arg: str) -> str:
+    """One ExecStart argument as systemd reads it ('%' is its specifier character)."""
+    arg = arg.replace("%", "%%")
+    if arg and not any(c in arg for c in ' \t"\'\\;$'):
+        return arg
+    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def exec_start(argv: list[str]) -> str:
+    """The command, an option and its value per line."""
+    lines, i = [systemd_quote(argv[0])], 1
+    while i < len(argv):
+        part = [argv[i]]
+        if argv[i].startswith("-") and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            part.append(argv[i + 1])
+        i += len(part)
+        lines.append(" ".join(systemd_quote(a) for a in part))
+    return " \\\n    ".join(lines)
 
 
 class LlamaDeployer(Deployer):
-    """The engine: a venv with llama-cpp-python[server] and the launcher; disabled (no local
-    model on the host) it removes them."""
+    """The engines the host's models use; disabled (no local model on the host) it removes
+    both."""
 
     name = "llama"
 
+    def __init__(self, p: dict, enabled: bool = True) -> None:
+        super().__init__(p, enabled)
+        llama = p["llama"]
+        self.python = enabled and llama.get("python", True)
+        self.native = llama.get("native") if enabled else None
+        self.python_ops: list = []    # a change restarts the llama-cpp-python servers
+        self.native_ops: list = []    # ... the llama-server ones
+
     def files(self) -> list[File]:
-        return [File(LAUNCHER, (HERE / "serve.py").read_text())]
+        return [File(engines.LAUNCHER, (HERE / "serve.py").read_text())] if self.python else []
 
     def install(self) -> None:
         if not self.enabled:
             return
         system_user(contract.LLAMA_USER)
-        self.restart_ops.append(component_venv("llama", self.p["llama"]["requirements"],
-                                                     self.p["pip"]))
-        for f in self.files():
-            self.put(f)
+        files.directory(name="llama: state dir", path=contract.LLAMA_STATE_DIR, user="root",
+                        group="root", mode="0755")
+        if self.python:
+            self.python_ops.append(component_venv("llama", self.p["llama"]["requirements"],
+                                                  self.p["pip"]))
+            for f in self.files():
+                self.python_ops.append(self.put(f))
+        else:
+            files.directory(name="llama: remove the llama-cpp-python venv (no model uses it)",
+                            path=contract.venv("llama"), present=False)
+            files.file(name="llama: remove the launcher", path=engines.LAUNCHER, present=False)
+        if self.native:
+            self.native_ops += self._native(self.native)
+        else:
+            self._remove_native_builds(keep=None)
+
+    def _native(self, native: dict) -> list:
+        """Upload each file to a staging name, keep it only once its sha256 matches, then
+        switch the link; builds no longer linked are removed."""
+        d, out = native["dir"], []
+        files.directory(name="llama-server: build dir", path=d, user="root", group="root",
+                        mode="0755")
+        for f in native["files"]:
+            final, staged = f"{d}/{f['name']}", f"{d}/{f['name']}.upload"
+            files.put(name=f"llama-server: upload {f['name']}", src=f["src"], dest=staged,
+                      mode="0600", _if=lambda final=final: not ops.host_has_file(final))
+            out.append(ops.verified_file(name=f"llama-server: verify {f['name']} (sha256)",
+                                         path=final, sha256=f["sha256"], staged=staged,
+                                         mode=f["mode"]))
+            files.file(name=f"llama-server: drop staged {f['name']}", path=staged,
+                       present=False)
+        out.append(ops.atomic_symlink(name="llama-server: activate", path=native["link"],
+                                      target=d))
+        self._remove_native_builds(keep=d)
+        return out
+
+    def _remove_native_builds(self, keep: str | None) -> None:
+        for name in ops.listed_names(contract.LLAMA_DIR):
+            path = f"{contract.LLAMA_DIR}/{name}"
+            if name.startswith(contract.LLAMA_SERVER_BUILD_PREFIX) and path != keep:
+                files.directory(name=f"llama-server: remove old build {name}", path=path,
+                                present=False)
+        if keep is None:
+            files.link(name="llama-server: remove the link", path=contract.LLAMA_SERVER_LINK,
+                       present=False)
 
     def configure(self) -> None:
         pass
@@ -40,11 +114,16 @@ class LlamaDeployer(Deployer):
         if not self.enabled:
             files.directory(name="llama: remove the install (no local model on this host)",
                             path=contract.LLAMA_DIR, present=False)
+            files.directory(name="llama: remove the kept prefixes",
+                            path=contract.LLAMA_STATE_DIR, present=False)
+
+    def restart_ops_for(self, engine: str) -> list:
+        return self.native_ops if engine == "llama-server" else self.python_ops
 
 
 class LlamaServerDeployer(Deployer):
     """One model's server unit; disabled, it stops and removes the unit of a model no longer
-    served here."""
+    served here, and the prefixes it kept."""
 
     name = "llama server"
 
@@ -60,18 +139,26 @@ class LlamaServerDeployer(Deployer):
             return []
         return [File(f"{contract.UNIT_DIR}/{self.unit}",
                      render(HERE, "neverdark-llama.service.j2", s=self.server,
-                            launcher=LAUNCHER, python=f"{contract.venv('llama')}/bin/python",
+                            exec_start=exec_start(self.server["argv"]),
                             user=contract.LLAMA_USER, models_dir=contract.MODELS_DIR))]
 
     def configure(self) -> None:
         if self.enabled:
+            # Here, not in install: the engine's install creates the user first.
+            files.directory(name=f"{self.name}: {self.server['model']} state dir",
+                            path=self.server["state_dir"], user=contract.LLAMA_USER,
+                            group=contract.LLAMA_USER, mode="0750")
             super().configure()
+            self.put(self.server["server_json"], effect=None)   # read by the sidecar only
 
     def activate(self) -> None:
         if not self.enabled:
             self.stop_unit(self.unit)
+            model = self.unit.removeprefix(contract.LLAMA_UNIT_PREFIX).removesuffix(".service")
+            files.directory(name=f"{self.name}: remove {model}'s kept prefixes",
+                            path=contract.llama_state_dir(model), present=False)
             return
-        engine = self.engine.restart_ops if self.engine else []
+        engine = self.engine.restart_ops_for(self.server["engine"]) if self.engine else []
         model = self.models.changes.get(self.server["model"], ()) if self.models else ()
         self.run_unit(self.unit, also_restart_on=[*engine, *model])
 

@@ -506,14 +506,19 @@ def add_routes(app) -> None:
                 held, n = await run_in_threadpool(warm_step, llama, prefix, chunk)
                 evaluated += n
                 done = held == len(prefix) and llama.n_tokens == held
-                state = await run_in_threadpool(save_state, llama) if done else None
+                # Already pinned and nothing computed: nothing to save or write again.
+                kept = done and not evaluated and CACHE.pinned.get(key) == tuple(prefix)
+                state = await run_in_threadpool(save_state, llama) if done and not kept \
+                    else None
             finally:
                 unlock()
             if done:
-                CACHE.put(tuple(prefix), state, pin=key)
-                await run_in_threadpool(persist, llama, key, state)
+                if state is not None:
+                    CACHE.put(tuple(prefix), state, pin=key)
+                    await run_in_threadpool(persist, llama, key, state)
                 result = {"ok": True, "key": key, "tokens": len(prefix),
-                          "evaluated": evaluated, "state_bytes": state.nbytes,
+                          "evaluated": evaluated, "kept": kept,
+                          "state_bytes": state.nbytes if state else None,
                           "seconds": round(time.monotonic() - started, 3)}
                 with COUNTERS.lock:
                     COUNTERS.warm[key] = {**result, "at": time.time()}

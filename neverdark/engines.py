@@ -1,0 +1,126 @@
+"""The two local model engines: how each is run, and what each really serves.
+
+Both run under the same unit (`neverdark-llama-<model>.service`), listen on the same loopback
+port, answer `/health` without waiting for a generation, speak the OpenAI chat API Hermes uses,
+and keep each wizard's stable prompt prefix warm across restarts (sidecar/warm.py drives it):
+
+llama-cpp-python   deploys/llama/serve.py: one context, requests one at a time; a prefix per
+                   wizard in a byte-bounded cache, persisted to the model's state directory and
+                   restored at start (any model: a saved state is the whole context).
+llama-server       llama.cpp's own server (neverdark.artifacts builds it from the same pinned
+                   source): one slot per wizard that can fall back onto the model (`-np`), so
+                   no wizard evicts another's prefix or waits for another's turn; its own
+                   `/health`, `/props`, `/slots` and `--metrics`; `--slot-save-path` keeps a
+                   slot across restarts, which llama.cpp only uses again for models without
+                   sliding-window layers or with `swa_full` (others are recomputed after a
+                   restart, in the background); its RAM prompt cache is off (`-cram 0`): the
+                   slots are the cache.
+
+The context: llama-server caps every slot at the model's training context (GGUF
+`<arch>.context_length`: 32,768 for Gemma 3 270M) whatever `-c` says, and Hermes refuses a model
+under 64,000 tokens. So a model trained for less runs on llama-server only with
+`server.extend_context: true`, which raises the cap (`--override-kv`) the way llama-cpp-python
+serves any n_ctx: past its training context the model may answer worse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from neverdark import contract
+
+KV_TYPE_IDS = {"f16": 1, "q4_0": 2, "q8_0": 8}   # ggml_type values llama-cpp-python's CLI takes
+NATIVE_BINARY = f"{contract.LLAMA_SERVER_LINK}/llama-server"
+LAUNCHER = f"{contract.LLAMA_DIR}/serve.py"
+PYTHON = f"{contract.venv('llama')}/bin/python"
+# llama-server's built-in chat templates that neverdark's chat_format names map to one to one.
+# (llama-server --help, commit 0c1e570; a name it lacks makes it exit at start.)
+NATIVE_TEMPLATES = frozenset((
+    "bailing", "bailing-think", "bailing2", "chatglm3", "chatglm4", "chatml", "command-r",
+    "deepseek", "deepseek2", "deepseek3", "exaone3", "exaone4", "falcon3", "gemma", "gigachat",
+    "glmedge", "gpt-oss", "granite", "granite-4.0", "granite-4.1", "grok-2", "hunyuan-dense",
+    "hunyuan-moe", "kimi-k2", "llama2", "llama2-sys", "llama2-sys-bos", "llama2-sys-strip",
+    "llama3", "llama4", "megrez", "minicpm", "mistral-v1", "mistral-v3", "mistral-v3-tekken",
+    "mistral-v7", "mistral-v7-tekken", "monarch", "openchat", "orion", "phi3", "phi4",
+    "rwkv-world", "seed_oss", "smolvlm", "vicuna", "vicuna-orca", "yandex", "zephyr"))
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a server serves each wizard, and why."""
+
+    served: int | None      # tokens one request may hold (None: unknown, cannot be checked)
+    limit: str              # the reason, for messages
+
+
+def served_context(engine: str, n_ctx: int, training: int | None, extend: bool) -> Context:
+    if engine == "llama-cpp-python" or extend:
+        why = "n_ctx" if engine == "llama-cpp-python" else "n_ctx (extend_context)"
+        return Context(n_ctx, why)
+    if training is None:
+        return Context(None, "training context unknown")
+    if training < n_ctx:
+        return Context(training, f"the model's training context {training}, where "
+                                  "llama-server caps every slot")
+    return Context(n_ctx, "n_ctx")
+
+
+def native_argv(s, binary: str = NATIVE_BINARY, model_path: str | None = None,
+                state_dir: str | None = None) -> list[str]:
+    """llama-server's command line for a topology.LlamaServer `s` (the paths can be pointed
+    elsewhere to run the same command off a host, as the tests and benchmarks do)."""
+    slots = len(s.wizards) or 1
+    argv = [binary, "--model", model_path or s.model_path, "--alias", s.model,
+            "--host", contract.LOOPBACK, "--port", str(s.port),
+            # one slot per wizard, each with its own n_ctx (a separate, not a shared, KV pool)
+            "--ctx-size", str(s.n_ctx * slots), "--parallel", str(slots), "--no-kv-unified",
+            "--threads", str(s.threads), "--threads-batch", str(s.threads),
+            "--chat-template", s.chat_format,
+            "--metrics", "--slot-save-path", state_dir or s.state_dir,
+            # the slots are the prompt cache: no second copy in RAM
+            "--cache-ram", "0", "--ctx-checkpoints", str(s.ctx_checkpoints),
+            "--cache-reuse", str(s.cache_reuse), "--no-webui"]
+    if s.swa_full:
+        argv.append("--swa-full")
+    if s.kv_type != "f16":
+        argv += ["--cache-type-k", s.kv_type, "--cache-type-v", s.kv_type, "--flash-attn", "on"]
+    if s.mlock:
+        argv += ["--load-mode", "mmap+mlock"]
+    if s.extend_context and s.training_context and s.n_ctx > s.training_context:
+        argv += ["--override-kv", f"{s.architecture}.context_length=int:{s.n_ctx}"]
+    return argv
+
+
+def python_argv(s, python: str = PYTHON, launcher: str = LAUNCHER,
+                model_path: str | None = None) -> list[str]:
+    """deploys/llama/serve.py's command line (llama-cpp-python's own server options)."""
+    argv = [python, launcher, "--model", model_path or s.model_path, "--model_alias", s.model,
+            "--host", contract.LOOPBACK, "--port", str(s.port),
+            "--n_ctx", str(s.n_ctx), "--n_threads", str(s.threads),
+            "--n_threads_batch", str(s.threads), "--chat_format", s.chat_format,
+            "--logits_all", "false", "--interrupt_requests", "false"]
+    if s.kv_type != "f16":
+        kv = str(KV_TYPE_IDS[s.kv_type])
+        argv += ["--type_k", kv, "--type_v", kv, "--flash_attn", "true"]
+    argv += ["--use_mlock", "true" if s.mlock else "false", "--verbose", "false"]
+    return argv
+
+
+def argv(s) -> list[str]:
+    return native_argv(s) if s.engine == "llama-server" else python_argv(s)
+
+
+def environment(s, state_dir: str | None = None) -> dict[str, str]:
+    if s.engine == "llama-server":
+        return {}
+    return {"NEVERDARK_SWA_FULL": "true" if s.swa_full else "false",
+            "NEVERDARK_CACHE_BYTES": str(s.prompt_cache_bytes),
+            "NEVERDARK_PREFIX_DIR": state_dir or s.state_dir}
+
+
+def restores_slots(s) -> bool:
+    """Does a restart keep the prefixes by reading them back (rather than recomputing them)?
+    llama-cpp-python: always. llama-server: only where llama.cpp accepts a restored slot, i.e.
+    without sliding-window layers or with swa_full (FIELD-NOTES: a restored Gemma 3 slot is
+    re-processed in full: its check wants one window position more than a slot keeps)."""
+    return s.engine == "llama-cpp-python" or s.swa_full or not s.sliding_window
