@@ -8,7 +8,6 @@ the readiness check (a server can list models while its model is broken).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import re
@@ -190,14 +189,9 @@ def _redact(text: str, backend) -> str:
     return text[:300]
 
 
-async def _connect(backend, timeout: float) -> None:
-    url = httpx.URL(backend.base_url)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    async with asyncio.timeout(timeout):
-        _, writer = await asyncio.open_connection(url.host, port)
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
+def local_root(base_url: str) -> str:
+    """A local server's root from its OpenAI base URL (…/v1), where /health lives."""
+    return base_url.rstrip("/").removesuffix("/v1")
 
 
 async def probe(backend, client: httpx.AsyncClient, timeout: float, deep: bool = False) -> ProbeResult:
@@ -208,17 +202,14 @@ async def probe(backend, client: httpx.AsyncClient, timeout: float, deep: bool =
                            time.monotonic() - started, _redact(detail, backend))
 
     if backend.kind == "local" and not deep:
-        # Liveness of the local server is its listening socket. Every HTTP route of
-        # llama-cpp-python's server waits while it generates (a Hermes prefill: a minute), and
-        # with --interrupt_requests (its default) a request cuts short the answer in flight.
-        # Readiness is the deep probe: a real generation, sent before any switch onto it.
-        try:
-            await _connect(backend, timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
-            return result(False, _classify_transport(exc), detail=f"{type(exc).__name__}: {exc}")
-        return result(True, "ok", detail="listening")
-
-    method, url, headers, body = _request(backend, deep)
+        # Liveness of the local server is its /health, which both engines answer without
+        # waiting for a generation (llama-server itself; llama-cpp-python through neverdark's
+        # launcher, whose library routes all wait): 200 once the model is loaded, 503 while
+        # llama-server is still loading it. Readiness is the deep probe (sidecar/warm.py's
+        # check: one token after the wizard's warm prefix), sent before any switch onto it.
+        method, url, headers, body = "GET", f"{local_root(backend.base_url)}/health", {}, None
+    else:
+        method, url, headers, body = _request(backend, deep)
 
     try:
         # The outer bound catches a server that trickles bytes and so never trips a phase timeout.
@@ -244,6 +235,8 @@ async def probe(backend, client: httpx.AsyncClient, timeout: float, deep: bool =
         data = json.loads(content)
     except (ValueError, UnicodeDecodeError):
         return result(False, "bad_response", status, detail="body is not JSON")
+    if backend.kind == "local" and not deep:
+        return result(True, "ok", status, detail="healthy")
     if not _shape_ok(backend.kind, deep, data):
         return result(False, "bad_response", status, detail="body has the wrong shape")
     return result(True, "ok", status, detail="deep" if deep else "")

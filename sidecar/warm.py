@@ -71,6 +71,7 @@ class Target:
     # its slot, and they extend the prefix rather than replace it.
     tokens: list[int] | None = None
     held_in: object = None
+    last_task: int | None = None       # the slot's last task when we last looked
 
 
 @dataclass
@@ -259,6 +260,8 @@ class Warmer:
             s.incarnation = None
             return
         await self._identify(s)
+        if s.engine == "llama-server":
+            await self._evictions(s)
         for t in s.targets:
             loaded = load_prefix(t.prefix_path)
             if loaded is None:
@@ -355,6 +358,29 @@ class Warmer:
             out.append(t.json()["tokens"])
         return out[0][:_lcp(*out)]
 
+    async def _evictions(self, s: Server) -> None:
+        """A request another client sent without naming a slot (a health check of its own,
+        Hermes' per-turn fallback with the primary's prompt) lands in the least recently used
+        idle slot and replaces what it held. The slot's last task shows it: a turn of the
+        wizard's own reused the whole prefix; anything that reused less left only that much."""
+        slots = {x.get("id"): x for x in
+                 (await self.client.get(f"{s.root}/slots", timeout=5.0)).json()}
+        for t in s.targets:
+            x = slots.get(t.slot)
+            if x is None or t.held_in != s.incarnation or t.tokens is None:
+                continue
+            task = x.get("id_task")
+            if task == t.last_task or x.get("is_processing"):
+                continue
+            t.last_task = task
+            kept = x.get("n_prompt_tokens_cache") or 0
+            if kept < len(t.tokens) - 1:
+                log.info("prefix evicted", extra={"wizard": t.wizard, "model": s.model,
+                                                  "kept": kept, "tokens": len(t.tokens)})
+                t.tokens = t.tokens[:kept]
+                t.warmed = None
+                t.info["evicted"] = t.info.get("evicted", 0) + 1
+
     async def _idle_native(self, s: Server, t: Target) -> None:
         """Until no slot is busy and no request waits for one."""
         while True:
@@ -405,6 +431,8 @@ class Warmer:
         if s.restores_slots:
             await self.client.post(f"{s.root}/slots/{t.slot}?action=save", timeout=60.0,
                                    json={"filename": f"{t.wizard}.slot"})
+        slots = (await self.client.get(f"{s.root}/slots", timeout=5.0)).json()
+        t.last_task = next((x.get("id_task") for x in slots if x.get("id") == t.slot), None)
         t.info.update(tokens=len(tokens), evaluated=evaluated, restored=restored,
                       seconds=round(time.monotonic() - started, 2))
         log.info("prefix warm", extra={"wizard": t.wizard, "model": s.model,
@@ -418,3 +446,45 @@ class Warmer:
         if r.status_code != 200:
             return None
         return r.json().get("n_restored")
+
+
+# --- `python -m sidecar.warm`: warm once, now (operators, tests, benchmarks) ----------------------
+
+async def warm_once(cfg, timeout: float) -> dict:
+    """Warm every wizard's prefix on every local server of this host, then report."""
+    async with httpx.AsyncClient() as client:
+        warmer = Warmer(cfg, client, interval=0.5)
+        await warmer.start()
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                st = warmer.status()
+                if all(w["warm"] for s in st.values() for w in s["wizards"].values()):
+                    break
+                await asyncio.sleep(0.5)
+        finally:
+            await warmer.close()
+        return warmer.status()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from sidecar import config
+    ap = argparse.ArgumentParser(prog="python -m sidecar.warm",
+                                 description="warm every wizard's local prompt prefix once")
+    ap.add_argument("--config", default=contract.SIDECAR_CONFIG)
+    ap.add_argument("--timeout", type=float, default=600.0)
+    args = ap.parse_args(argv)
+    cfg = config.load(args.config)
+    st = asyncio.run(warm_once(cfg, args.timeout))
+    print(json.dumps(st, indent=1, sort_keys=True))
+    ok = all(w["warm"] for s in st.values() for w in s["wizards"].values())
+    if not ok:
+        print("not every prefix is warm", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

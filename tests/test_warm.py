@@ -121,14 +121,15 @@ def test_each_wizard_is_warm_before_its_first_turn_and_after_a_restart(tmp_path,
     finally:
         server.stop()
     first, again = seen["first"]["wizards"], seen["restart"]["wizards"]
-    assert all(first[w]["evaluated"] >= first[w]["tokens"] - 1 for w in PERSONA), first
+    # Computed before any turn (less the few tokens the two prompts share at their start).
+    assert all(first[w]["evaluated"] >= first[w]["tokens"] - 20 for w in PERSONA), first
     if engine == "llama-cpp-python":
         # Read back from disk at start: nothing evaluated again.
         assert all(again[w]["evaluated"] == 0 for w in PERSONA), again
     else:
         # Gemma 3 has sliding-window layers: without swa_full llama.cpp would not use a
         # restored slot, so the warmer recomputed it (in chunks, in the background).
-        assert all(again[w]["evaluated"] >= again[w]["tokens"] - 1 for w in PERSONA), again
+        assert all(again[w]["evaluated"] >= again[w]["tokens"] - 20 for w in PERSONA), again
 
 
 def test_llama_server_restores_saved_slots_with_swa_full(tmp_path):
@@ -161,3 +162,38 @@ def test_llama_server_restores_saved_slots_with_swa_full(tmp_path):
     again = seen["restart"]["wizards"]
     for w in PERSONA:
         assert again[w]["restored"] == again[w]["tokens"] and again[w]["evaluated"] <= 1, again
+
+
+def test_a_prefix_evicted_from_its_slot_is_computed_again(tmp_path):
+    """A request that names no slot (another client's health check, Hermes' per-turn fallback
+    with the primary's prompt) takes the least recently used idle slot on llama-server and
+    replaces a wizard's prefix; the warmer sees it in the slot's last task and recomputes it."""
+    spec = server_spec("llama-server", tuple(PERSONA), n_ctx=4096)
+    server = LocalServer(spec, tmp_path / "state", tmp_path / "server.log").start()
+    prefixes = write_prefixes(tmp_path)
+    seen = {}
+
+    async def steps(warmer):
+        await until_warm(warmer)
+        r = await asyncio.to_thread(httpx.post, f"{server.base_url}/chat/completions",
+                                    json={"messages": [{"role": "user", "content": "ping"}],
+                                          "max_tokens": 1}, timeout=120)
+        assert r.status_code == 200
+        warmer.poke()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            st = warmer.status()["gemma3-270m"]["wizards"]
+            if any(w.get("evicted") for w in st.values()) and all(w["warm"] for w in st.values()):
+                break
+            await asyncio.sleep(0.3)
+        seen["status"] = warmer.status()["gemma3-270m"]["wizards"]
+        for w in PERSONA:
+            n, _ = await asyncio.to_thread(evaluated, server,
+                                           await asyncio.to_thread(chat, server, w, "Hi?"))
+            assert n < 30, (w, n)
+
+    try:
+        run_warm(server, prefixes, tmp_path, [steps])
+    finally:
+        server.stop()
+    assert sum(w.get("evicted", 0) for w in seen["status"].values()) == 1, seen

@@ -34,6 +34,7 @@ import ctypes
 import functools
 import hashlib
 import json
+import mmap
 import os
 import struct
 import sys
@@ -63,12 +64,17 @@ STARTED = time.time()
 # --- saved states without scores ----------------------------------------------------------
 
 class State:
-    """A context's KV state and the token ids it holds: what a cache entry needs."""
+    """A context's KV state and the token ids it holds: what a cache entry needs.
 
-    __slots__ = ("tokens", "kv", "seed")
+    The bytes live in an anonymous mmap of their own, not on the heap: a 20 MB malloc'd buffer
+    raises glibc's mmap threshold and stays in its arenas after it is freed (measured: +170 MB
+    of RSS over a dozen turns), while an mmap goes back to the kernel the moment the entry is
+    evicted."""
 
-    def __init__(self, tokens: np.ndarray, kv: bytes, seed: int) -> None:
-        self.tokens, self.kv, self.seed = tokens, kv, seed
+    __slots__ = ("tokens", "buf", "size", "seed")
+
+    def __init__(self, tokens: np.ndarray, buf: mmap.mmap, size: int, seed: int) -> None:
+        self.tokens, self.buf, self.size, self.seed = tokens, buf, size, seed
 
     @property
     def n_tokens(self) -> int:
@@ -76,22 +82,32 @@ class State:
 
     @property
     def nbytes(self) -> int:
-        return len(self.kv) + self.tokens.nbytes
+        return self.size + self.tokens.nbytes
+
+    def view(self) -> memoryview:
+        return memoryview(self.buf)[:self.size]
 
 
 def save_state(llama: llama_cpp.Llama) -> State:
-    size = llama_cpp.llama_state_get_size(llama._ctx.ctx)
-    buf = (ctypes.c_uint8 * int(size))()
-    n = llama_cpp.llama_state_get_data(llama._ctx.ctx, buf, size)
-    if int(n) > int(size):
+    size = int(llama_cpp.llama_state_get_size(llama._ctx.ctx))
+    buf = mmap.mmap(-1, max(size, 1))
+    c_buf = (ctypes.c_uint8 * size).from_buffer(buf)
+    try:
+        n = int(llama_cpp.llama_state_get_data(llama._ctx.ctx, c_buf, size))
+    finally:
+        del c_buf                      # the mmap can only be closed once nothing points in
+    if n > size:
         raise RuntimeError("llama_state_get_data wrote past its buffer")
-    return State(llama.input_ids[:llama.n_tokens].copy(), ctypes.string_at(buf, int(n)),
-                 llama._seed)
+    return State(llama.input_ids[:llama.n_tokens].copy(), buf, n, llama._seed)
 
 
 def load_state(llama: llama_cpp.Llama, state: State) -> None:
-    buf = (ctypes.c_uint8 * len(state.kv)).from_buffer_copy(state.kv)
-    if llama_cpp.llama_state_set_data(llama._ctx.ctx, buf, len(state.kv)) != len(state.kv):
+    c_buf = (ctypes.c_uint8 * state.size).from_buffer(state.buf)
+    try:
+        got = llama_cpp.llama_state_set_data(llama._ctx.ctx, c_buf, state.size)
+    finally:
+        del c_buf
+    if got != state.size:
         raise RuntimeError("llama_state_set_data rejected a saved state")
     llama.input_ids[:state.n_tokens] = state.tokens
     llama.n_tokens = state.n_tokens
@@ -375,13 +391,13 @@ def persist(llama: llama_cpp.Llama, key: str, state: State) -> None:
         return
     header = json.dumps({**_identity(llama), "key": key, "n_tokens": state.n_tokens,
                          "seed": state.seed,
-                         "sha256": hashlib.sha256(state.kv).hexdigest()}).encode()
+                         "sha256": hashlib.sha256(state.view()).hexdigest()}).encode()
     path = _prefix_file(key)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         f.write(struct.pack("<I", len(header)) + header)
         f.write(state.tokens.astype("<i4").tobytes())
-        f.write(state.kv)
+        f.write(state.view())
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -394,22 +410,25 @@ def restore_all(llama: llama_cpp.Llama) -> None:
     want = _identity(llama)
     for path in sorted(PREFIX_DIR.glob("*.prefix")):
         try:
-            data = path.read_bytes()
-            (n,) = struct.unpack_from("<I", data)
-            header = json.loads(data[4:4 + n])
-            tokens = np.frombuffer(data, "<i4", header["n_tokens"], 4 + n).astype(np.intc)
-            kv = data[4 + n + 4 * header["n_tokens"]:]
-            if any(header.get(k) != v for k, v in want.items()) or \
-                    hashlib.sha256(kv).hexdigest() != header["sha256"]:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<I", f.read(4))
+                header = json.loads(f.read(n))
+                tokens = np.frombuffer(f.read(4 * header["n_tokens"]), "<i4").astype(np.intc)
+                size = os.fstat(f.fileno()).st_size - 4 - n - 4 * header["n_tokens"]
+                buf = mmap.mmap(-1, max(size, 1))
+                got = f.readinto(memoryview(buf)[:size])
+            state = State(tokens, buf, size, header["seed"])
+            if got != size or len(tokens) != header["n_tokens"] or \
+                    any(header.get(k) != v for k, v in want.items()) or \
+                    hashlib.sha256(state.view()).hexdigest() != header["sha256"]:
                 path.unlink()
-                print(f"neverdark: dropped {path.name}: made for another model or context",
-                      file=sys.stderr)
+                print(f"neverdark: dropped {path.name}: made for another model or context, "
+                      "or damaged", file=sys.stderr)
                 continue
         except (OSError, ValueError, KeyError, struct.error) as exc:
             print(f"neverdark: cannot read {path.name}: {exc}", file=sys.stderr)
             continue
-        CACHE.put(tuple(int(t) for t in tokens), State(tokens, kv, header["seed"]),
-                  pin=header["key"])
+        CACHE.put(tuple(int(t) for t in tokens), state, pin=header["key"])
         COUNTERS.restored[header["key"]] = int(header["n_tokens"])
     if COUNTERS.restored:
         print(f"neverdark: restored prefixes {COUNTERS.restored}", file=sys.stderr)

@@ -104,3 +104,45 @@ def test_each_gateway_health_answers(host, fleet, host_name):
         port = fleet.wizards[w].api_port
         status, _ = http(host, "GET", f"{contract.loopback_url(port)}/health", timeout=10)
         assert status == 200
+
+
+def test_each_llama_server_is_healthy_and_knows_itself(host, fleet, host_name):
+    """/health answers without waiting for a generation on both engines; server.json (what
+    the sidecar's warmer reads) names the engine and each wizard's slot, readable by the
+    sidecar and by nobody else outside the model server's group."""
+    for s in topology.llama_servers(fleet, host_name):
+        status, _ = http(host, "GET", f"{contract.loopback_url(s.port)}/health", timeout=10)
+        assert status == 200
+        state = host.file(s.state_dir)
+        assert (state.user, state.group, state.mode) == (contract.LLAMA_USER, contract.LLAMA_USER,
+                                                        0o750)
+        info = json.loads(host.check_output(f"sudo -u {contract.SIDECAR_USER} cat "
+                                            f"{s.state_dir}/{contract.LLAMA_SERVER_JSON}"))
+        assert info["engine"] == s.engine
+        assert info["slots"] == {w: s.slot_of(w) for w in s.wizards}
+
+
+def test_native_llama_server_is_the_verified_build(host, fleet, host_name):
+    servers = [s for s in topology.llama_servers(fleet, host_name) if s.engine == "llama-server"]
+    if not servers:
+        assert not host.file(contract.LLAMA_SERVER_LINK).exists
+        return
+    binary = host.file(f"{contract.LLAMA_SERVER_LINK}/llama-server")
+    assert binary.exists and binary.mode & 0o111
+    assert "0c1e570" in host.check_output(f"{binary.path} --version 2>&1")
+    for s in servers:
+        unit = host.check_output(f"systemctl cat {contract.llama_unit(s.model)}")
+        assert f"--parallel {s.slots}" in unit and f"--ctx-size {s.n_ctx * s.slots}" in unit
+
+
+def test_each_local_backend_has_its_captured_prefix(host, fleet, host_name):
+    """What each wizard's gateway would send its local model, captured by Hermes' own code
+    on the host, readable by the sidecar's warmer."""
+    for w in fleet.wizards_on(host_name):
+        for b in fleet.wizards[w].backends:
+            if not hasattr(b, "local"):
+                continue
+            path = contract.wizard_prefix(w, b.name)
+            doc = json.loads(host.check_output(f"sudo -u {contract.SIDECAR_USER} cat {path}"))
+            assert doc["messages"][0]["role"] == "system" and doc["model"] == b.local
+            assert host.service(contract.prefix_timer(w)).is_enabled

@@ -1,0 +1,182 @@
+"""The engine choice per model: what each engine serves, what the inventory must say for
+llama-server, the GGUF header it is checked against, and the units the plan renders."""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from neverdark import contract, engines, gguf, plan, topology
+from neverdark.inventory import InventoryError, validate
+from tests.test_inventory import GEMMA_SHA, line_of, write_inventory
+
+BASE = f"""secrets: {{file: secrets.env}}
+hosts:
+  vps: {{address: 10.0.0.2, profile: vps, memory_mb: 4096, cores: 2}}
+models:
+  gemma:
+    engine: ENGINE
+    source: SOURCE
+    size_mb: 253
+    server: SERVER
+    kv: {{layers: 18, kv_heads: 1, head_dim: 256, sliding_window_layers: 15, sliding_window: 512}}
+wizards:
+  merlin:
+    host: vps
+    backends:
+      - {{name: claude, provider: anthropic, model: claude-sonnet-4-5, api_key: {{secret: ANTHROPIC_API_KEY}}, context_length: 200000}}
+      - {{name: local, local: gemma}}
+  gandalf:
+    host: vps
+    backends:
+      - {{name: claude, provider: anthropic, model: claude-sonnet-4-5, api_key: {{secret: ANTHROPIC_API_KEY}}, context_length: 200000}}
+      - {{name: local, local: gemma}}
+"""
+URL = f"{{url: 'https://example.net/gemma.gguf', sha256: {GEMMA_SHA}}}"
+SECRETS = {"ANTHROPIC_API_KEY": "sk-ant-0123456789", "NEVERDARK_API_KEY_MERLIN": "m" * 20,
+           "NEVERDARK_API_KEY_GANDALF": "g" * 20}
+
+
+def inventory(engine="llama-server", source=URL, server="{threads: 2}", extra="") -> str:
+    text = BASE.replace("ENGINE", engine).replace("SOURCE", source).replace("SERVER", server)
+    return text.replace("    size_mb: 253\n", f"    size_mb: 253\n{extra}")
+
+
+def problems(tmp_path, text) -> list[str]:
+    path = write_inventory(tmp_path, text, SECRETS)
+    with pytest.raises(InventoryError) as exc:
+        validate(path, env={})
+    return [str(p) for p in exc.value.problems]
+
+
+def fake_gguf(path: Path, **meta) -> Path:
+    """A GGUF header only (no tensors): what the checks read."""
+    def s(x: str) -> bytes:
+        return struct.pack("<Q", len(x)) + x.encode()
+    items = b""
+    kv = {"general.architecture": "gemma3", "gemma3.context_length": 32768,
+          "gemma3.block_count": 18, "gemma3.attention.head_count_kv": 1,
+          "gemma3.attention.key_length": 256, "gemma3.attention.sliding_window": 512, **meta}
+    for k, v in kv.items():
+        if isinstance(v, str):
+            items += s(k) + struct.pack("<I", 8) + s(v)
+        else:
+            items += s(k) + struct.pack("<I", 4) + struct.pack("<I", v)
+    # and an array the reader must skip: tokenizer strings
+    items += s("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2) + s("<bos>") + s("<eos>")
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, len(kv) + 1) + items)
+    return path
+
+
+def test_gguf_header_is_read_without_the_tensors(tmp_path):
+    info = gguf.read(fake_gguf(tmp_path / "m.gguf"))
+    assert (info.architecture, info.context_length, info.block_count, info.head_count_kv,
+            info.key_length, info.sliding_window) == ("gemma3", 32768, 18, 1, 256, 512)
+    (tmp_path / "bad.gguf").write_bytes(b"NOPE" + b"\0" * 20)
+    with pytest.raises(gguf.GGUFError):
+        gguf.read(tmp_path / "bad.gguf")
+
+
+def test_llama_server_needs_a_context_hermes_accepts(tmp_path):
+    """Gemma 3 270M was trained for 32K: llama-server caps each slot there, Hermes wants 64K."""
+    text = inventory(extra="    training_context: 32768\n")
+    found = problems(tmp_path, text)
+    line = line_of(text, "engine: llama-server")
+    assert len(found) == 1 and found[0].startswith(
+        f"{tmp_path}/fleet.yaml:{line}: models.gemma.engine: llama-server serves at most 32768"), found
+    assert "extend_context" in found[0] and "llama-cpp-python" in found[0]
+
+
+def test_llama_server_context_unknown_for_a_url_source(tmp_path):
+    found = problems(tmp_path, inventory())
+    assert any("models.gemma.training_context: unknown" in p for p in found), found
+
+
+def test_extend_context_serves_n_ctx_with_an_override(tmp_path):
+    text = inventory(server="{threads: 2, extend_context: true}",
+                     extra="    training_context: 32768\n    architecture: gemma3\n")
+    fleet = validate(write_inventory(tmp_path, text, SECRETS), env={})
+    s, = topology.llama_servers(fleet, "vps")
+    argv = engines.argv(s)
+    assert argv[0] == engines.NATIVE_BINARY
+    assert ["--ctx-size", "131072"] == argv[argv.index("--ctx-size"):][:2]
+    assert ["--parallel", "2"] == argv[argv.index("--parallel"):][:2]
+    assert "--override-kv" in argv and "gemma3.context_length=int:65536" in argv
+    assert ["--cache-ram", "0"] == argv[argv.index("--cache-ram"):][:2]
+    assert (s.slot_of("gandalf"), s.slot_of("merlin")) == (0, 1)
+
+
+def test_the_model_file_header_fills_in_and_checks_the_inventory(tmp_path):
+    model = fake_gguf(tmp_path / "gemma.gguf")
+    text = inventory(source=f"{{file: {model}, sha256: {GEMMA_SHA}}}",
+                     server="{threads: 2, extend_context: true}")
+    fleet = validate(write_inventory(tmp_path, text, SECRETS), env={})
+    assert (fleet.models["gemma"].training_context, fleet.models["gemma"].architecture) == (
+        32768, "gemma3")
+    wrong = text.replace("kv: {layers: 18", "kv: {layers: 26")
+    found = problems(tmp_path, wrong)
+    assert any("models.gemma.kv.layers: 26 does not match the model file's GGUF header (18)"
+               in p for p in found), found
+
+
+def test_llama_cpp_python_serves_n_ctx_whatever_the_training_context(tmp_path):
+    text = inventory(engine="llama-cpp-python", extra="    training_context: 32768\n")
+    fleet = validate(write_inventory(tmp_path, text, SECRETS), env={})
+    s, = topology.llama_servers(fleet, "vps")
+    argv = engines.argv(s)
+    assert argv[:2] == [engines.PYTHON, engines.LAUNCHER] and "--n_ctx" in argv
+    env = engines.environment(s)
+    assert env["NEVERDARK_CACHE_BYTES"] == str(s.prompt_cache_bytes)
+    assert env["NEVERDARK_PREFIX_DIR"] == contract.llama_state_dir("gemma")
+    assert engines.restores_slots(s)
+
+
+def test_restored_slots_on_llama_server_only_without_sliding_window_or_with_swa_full(tmp_path):
+    text = inventory(server="{threads: 2, extend_context: true}",
+                     extra="    training_context: 32768\n    architecture: gemma3\n")
+    fleet = validate(write_inventory(tmp_path, text, SECRETS), env={})
+    s, = topology.llama_servers(fleet, "vps")
+    assert not engines.restores_slots(s)
+    full = validate(write_inventory(tmp_path, text.replace("extend_context: true",
+                                                           "extend_context: true, swa_full: true"),
+                                    SECRETS), env={})
+    assert engines.restores_slots(topology.llama_servers(full, "vps")[0])
+
+
+def test_the_plan_ships_the_verified_native_build_and_says_what_the_warmer_needs(tmp_path,
+                                                                                 monkeypatch):
+    build = tmp_path / "build"
+    (build / "llama-server").mkdir(parents=True)
+    stamp = {"files": {"llama-server/llama-server": {"sha256": "a" * 64, "bytes": 1},
+                       "llama-server/libllama.so.0": {"sha256": "b" * 64, "bytes": 1},
+                       "llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl": {"sha256": "c" * 64,
+                                                                             "bytes": 1}}}
+    fake = types.SimpleNamespace(cached=lambda arch: types.SimpleNamespace(
+        dir=build, stamp=stamp) if arch == "x86_64" else None)
+    monkeypatch.setitem(sys.modules, "neverdark.artifacts", fake)
+    import neverdark
+    monkeypatch.setattr(neverdark, "artifacts", fake, raising=False)
+    text = inventory(server="{threads: 2, extend_context: true}",
+                     extra="    training_context: 32768\n    architecture: gemma3\n")
+    fleet = validate(write_inventory(tmp_path, text, SECRETS), env={})
+    p = plan.host_plan(fleet, "vps")
+    native = p["llama"]["native"]
+    assert not p["llama"]["python"]
+    assert [(f["name"], f["mode"]) for f in native["files"]] == [("libllama.so.0", "0644"),
+                                                                  ("llama-server", "0755")]
+    assert native["dir"].startswith(f"{contract.LLAMA_DIR}/{contract.LLAMA_SERVER_BUILD_PREFIX}")
+    server, = p["llama"]["servers"]
+    info = json.loads(server["server_json"].content)
+    assert info == {"base_url": "http://127.0.0.1:8081/v1", "engine": "llama-server",
+                    "model": "gemma", "restores_slots": False,
+                    "slots": {"gandalf": 0, "merlin": 1}}
+    assert contract.LLAMA_USER in p["sidecar"]["groups"]
+    # A host whose arch has no build is told how to make one.
+    fleet.hosts["vps"] = fleet.hosts["vps"].model_copy(update={"arch": "aarch64"})
+    with pytest.raises(RuntimeError, match="neverdark.artifacts build --arch aarch64"):
+        plan.host_plan(fleet, "vps")
