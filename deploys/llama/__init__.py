@@ -134,13 +134,16 @@ class LlamaServerDeployer(Deployer):
         self.server, self.unit = server, unit
         self.engine, self.models = engine, models   # their installs can restart this server
 
+    def unit_file(self) -> File:
+        return File(f"{contract.UNIT_DIR}/{self.unit}",
+                    render(HERE, "neverdark-llama.service.j2", s=self.server,
+                           exec_start=exec_start(self.server["argv"]),
+                           user=contract.LLAMA_USER, models_dir=contract.MODELS_DIR))
+
     def files(self) -> list[File]:
         if self.server is None:
             return []
-        return [File(f"{contract.UNIT_DIR}/{self.unit}",
-                     render(HERE, "neverdark-llama.service.j2", s=self.server,
-                            exec_start=exec_start(self.server["argv"]),
-                            user=contract.LLAMA_USER, models_dir=contract.MODELS_DIR))]
+        return [self.unit_file(), self.server["server_json"]]
 
     def configure(self) -> None:
         if self.enabled:
@@ -148,7 +151,7 @@ class LlamaServerDeployer(Deployer):
             files.directory(name=f"{self.name}: {self.server['model']} state dir",
                             path=self.server["state_dir"], user=contract.LLAMA_USER,
                             group=contract.LLAMA_USER, mode="0750")
-            super().configure()
+            self.put(self.unit_file())
             self.put(self.server["server_json"], effect=None)   # read by the sidecar only
 
     def activate(self) -> None:
