@@ -79,7 +79,11 @@ def native_argv(s, binary: str = NATIVE_BINARY, model_path: str | None = None,
             "--metrics", "--slot-save-path", state_dir or s.state_dir,
             # the slots are the prompt cache: no second copy in RAM
             "--cache-ram", "0", "--ctx-checkpoints", str(s.ctx_checkpoints),
-            "--cache-reuse", str(s.cache_reuse), "--no-webui"]
+            "--cache-reuse", str(s.cache_reuse),
+            # A request goes to the idle slot holding at least half of its prompt, else to the
+            # least recently used one. llama.cpp's 0.1 lets any short request (a health ping:
+            # 7 of its 25 tokens are the chat template's) take over a wizard's warm slot.
+            "--slot-prompt-similarity", "0.5", "--no-webui"]
     if s.swa_full:
         argv.append("--swa-full")
     if s.kv_type != "f16":
