@@ -179,10 +179,12 @@ def engine_run(engine: str, prefixes: dict, seconds: float, tmp: Path) -> dict:
         res["rss_ready_mb"] = round(server.rss_mb())
         cold = turn(server, messages(prefixes["merlin"], "Hello, who are you?"))
         res["cold"] = {"wall_s": round(cold["wall_s"], 2), "evaluated": cold["evaluated"]}
+        # Before warming: on llama-server a request that names no slot takes the least
+        # recently used one, and this one would evict a warm prefix.
+        res["decode_tok_s"] = round(decode_rate(server), 1)
         res["warmup"] = warm(server, prefixes, WIZARDS, tmp / engine)
         fresh = turn(server, messages(prefixes["gandalf"], "A new conversation: hello?"))
         res["warm"] = {"wall_s": round(fresh["wall_s"], 2), "evaluated": fresh["evaluated"]}
-        res["decode_tok_s"] = round(decode_rate(server), 1)
         solo = load(server, prefixes, WIZARDS[:1], seconds)
         res["queue"] = {1: {"median_s": round(statistics.median(solo), 2), "wait_s": 0.0}}
         for n in (2, 3):

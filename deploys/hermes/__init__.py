@@ -135,7 +135,8 @@ class WizardDeployer(Deployer):
             files.directory(name=f"{self.name}: remove config",
                             path=contract.wizard_etc(self.wizard), present=False)
             for unit in (contract.prefix_timer(self.wizard), contract.prefix_unit(self.wizard)):
-                self.stop_unit(unit)
+                if ops.host_has_file(f"{contract.UNIT_DIR}/{unit}"):   # none without a local
+                    self.stop_unit(unit)
             return
         self.run_unit(self.unit, also_restart_on=self.hermes.restart_ops if self.hermes else [])
         self._capture_prefixes()
