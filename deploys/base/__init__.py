@@ -7,7 +7,7 @@ from pyinfra import host
 from pyinfra.facts.server import Arch
 from pyinfra.operations import apt, files
 
-from deploys.deployer import Deployer
+from deploys.deployer import Deployer, each
 from neverdark import contract
 
 # uname -m on the hosts neverdark knows, as the inventory spells them
@@ -29,5 +29,5 @@ class BaseDeployer(Deployer):
         # apt.packages only reaches the network when something is missing: offline hosts with
         # these preinstalled converge without an index.
         apt.packages(name="base packages", packages=self.p["base"]["packages"], update=False)
-        for path in (contract.OPT, contract.ETC, contract.VAR):
+        for path in each((contract.OPT, contract.ETC, contract.VAR)):
             files.directory(name=path, path=path, user="root", group="root", mode="0755")

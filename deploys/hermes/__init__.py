@@ -12,7 +12,7 @@ from pathlib import Path
 from pyinfra.operations import files, server
 
 from deploys import ops
-from deploys.deployer import Deployer, component_venv, render
+from deploys.deployer import Deployer, component_venv, each, render
 from neverdark import contract
 from neverdark.plan import File
 
@@ -78,10 +78,10 @@ class WizardDeployer(Deployer):
         if not self.enabled:
             return
         w = self.w
-        for f in w["variants"].values():
+        for f in each(w["variants"].values()):
             # Hermes reads the active copy, not these: a variant change is the sidecar's news.
             self.variant_ops.append(self.put(f, effect=None))
-        for stale in ops.listed_names(f"{w['etc']}/backends"):
+        for stale in each(ops.listed_names(f"{w['etc']}/backends")):
             if stale.removesuffix(".yaml") not in w["variants"]:
                 self.variant_ops.append(self.remove(f"{w['etc']}/backends/{stale}"))
         ops.write_if_missing(name=f"{self.name}: seed the active config (primary)",

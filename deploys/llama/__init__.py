@@ -7,7 +7,7 @@ from pathlib import Path
 from pyinfra.operations import files
 
 from deploys import ops
-from deploys.deployer import Deployer, component_venv, render, system_user
+from deploys.deployer import Deployer, component_venv, each, render, system_user
 from neverdark import contract
 from neverdark.plan import File
 
@@ -30,7 +30,7 @@ class LlamaDeployer(Deployer):
         system_user(contract.LLAMA_USER)
         self.restart_ops.append(component_venv("llama", self.p["llama"]["requirements"],
                                                      self.p["pip"]))
-        for f in self.files():
+        for f in each(self.files()):
             self.put(f)
 
     def configure(self) -> None:
