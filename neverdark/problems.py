@@ -13,6 +13,16 @@ from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, Tag, ValidationError
 
+
+def printable(text: str, keep: str = "") -> str:
+    """`text` with every character that is not printable (control characters, lone surrogates,
+    line breaks but those in `keep`) escaped: a problem quotes names and values from the file,
+    and what reaches the operator's terminal must be neither an escape sequence nor a fake line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in keep else ascii(c)[1:-1] for c in text)
+
+
 @dataclass(frozen=True)
 class Problem:
     file: str

@@ -148,9 +148,12 @@ def test_ports_assigned_in_name_order_per_host(tmp_path):
     assert [s.prompt_cache_mb for s in topology.llama_servers(fleet, "vps")] == [4 * 216, 2 * 12]
 
 
-def test_default_inventory_path(monkeypatch):
-    assert default_inventory_path({}) == REPO / "fleet.yaml"
-    assert default_inventory_path({"NEVERDARK_INVENTORY": "/x/f.yaml"}) == Path("/x/f.yaml")
+def test_default_inventory_path(tmp_path):
+    assert default_inventory_path({}, cwd=tmp_path) == REPO / "fleet.yaml"
+    (tmp_path / "fleet.yaml").write_text("hosts: {}\n")
+    assert default_inventory_path({}, cwd=tmp_path) == tmp_path / "fleet.yaml"
+    assert default_inventory_path({"NEVERDARK_INVENTORY": "/x/f.yaml"},
+                                  cwd=tmp_path) == Path("/x/f.yaml")
 
 
 # --- one test per kind of mistake ------------------------------------------------------------
@@ -488,7 +491,7 @@ def test_validate_command_fails_with_problems_on_stderr(tmp_path, capsys):
     result = CliRunner().invoke(validate_cmd, [str(path)])
     assert result.exit_code == 1
     err = result.output
-    assert f"{path}:" in err and "problem(s) in" in err
+    assert f"{path}:" in err and f"\n7 problems in {path}\n" in err
 
 
 def test_validate_command_default_path(tmp_path, monkeypatch):
