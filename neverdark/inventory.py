@@ -23,7 +23,7 @@ from neverdark import checks, topology
 from neverdark.problems import (InventoryError, Problem, Report, add_validation_errors,
                                 unknown_key)
 from neverdark.schema import CloudBackend, Fleet, Host, LocalBackend, Model, Wizard
-from neverdark.yamlsource import load_yaml
+from neverdark.yamlsource import load_yaml, read_text
 
 __all__ = ["CloudBackend", "Fleet", "InventoryError", "InventoryNotFound", "LocalBackend", "Model",
            "Problem", "default_inventory_path", "find_inventory", "validate"]
@@ -84,12 +84,8 @@ def find_inventory(explicit: str | os.PathLike | None = None,
 def validate(path: str | os.PathLike, env: Mapping[str, str] = os.environ) -> Fleet:
     path = Path(path)
     report = Report(str(path), {})
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
-        raise InventoryError([Problem(str(path), None, "(file)", f"cannot read: {reason}")])
-    raw = load_yaml(text, report)
+    text = read_text(path, report)
+    raw = load_yaml(text, report) if text is not None else None
     if report.problems and raw is None:
         raise InventoryError(report.problems)
     if not isinstance(raw, dict):
@@ -113,7 +109,8 @@ def validate(path: str | os.PathLike, env: Mapping[str, str] = os.environ) -> Fl
     checks.default_api_keys(fleet)
     unsure = checks.check_references(report, fleet, names["hosts"], names["models"])
     # A host with a broken wizard entry would be budgeted without that wizard's gateway.
-    unsure |= {entry.get("host") for w, entry in (raw.get("wizards") or {}).items()
+    raw_wizards = raw.get("wizards") if isinstance(raw.get("wizards"), dict) else {}
+    unsure |= {entry.get("host") for w, entry in raw_wizards.items()
                if w not in parts["wizards"] and isinstance(entry, dict)
                and isinstance(entry.get("host"), str)}
     checks.check_models(report, fleet)

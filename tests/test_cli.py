@@ -198,6 +198,44 @@ def test_remote_commands_exit_1_with_ssh_own_error(command, tmp_path):
 # --- nothing from the inventory becomes an option --------------------------------------------
 
 
+def hostile_fleet_text(marker: Path) -> str:
+    """The minimal fleet with a user and a second host's address that are ssh options."""
+    return MINIMAL.replace("    cores: 2\n", (
+        "    cores: 2\n"
+        f"    ssh: {{user: '-oProxyCommand=touch {marker}.user', sudo: true}}\n"
+        "  pi:\n"
+        f"    address: '-oProxyCommand=touch {marker}.address'\n"
+        "    profile: pi\n    memory_mb: 2048\n    cores: 4\n"))
+
+
+OPERATOR_COMMANDS = [["validate"], ["status"], ["failover", "merlin"], ["pin", "merlin"],
+                     ["release", "merlin"], ["drill", "merlin"], ["render", "vps", "--out", "OUT"]]
+
+
+@pytest.mark.parametrize("command", OPERATOR_COMMANDS, ids=lambda c: c[0])
+def test_operator_commands_refuse_an_inventory_that_smuggles_ssh_options(command, tmp_path):
+    marker = tmp_path / "pwned"
+    path = write_fleet(tmp_path, hostile_fleet_text(marker))
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in command]
+    proc = subprocess.run([str(NEVERDARK), *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "NEVERDARK_INVENTORY": str(path)})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"{path}:11: hosts.vps.ssh.user: " in proc.stderr
+    assert f"{path}:13: hosts.pi.address: " in proc.stderr
+    assert list(tmp_path.glob("pwned*")) == []
+
+
+def test_the_deploy_refuses_it_before_connecting(tmp_path):
+    marker = tmp_path / "pwned"
+    path = write_fleet(tmp_path, hostile_fleet_text(marker))
+    proc = subprocess.run([str(PYINFRA), "-y", "inventory", "deploys/fleet.py"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "NEVERDARK_INVENTORY": str(path)})
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "hosts.vps.ssh.user" in proc.stderr and "Connecting" not in proc.stdout
+    assert list(tmp_path.glob("pwned*")) == []
+
+
 def unvalidated_fleet(**ssh) -> Fleet:
     """A fleet as if validation had been skipped: whatever ssh_argv might ever be handed."""
     address = ssh.pop("address", "127.0.0.1")
