@@ -108,7 +108,11 @@ def check_key_variables(report: Report, fleet: Fleet) -> None:
 
 
 def _known(names: set) -> str:
-    return f" (known: {', '.join(sorted(map(str, names)))})" if names else " (none defined)"
+    if not names:
+        return " (none defined)"
+    shown = [n if len(n) <= 40 else n[:37] + "..." for n in sorted(map(str, names))[:10]]
+    more = f", and {len(names) - 10} more" if len(names) > 10 else ""
+    return f" (known: {', '.join(shown)}{more})"
 
 
 def _check_max_tokens(report: Report, fleet: Fleet, here: tuple, max_tokens: int,

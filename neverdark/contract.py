@@ -10,6 +10,7 @@ is installed (the deploy ships it beside the sidecar's code).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 # --- names -----------------------------------------------------------------------------------
@@ -40,6 +41,57 @@ def name_problem(value: object, what: str = "name") -> str | None:
     for unit in _units_named_by(value, what):
         if len(unit) > UNIT_MAX:
             return f"makes the unit name {unit[:40]}... longer than systemd's {UNIT_MAX}"
+    return None
+
+
+# --- what reaches ssh, pyinfra and testinfra on the operator's machine -----------------------
+# A host's address, ssh user and key paths end up in ssh's argv (neverdark status, drill,
+# failover), in testinfra's ssh command line (run through a shell) and in pyinfra's connector.
+# None of them may start with '-' (ssh would read `-oProxyCommand=...` as an option and run it),
+# hold whitespace, quotes or shell syntax, or any control character.
+SSH_USER_RULE = "letters, digits, '.', '_' or '-', starting with a letter or '_'"
+_SSH_USER = re.compile(r"[A-Za-z_][A-Za-z0-9._-]*")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+LOCAL_PATH_RULE = "letters, digits and _ . / ~ + @ : , = -, not starting with '-'"
+_LOCAL_PATH = re.compile(r"[A-Za-z0-9_./~+@:,=][A-Za-z0-9_./~+@:,=-]*")
+PATH_MAX = 4096
+
+
+def _shown(value: str) -> str:
+    return repr(value) if len(value) <= 40 else repr(value[:37]) + "..."
+
+
+def ssh_user_problem(value: object) -> str | None:
+    if not isinstance(value, str):
+        return f"must be a string, got {type(value).__name__}"
+    if not _SSH_USER.fullmatch(value) or len(value) > USER_MAX:
+        return (f"{_shown(value)} is not a user name: use {SSH_USER_RULE}, at most {USER_MAX} "
+                "characters")
+    return None
+
+
+def address_problem(value: object) -> str | None:
+    """An IP address or a DNS name (or an ssh_config alias of the same form)."""
+    if not isinstance(value, str):
+        return f"must be a string, got {type(value).__name__}"
+    try:
+        ipaddress.ip_address(value)
+        return None
+    except ValueError:
+        pass
+    labels = value.split(".")
+    if len(value) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        return (f"{_shown(value)} is neither an IP address nor a DNS name (labels of letters, "
+                "digits, '-' and '_', not starting or ending with '-', joined by '.')")
+    return None
+
+
+def local_path_problem(value: object) -> str | None:
+    """A file on the operator's machine that ssh, pyinfra or testinfra is handed."""
+    if not isinstance(value, str):
+        return f"must be a string, got {type(value).__name__}"
+    if not _LOCAL_PATH.fullmatch(value) or len(value) > PATH_MAX:
+        return f"{_shown(value)} is not a usable path here: use {LOCAL_PATH_RULE}"
     return None
 
 

@@ -114,13 +114,51 @@ def format_budget(items: list[tuple[str, int]], memory_mb: int) -> str:
     return "\n".join(lines)
 
 
+def _with_server(model: Model, **change) -> Model:
+    return model.model_copy(update={"server": model.server.model_copy(update=change)})
+
+
+def hints(fleet: Fleet, host: str) -> list[str]:
+    """What would shrink this host's budget, each only where it applies, with what it saves."""
+    from neverdark.contract import MIN_N_CTX
+    out = []
+    for name in fleet.local_models(host):
+        model, users = fleet.models[name], len(fleet.wizards_using(host, name))
+        now = server_mb(model, users, fleet.memory)
+        where = f"models.{name}.server"
+        changes = []
+        if model.server.swa_full and model.kv.sliding_window_layers:
+            changes.append((f"set {where}.swa_full false", {"swa_full": False}))
+        if model.server.n_ctx > MIN_N_CTX:
+            changes.append((f"lower {where}.n_ctx to {MIN_N_CTX} (Hermes' floor)",
+                            {"n_ctx": MIN_N_CTX}))
+        smaller = {"f16": "q8_0", "q8_0": "q4_0"}.get(model.server.kv_type)
+        if smaller:
+            changes.append((f"set {where}.kv_type {smaller}", {"kv_type": smaller}))
+        for text, change in changes:
+            saved = now - server_mb(_with_server(model, **change), users, fleet.memory)
+            if saved > 0:
+                out.append(f"{text} (saves {saved} MB)")
+        out.append(f"serve a smaller model than {name} (it takes {now} MB)")
+    wizards = fleet.wizards_on(host)
+    if wizards:
+        out.append(f"move {'a' if len(wizards) > 1 else 'the'} wizard to another host "
+                   f"({fleet.memory.gateway_mb} MB per gateway"
+                   + (", more where wizards share a model's prompt cache)"
+                      if any(len(fleet.wizards_using(host, m)) > 1
+                             for m in fleet.local_models(host)) else ")"))
+    return out
+
+
 def misfit(fleet: Fleet, host: str) -> str | None:
-    """None when the host fits, else a message with the whole breakdown."""
+    """None when the host fits, else a message with what would help and the whole breakdown."""
     items = memory_budget(fleet, host)
     total = sum(mb for _, mb in items)
     memory_mb = fleet.hosts[host].memory_mb
     if total <= memory_mb:
         return None
+    options = hints(fleet, host)
+    advice = ("Options: " + "; ".join(options) if options else
+              "Nothing runs here but the sidecar: is memory_mb right?")
     return (f"does not fit: needs {total} MB, host has {memory_mb} MB "
-            f"({total - memory_mb} MB over). Use fewer wizards or a smaller model, lower n_ctx, "
-            f"keep swa_full false, or use kv_type q8_0:\n" + format_budget(items, memory_mb))
+            f"({total - memory_mb} MB over). {advice}:\n" + format_budget(items, memory_mb))
