@@ -14,6 +14,7 @@ import click
 
 from neverdark import memory_fit, remote
 from neverdark.inventory import InventoryError, default_inventory_path, validate
+from sidecar.engine import format_breakdown
 
 
 class _Group(click.Group):
@@ -199,6 +200,8 @@ def drill_lines(host: str, report: dict) -> list[str]:
         for i, turn in enumerate(report.get(turns_key) or [], 1):
             lines.append(f"    turn {i}: {'ok' if turn['ok'] else 'FAILED':6} {turn['latency']:6.2f} s"
                          f"  answered by {turn['model']}" + ("" if turn["ok"] else f"  ({turn['detail']})"))
+            if turn.get("breakdown"):
+                lines.append("            " + format_breakdown(turn["breakdown"]))
     lines.append("drill passed" if report.get("ok") else f"drill FAILED: {report.get('error')}")
     return lines
 
