@@ -29,13 +29,13 @@ class LlamaServer:
     def __init__(self, log_dir: Path, *, n_ctx: int = 65536, threads: int = 2,
                  chat_format: str = "chatml", alias: str = MODEL_ALIAS,
                  extra: tuple[str, ...] = (), env: dict | None = None,
-                 start_timeout: float = 120) -> None:
+                 port: int | None = None, start_timeout: float = 120) -> None:
         probe = subprocess.run([str(runtimes.LLAMA_PYTHON), "-c", "import llama_cpp.server"],
                                capture_output=True)
         if probe.returncode != 0:
             raise LlamaServerError(f"llama-cpp-python[server] is not importable from "
                                    f"{runtimes.LLAMA_PYTHON}: {runtimes.INSTALL_HINT}")
-        self.port = free_port()
+        self.port = port or free_port()
         self.alias = alias
         self.root = f"http://127.0.0.1:{self.port}"
         self.base_url = f"{self.root}/v1"
