@@ -24,6 +24,7 @@ from neverdark.inventory import InventoryError, InventoryNotFound, find_inventor
 from neverdark.problems import printable
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+from sidecar.engine import format_breakdown
 
 
 class _Group(click.Group):
@@ -319,6 +320,8 @@ def drill_lines(host: str, report: dict) -> list[str]:
         for i, turn in enumerate(report.get(turns_key) or [], 1):
             lines.append(f"    turn {i}: {'ok' if turn['ok'] else 'FAILED':6} {turn['latency']:6.2f} s"
                          f"  answered by {turn['model']}" + ("" if turn["ok"] else f"  ({turn['detail']})"))
+            if turn.get("breakdown"):
+                lines.append("            " + format_breakdown(turn["breakdown"]))
     lines.append("drill passed" if report.get("ok") else f"drill FAILED: {report.get('error')}")
     return lines
 

@@ -137,6 +137,8 @@ def hermes_spec(fleet: Fleet, name: str) -> dict:
             "api_key_secret": None if isinstance(b, LocalBackend) else b.api_key.secret,
             "context_length": fleet.context_length(b),
             "max_tokens": b.max_tokens,
+            "profile": b.profile,
+            "tools": b.tools,
         } for b in wz.backends],
     }
 

@@ -16,7 +16,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, 
                       ValidationInfo, field_validator, model_validator)
 
 from neverdark import contract
-from neverdark.hermes_config import DEFAULT_NOTICE
+from neverdark.hermes_config import DEFAULT_NOTICE, HERMES_TOOLSETS
 from neverdark.secrets import SecretRef, SecretStore
 
 
@@ -185,6 +185,12 @@ class Server(Strict):
     port: Port | None = None
 
 
+# llama-cpp-python chat formats whose handler puts `tools` into the prompt (and parses calls
+# back); chatml and the others ignore them.
+TOOL_CHAT_FORMATS = ("chatml-function-calling", "functionary", "functionary-v1",
+                     "functionary-v2")
+
+
 class Model(Strict):
     source: ModelSource
     size_mb: Megabytes
@@ -210,6 +216,16 @@ class Model(Strict):
         return self
 
 
+def _known_toolsets(v: list[str] | None) -> list[str] | None:
+    unknown = [t for t in v or [] if t not in HERMES_TOOLSETS]
+    if unknown:
+        raise ValueError(f"unknown Hermes toolset(s) {', '.join(map(repr, unknown))}; Hermes "
+                         f"0.19.0 has: {', '.join(HERMES_TOOLSETS)}")
+    if v is not None and len(set(v)) != len(v):
+        raise ValueError("a toolset is listed twice")
+    return v
+
+
 class CloudBackend(Strict):
     name: str
     provider: Literal["anthropic", "openai", "google"]
@@ -218,6 +234,12 @@ class CloudBackend(Strict):
     api_key: SecretRef
     context_length: Tokens
     max_tokens: Tokens = 8192
+    # What the prompt carries on this backend (neverdark.hermes_config: lean or full), and which
+    # Hermes toolsets it offers (None: Hermes' defaults per platform).
+    profile: Literal["lean", "full"] = "full"
+    tools: list[str] | None = None
+
+    _tools = field_validator("tools")(classmethod(lambda cls, v: _known_toolsets(v)))
 
     @field_validator("base_url")
     @classmethod
@@ -236,7 +258,16 @@ class CloudBackend(Strict):
 class LocalBackend(Strict):
     name: str
     local: str
-    max_tokens: Tokens = 4096
+    # Small by default: every generated token is slow on a small host, and a base model that
+    # rambles or loops stops here (~40 s at a Pi 5's 6 tokens/s for an E2B-class model).
+    max_tokens: Tokens = 256
+    profile: Literal["lean", "full"] = "lean"
+    # No tool schemas unless chosen: llama-cpp-python's chatml format drops them unseen, and sent
+    # properly they are ~11,000 prompt tokens. A list needs an engine and chat format that carry
+    # tools (checked against the model).
+    tools: list[str] = Field(default_factory=list)
+
+    _tools = field_validator("tools")(classmethod(lambda cls, v: _known_toolsets(v)))
 
 
 def _backend_kind(v: Any) -> str | None:

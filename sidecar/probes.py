@@ -3,12 +3,17 @@
 By default a probe costs no billed tokens: it lists models. ``deep=True`` sends a real 1-token
 generation, which on a cloud backend is the optional paid probe and on the local llama server is
 the readiness check (a server can list models while its model is broken).
+
+A local probe also reads the engine's counters (sidecar.engine: GET /metrics, which neither engine
+holds behind a generation), so every probe round carries where the local turns' time went since
+the engine started; metrics.py exports them. They never decide health.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import json
 import re
@@ -19,6 +24,8 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
 import httpx
+
+from sidecar import engine
 
 ANTHROPIC_VERSION = "2023-06-01"
 
@@ -37,6 +44,8 @@ class ProbeResult:
     retry_after: float | None
     latency: float
     detail: str
+    # Local backends: the engine's counters at probe time (None: it exports none).
+    engine: engine.EngineTotals | None = None
 
 
 def _request(backend, deep: bool) -> tuple[str, str, dict, dict | None]:
@@ -216,7 +225,9 @@ async def probe(backend, client: httpx.AsyncClient, timeout: float, deep: bool =
             await _connect(backend, timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             return result(False, _classify_transport(exc), detail=f"{type(exc).__name__}: {exc}")
-        return result(True, "ok", detail="listening")
+        done = result(True, "ok", detail="listening")
+        totals = await engine.scrape(client, backend.base_url, timeout=min(timeout, 2.0))
+        return done if totals is None else dataclasses.replace(done, engine=totals)
 
     method, url, headers, body = _request(backend, deep)
 

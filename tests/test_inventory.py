@@ -93,7 +93,9 @@ def test_minimal_fleet_validates_with_resolved_defaults(tmp_path):
     assert wizard.api_server_key.secret == "NEVERDARK_API_KEY_MERLIN"
     claude, local = wizard.backends
     assert claude.base_url == "https://api.anthropic.com" and claude.max_tokens == 8192
-    assert isinstance(local, LocalBackend) and local.max_tokens == 4096
+    assert isinstance(local, LocalBackend) and local.max_tokens == 256
+    assert (local.profile, local.tools) == ("lean", [])
+    assert (claude.profile, claude.tools) == ("full", None)
     assert fleet.llama_port("vps", "gemma") == 8081
     assert fleet.base_url("merlin", local) == "http://127.0.0.1:8081/v1"
     assert fleet.context_length(local) == 65536
@@ -543,3 +545,29 @@ def test_telegram_api_url_must_be_http(tmp_path):
         validate(path, env=env)
     line = line_of(text, "# not http")
     assert f"{path}:{line}: wizards.radagast.telegram.api_url: " in str(err.value), str(err.value)
+
+
+def test_tools_on_a_chatml_local_backend_are_refused(tmp_path):
+    """llama-cpp-python's chatml format drops tool schemas unseen: a list there is an error."""
+    text = variant(("        local: gemma\n", "        local: gemma\n        tools: [memory, web]\n"))
+    assert_problem(tmp_path, text, "tools: [memory, web]", "wizards.merlin.backends[1].tools",
+                   "chatml", "silently drops tool schemas", "chatml-function-calling")
+
+
+def test_tools_with_a_function_calling_chat_format_are_accepted(tmp_path):
+    text = variant(("        local: gemma\n", "        local: gemma\n        tools: [memory]\n"),
+                   ("    size_mb: 253\n", "    size_mb: 253\n    chat_format: chatml-function-calling\n"))
+    fleet = validate(write_inventory(tmp_path, text), env={})
+    assert fleet.wizards["merlin"].backends[1].tools == ["memory"]
+
+
+def test_unknown_toolset_is_refused_with_hermes_names(tmp_path):
+    text = variant(("        local: gemma\n", "        local: gemma\n        tools: [memroy]\n"))
+    assert_problem(tmp_path, text, "tools: [memroy]", "wizards.merlin.backends[1].tools",
+                   "'memroy'", "memory", "cronjob")
+
+
+def test_profile_must_be_lean_or_full(tmp_path):
+    text = variant(("        local: gemma\n", "        local: gemma\n        profile: tiny\n"))
+    assert_problem(tmp_path, text, "profile: tiny", "wizards.merlin.backends[1].profile",
+                   "lean", "full")
