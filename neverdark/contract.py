@@ -206,13 +206,30 @@ def local_base_url(port: int) -> str:
 
 
 # --- backends, Hermes ------------------------------------------------------------------------
-KINDS = ("anthropic", "openai", "google", "local")
-CLOUD_KINDS = ("anthropic", "openai", "google")
+KINDS = ("anthropic", "openai", "google", "ollama", "local")
+# Backends reached at a URL the inventory gives (a cloud API, or a model server neverdark does
+# not run: Ollama, vLLM, a llama-server of the operator's own); "local" is neverdark's own.
+CLOUD_KINDS = ("anthropic", "openai", "google", "ollama")
 KEYED_KINDS = ("anthropic", "google")   # always need a key; an OpenAI-compatible one may not
 DEFAULT_BASE_URLS = {
     "anthropic": "https://api.anthropic.com",
     "google": "https://generativelanguage.googleapis.com/v1beta",
+    "ollama": "http://127.0.0.1:11434",
 }
+# Ollama serves a model with this context unless its Modelfile or the request sets num_ctx
+# (the server-wide OLLAMA_CONTEXT_LENGTH is not visible through its API).
+OLLAMA_DEFAULT_CONTEXT = 4096
+
+
+def openai_base_url(kind: str, base_url: str) -> str:
+    """Where Hermes and the probes send OpenAI-style requests: an Ollama server's root (as
+    Ollama documents it) plus /v1; every other kind's base_url as given."""
+    return base_url.rstrip("/") + "/v1" if kind == "ollama" else base_url
+
+
+def server_root(kind: str, base_url: str) -> str:
+    """The inverse: an Ollama server's root from its /v1 URL (its native API lives there)."""
+    return base_url.removesuffix("/v1") if kind == "ollama" else base_url
 # Hermes 0.19.0 refuses a model whose context is under 64,000 tokens (HTTP 500 per request);
 # 65536 is the smallest power of two above it, which is what llama.cpp sizes nicely.
 HERMES_MIN_CONTEXT = 64_000

@@ -46,7 +46,8 @@ LOCAL_API_KEY = "no-key-required"
 
 # Hermes' provider per neverdark backend kind, and the environment name it reads the key from
 # (None: per-backend name, sent through `model.api_key: ${NAME}`).
-PROVIDER = {"anthropic": "anthropic", "openai": "custom", "google": "gemini", "local": "custom"}
+PROVIDER = {"anthropic": "anthropic", "openai": "custom", "google": "gemini", "ollama": "custom",
+            "local": "custom"}
 FIXED_KEY_ENV = {"anthropic": "ANTHROPIC_API_KEY", "google": "GOOGLE_API_KEY"}
 
 # --- prompt profiles ---------------------------------------------------------------------------
@@ -54,7 +55,8 @@ FIXED_KEY_ENV = {"anthropic": "ANTHROPIC_API_KEY", "google": "GOOGLE_API_KEY"}
 # "What the small model gets"): Hermes 0.19.0 sends a local backend a ~1,700-token system prompt
 # plus 16 tool schemas (~11,000 tokens) that llama-cpp-python's chatml format drops unseen.
 PROFILES = ("lean", "full")
-DEFAULT_PROFILE = {"local": "lean", "anthropic": "full", "openai": "full", "google": "full"}
+DEFAULT_PROFILE = {"local": "lean", "ollama": "lean", "anthropic": "full", "openai": "full",
+                   "google": "full"}
 # The platforms a wizard talks on (platform_toolsets.<platform>, platform_hints.<platform>).
 PLATFORMS = ("api_server", "telegram")
 
@@ -127,11 +129,11 @@ def _backend(wizard, backend) -> Any:
 def key_env(wizard, backend) -> str | None:
     """The environment name the wizard's .env holds this backend's key under."""
     kind = _get(backend, "kind")
-    if kind == "local":
-        return None
+    if kind == "local" or (kind in ("openai", "ollama") and not _get(backend, "api_key_secret")):
+        return None   # neverdark's own server, or one that wants no key (Ollama, a local vLLM)
     if kind in FIXED_KEY_ENV:
         return FIXED_KEY_ENV[kind]
-    if kind == "openai":
+    if kind in ("openai", "ollama"):
         # Never OPENAI_API_KEY: Hermes hands that to any entry lacking a key of its own.
         return contract.backend_key_env(str(_get(wizard, "name")), str(_get(backend, "name")))
     raise ValueError(f"backend {_get(backend, 'name')!r}: unknown kind {kind!r}")
@@ -186,7 +188,7 @@ def secret_names(wizard) -> list[str]:
     names = [_get(wizard, "api_key_secret")]
     if _get(wizard, "telegram_token_secret"):
         names.append(_get(wizard, "telegram_token_secret"))
-    names += [_get(b, "api_key_secret") for b in _backends(wizard) if _get(b, "kind") != "local"]
+    names += [_get(b, "api_key_secret") for b in _backends(wizard) if _get(b, "api_key_secret")]
     return list(dict.fromkeys(names))
 
 

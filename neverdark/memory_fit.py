@@ -92,12 +92,26 @@ def server_mb(model: Model, wizards: int, policy: MemoryPolicy) -> int:
     return sum(mb for _, mb in server_items("", model, wizards, policy))
 
 
+def external_server_items(fleet: Fleet, host: str) -> list[tuple[str, int]]:
+    """Model servers neverdark does not run but the host holds (an Ollama beside the wizards):
+    each backend with `memory_mb` declares one, counted once per server URL (the largest
+    figure any backend gives for it)."""
+    servers: dict[str, int] = {}
+    for wizard in fleet.wizards_on(host):
+        for b in fleet.wizards[wizard].backends:
+            mb_ = getattr(b, "memory_mb", None)
+            if mb_:
+                servers[b.base_url] = max(servers.get(b.base_url, 0), mb_)
+    return [(f"model server at {url} (declared)", mb_) for url, mb_ in sorted(servers.items())]
+
+
 def memory_budget(fleet: Fleet, host: str) -> list[tuple[str, int]]:
     """What the host must hold, in MB, headroom last; the sum must not exceed memory_mb."""
     items: list[tuple[str, int]] = []
     for name in fleet.local_models(host):
         items += server_items(name, fleet.models[name], len(fleet.wizards_using(host, name)),
                               fleet.memory)
+    items += external_server_items(fleet, host)
     for wizard in fleet.wizards_on(host):
         items.append((f"hermes gateway {wizard}", fleet.memory.gateway_mb))
     items.append(("neverdark sidecar", fleet.memory.sidecar_mb))

@@ -227,16 +227,23 @@ def _known_toolsets(v: list[str] | None) -> list[str] | None:
 
 
 class CloudBackend(Strict):
+    """A backend at a URL: a cloud API, or a model server neverdark does not run (Ollama, or
+    any OpenAI-compatible server such as vLLM), which needs no key."""
+
     name: str
-    provider: Literal["anthropic", "openai", "google"]
+    provider: Literal["anthropic", "openai", "google", "ollama"]
     model: str
     base_url: str | None = Field(None, validate_default=True)
-    api_key: SecretRef
+    api_key: SecretRef | None = Field(None, validate_default=True)
     context_length: Tokens
+    # RAM the server takes on the wizard's host, when it runs there (Ollama on the same box):
+    # counted in that host's memory budget, once per server URL.
+    memory_mb: Megabytes | None = None
     max_tokens: Tokens = 8192
     # What the prompt carries on this backend (neverdark.hermes_config: lean or full), and which
-    # Hermes toolsets it offers (None: Hermes' defaults per platform).
-    profile: Literal["lean", "full"] = "full"
+    # Hermes toolsets it offers (None: Hermes' defaults per platform). Profile by default: lean
+    # for Ollama (a small model on a small host), full for the others.
+    profile: Literal["lean", "full"] | None = None
     tools: list[str] | None = None
 
     _tools = field_validator("tools")(classmethod(lambda cls, v: _known_toolsets(v)))
@@ -253,6 +260,14 @@ class CloudBackend(Strict):
         if not re.match(r"^https?://", v):
             raise ValueError("must be an http:// or https:// URL")
         return v.rstrip("/")
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_where_needed(cls, v: SecretRef | None, info: ValidationInfo) -> SecretRef | None:
+        provider = info.data.get("provider")
+        if v is None and provider in contract.KEYED_KINDS:
+            raise ValueError(f"required for provider {provider}: {{secret: NAME}}")
+        return v
 
 
 class LocalBackend(Strict):
@@ -456,7 +471,7 @@ class Fleet(Strict):
     def base_url(self, wizard: str, backend: CloudBackend | LocalBackend) -> str:
         if isinstance(backend, LocalBackend):
             return contract.local_base_url(self.llama_port(self.wizards[wizard].host, backend.local))
-        return backend.base_url
+        return contract.openai_base_url(backend.provider, backend.base_url)
 
     def context_length(self, backend: CloudBackend | LocalBackend) -> int:
         if isinstance(backend, LocalBackend):

@@ -25,13 +25,14 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 
-from sidecar import engine
+from neverdark import contract
+from sidecar import engine, served_context
 
 ANTHROPIC_VERSION = "2023-06-01"
 
 REASONS = (
     "ok", "refused", "reset", "dns", "timeout", "http_5xx", "rate_limited", "auth",
-    "bad_response", "passive",
+    "bad_response", "passive", "context_too_small",
 )
 
 
@@ -70,7 +71,9 @@ def _request(backend, deep: bool) -> tuple[str, str, dict, dict | None]:
                     "generationConfig": {"maxOutputTokens": 1}}
             return "POST", f"{base}/models/{backend.model}:generateContent", headers, body
         return "GET", f"{base}/models", headers, None
-    if kind in ("openai", "local"):
+    if kind == "ollama" and not deep:
+        return "GET", f"{contract.server_root(kind, base)}/api/tags", {}, None
+    if kind in ("openai", "local", "ollama"):
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         if deep:
             body = {"model": backend.model, "max_tokens": 1,
@@ -90,7 +93,7 @@ def _shape_ok(kind: str, deep: bool, data) -> bool:
             return isinstance(data.get("candidates"), list) and bool(data["candidates"])
         choices = data.get("choices")
         return isinstance(choices, list) and bool(choices) and isinstance(choices[0], dict)
-    if kind == "google":
+    if kind in ("google", "ollama"):
         return isinstance(data.get("models"), list)
     return isinstance(data.get("data"), list)
 
@@ -257,4 +260,26 @@ async def probe(backend, client: httpx.AsyncClient, timeout: float, deep: bool =
         return result(False, "bad_response", status, detail="body is not JSON")
     if not _shape_ok(backend.kind, deep, data):
         return result(False, "bad_response", status, detail="body has the wrong shape")
+    if not deep and backend.kind in ("ollama", "openai"):
+        short = await _served_context_problem(backend, client, data, timeout)
+        if short:
+            return result(False, "context_too_small", status, detail=short)
     return result(True, "ok", status, detail="deep" if deep else "")
+
+
+async def _served_context_problem(backend, client: httpx.AsyncClient, data: dict,
+                                  timeout: float) -> str | None:
+    """Why a server neverdark does not run cannot serve what Hermes is told (None: it can, or
+    it does not say)."""
+    wanted = getattr(backend, "context_length", None)
+    if backend.kind == "openai":
+        served, source = served_context.openai_models(data, backend.model)
+        return served_context.too_small(served, wanted, source)
+    root = contract.server_root(backend.kind, backend.base_url.rstrip("/"))
+    try:
+        served, source = await served_context.ollama(client, root, backend.model, timeout)
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        return f"cannot read the model's context from Ollama: {type(exc).__name__}: {exc}"
+    if served is None:
+        return source
+    return served_context.too_small(served, wanted, source)
