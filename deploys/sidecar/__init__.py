@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pyinfra.operations import files, server
+from pyinfra.operations import files
 
 from deploys import ops
 from deploys.deployer import REPO, Deployer, component_venv, each, render, system_user
@@ -43,9 +43,6 @@ class SidecarDeployer(Deployer):
     def install(self) -> None:
         if not self.enabled:
             return
-        server.group(name="operators group (control socket)", group=contract.OPS_GROUP,
-                     system=True)
-        system_user(contract.SIDECAR_USER)
         self.restart_ops.append(component_venv("sidecar", self.p["sidecar"]["requirements"],
                                                      self.p["pip"]))
         self.restart_ops.append(files.sync(
