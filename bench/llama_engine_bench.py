@@ -120,10 +120,7 @@ def turn(server: LocalServer, msgs: list[dict], max_tokens: int = 16, **extra) -
     r.raise_for_status()
     ans = r.json()
     ans["wall_s"] = time.monotonic() - t
-    if "timings" in ans:
-        ans["evaluated"] = ans["timings"]["prompt_n"]
-    else:
-        ans["evaluated"] = httpx.get(f"{server.root}/neverdark/status").json()["last"]["evaluated"]
+    ans["evaluated"] = ans["timings"]["prompt_n"]    # both engines report llama.cpp's timings
     return ans
 
 
@@ -240,7 +237,9 @@ def main() -> None:
               f"{r['warm']['wall_s']} s ({r['warm']['evaluated']} tok) | "
               f"{r['restored']['wall_s']} s ({r['restored']['evaluated']} tok) | "
               f"{r['decode_tok_s']} | {q[1]['wait_s']} / {q[2]['wait_s']} / {q[3]['wait_s']} s |")
-    print(f"\nnative llama-server at rest (1 slot): {rest} MB. llama-bench is not built by "
+    print(f"\nload average at the end: {open('/proc/loadavg').read().split()[:3]} on "
+          f"{__import__('os').cpu_count()} cores (timings are only as quiet as the machine).")
+    print(f"native llama-server at rest (1 slot): {rest} MB. llama-bench is not built by "
           "neverdark.artifacts: decode is each server's own measure (llama-server's timings; "
           "llama-cpp-python's stream, first to last token).")
     if args.fleet_report and args.fleet_report.exists():

@@ -26,6 +26,13 @@ from neverdark.plan import File
 
 REPO = Path(__file__).resolve().parent.parent
 
+def each(items):
+    """Loop over `items` creating operations. pyinfra orders operations by their call site;
+    ops from one call site in a loop are told apart by their position (host.loop), so hosts with
+    different numbers of wizards, models or files never give pyinfra contradictory orders."""
+    return host.loop(list(items))
+
+
 def plan() -> dict:
     """This host's deploy plan, computed from the inventory by neverdark.plan."""
     return host.data.neverdark
@@ -71,7 +78,7 @@ class Deployer:
         pass
 
     def configure(self) -> None:
-        for f in self.files():
+        for f in each(self.files()):
             self.put(f)
 
     def activate(self) -> None:

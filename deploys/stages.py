@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from deploys.base import BaseDeployer
-from deploys.deployer import Deployer
+from deploys.deployer import Deployer, each
 from deploys.hermes import HermesDeployer, WizardDeployer
 from deploys.llama import LlamaDeployer, LlamaServerDeployer
 from deploys.models import ModelsDeployer
@@ -40,6 +40,6 @@ def host_deployers(p: dict, stale_wizards: list[str] = (),
 
 
 def run(deployers: list[Deployer]) -> None:
-    for stage in STAGES:
-        for d in deployers:
+    for stage in each(STAGES):
+        for d in each(deployers):
             getattr(d, stage)()

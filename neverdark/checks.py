@@ -9,7 +9,7 @@ from pathlib import Path
 
 from neverdark import contract, engines, gguf, memory_fit, model_sources
 from neverdark.problems import Report, dotted
-from neverdark.schema import CloudBackend, Fleet, LocalBackend, secret_refs
+from neverdark.schema import TOOL_CHAT_FORMATS, CloudBackend, Fleet, LocalBackend, secret_refs
 from neverdark.secrets import SecretRef, SecretStore, load_store, secrets_path
 
 def check_names(report: Report, fleet: Fleet, names: dict[str, set]) -> set:
@@ -79,7 +79,27 @@ def check_references(report: Report, fleet: Fleet, host_names: set, model_names:
                            f"{', '.join(model.hosts)}); a local backend uses the model served "
                            "on the wizard's own host")
             _check_max_tokens(report, fleet, here, b.max_tokens, model.context_length)
+            if b.tools:
+                problem = tools_problem(model, b.local)
+                if problem:
+                    report.add(here + ("tools",), problem)
     return unsure
+
+
+def tools_problem(model, name: str) -> str | None:
+    """Why this model's server cannot carry tool schemas to the model (None: it can)."""
+    engine = getattr(model, "engine", None)
+    if engine is not None and "llama-server" in str(engine):
+        # llama.cpp's own server formats tools through the model's Jinja chat template.
+        if getattr(model, "jinja", True):
+            return None
+        return (f"model '{name}' runs on llama-server without --jinja, which ignores tools: "
+                "enable its Jinja chat template or use tools: []")
+    if model.chat_format in TOOL_CHAT_FORMATS:
+        return None
+    return (f"model '{name}' is served by llama-cpp-python with chat_format "
+            f"'{model.chat_format}', which silently drops tool schemas: use tools: [] or a "
+            f"chat_format that carries them ({', '.join(TOOL_CHAT_FORMATS)})")
 
 
 def default_api_keys(fleet: Fleet) -> None:
@@ -108,7 +128,11 @@ def check_key_variables(report: Report, fleet: Fleet) -> None:
 
 
 def _known(names: set) -> str:
-    return f" (known: {', '.join(sorted(map(str, names)))})" if names else " (none defined)"
+    if not names:
+        return " (none defined)"
+    shown = [n if len(n) <= 40 else n[:37] + "..." for n in sorted(map(str, names))[:10]]
+    more = f", and {len(names) - 10} more" if len(names) > 10 else ""
+    return f" (known: {', '.join(shown)}{more})"
 
 
 def _check_max_tokens(report: Report, fleet: Fleet, here: tuple, max_tokens: int,

@@ -1,10 +1,17 @@
-"""The `neverdark` command: validate an inventory, run the test fleet, drive the sidecars."""
+"""The `neverdark` command: validate an inventory, run the test fleet, drive the sidecars.
+
+Every command that reads the inventory takes `--inventory PATH` (validate also takes PATH) and
+finds it the same way (neverdark.inventory.find_inventory). Exit codes, the same everywhere:
+0 ok; 1 problems found (an invalid inventory, a failed drill or switch, a dark wizard or an
+unreachable host in `status`); 2 usage (unknown option, wizard or host; no inventory file).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shlex
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +20,11 @@ from pathlib import Path
 import click
 
 from neverdark import memory_fit, remote
-from neverdark.inventory import InventoryError, default_inventory_path, validate
+from neverdark.inventory import InventoryError, InventoryNotFound, find_inventory, validate
+from neverdark.problems import printable
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+from sidecar.engine import format_breakdown
 
 
 class _Group(click.Group):
@@ -48,9 +59,60 @@ def _absent_testfleet(ctx) -> None:
                            "`pip install` does not install: run this from a checkout of neverdark")
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="neverdark", prog_name="neverdark")
 def main() -> None:
-    """neverdark: degraded, but never dark."""
+    """neverdark: degraded, but never dark. Keeps a fleet of Hermes agents ("wizards")
+    talking when their cloud LLM API goes dark.
+
+    \b
+    Start, from the repository root:
+      cp fleet.example.yaml fleet.yaml        # then edit it
+      neverdark validate                      # every problem as file:line: field: message
+      pyinfra inventory deploys/fleet.py      # the deploy (validates first; touches no
+                                              # host when the inventory is invalid)
+      neverdark status                        # where each wizard runs, backend health
+      neverdark drill merlin                  # fail over and back, checking real answers
+
+    \b
+    The inventory: --inventory PATH, else $NEVERDARK_INVENTORY, else ./fleet.yaml in the
+    current directory, else fleet.yaml in the repository root.
+    Exit codes: 0 ok; 1 problems found (invalid inventory, failed drill or switch, a dark
+    wizard or unreachable host in status); 2 usage (bad option, unknown wizard or host,
+    no inventory file).
+    """
+
+
+class NoInventory(click.ClickException):
+    exit_code = EXIT_USAGE
+
+
+def _inventory_path(explicit) -> Path:
+    try:
+        return find_inventory(explicit)
+    except InventoryNotFound as e:
+        raise NoInventory(str(e)) from None
+
+
+def _fail_with_problems(err: InventoryError, path: Path) -> None:
+    click.echo(str(err), err=True)
+    n = len(err.problems)
+    click.echo(f"{n} problem{'' if n == 1 else 's'} in {printable(str(path))}", err=True)
+    sys.exit(EXIT_PROBLEMS)
+
+
+def _fleet(explicit):
+    path = _inventory_path(explicit)
+    try:
+        return validate(path, env=os.environ)
+    except InventoryError as err:
+        _fail_with_problems(err, path)
+
+
+_inventory = click.option(
+    "--inventory", type=click.Path(path_type=Path), default=None, metavar="PATH",
+    help="inventory YAML (default: $NEVERDARK_INVENTORY, else ./fleet.yaml, else the "
+         "repository's fleet.yaml)")
 
 
 def _summary(fleet) -> str:
@@ -64,35 +126,33 @@ def _summary(fleet) -> str:
 
 
 @main.command("validate")
-@click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
-def validate_cmd(path: Path | None) -> None:
-    """Check an inventory: every problem with its file, line and field, or the memory budgets.
+@click.argument("path", required=False, type=click.Path(path_type=Path))
+@_inventory
+def validate_cmd(path: Path | None, inventory: Path | None) -> None:
+    """Check an inventory: every problem as file:line: field: message (exit 1), or each host's
+    memory budget (exit 0). Touches no host.
 
-    PATH defaults to $NEVERDARK_INVENTORY, else fleet.yaml in the repo root."""
-    path = path or default_inventory_path()
+    \b
+    Examples:
+      neverdark validate                      # the default inventory (see neverdark -h)
+      neverdark validate fleet.yaml
+      NEVERDARK_SECRETS=~/secrets.env neverdark validate --inventory prod.yaml
+    """
+    if path is not None and inventory is not None and path != inventory:
+        raise click.UsageError("give the inventory once: PATH or --inventory")
+    path = _inventory_path(path if path is not None else inventory)
     try:
-        fleet = validate(path)
-    except InventoryError as e:
-        click.echo(str(e), err=True)
-        click.echo(f"{len(e.problems)} problem(s) in {path}", err=True)
-        sys.exit(1)
-    click.echo(_summary(fleet))
-
-
-def _fleet(path):
-    try:
-        return validate(path or default_inventory_path(), env=os.environ)
+        fleet = validate(path, env=os.environ)
     except InventoryError as err:
-        click.echo(str(err), err=True)
-        sys.exit(2)
+        _fail_with_problems(err, path)
+    click.echo(_summary(fleet))
 
 
 @main.command("render")
 @click.argument("host")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="directory to write the host's files under (created)")
-@click.option("--inventory", type=click.Path(dir_okay=False), default=None,
-              help="inventory YAML (default: $NEVERDARK_INVENTORY or fleet.yaml)")
+@_inventory
 def render_cmd(host: str, out: Path, inventory) -> None:
     """Write every file the deploy would install on HOST under OUT, touching no host.
 
@@ -104,41 +164,67 @@ def render_cmd(host: str, out: Path, inventory) -> None:
     from neverdark import render
     fleet = _fleet(inventory)
     if host not in fleet.hosts:
-        raise click.BadParameter(f"unknown host {host!r} (known: {', '.join(fleet.hosts)})")
-    lines = render.render(fleet, host, out)
+        raise click.BadParameter(f"unknown host {host!r} (known: {', '.join(fleet.hosts)})",
+                                 param_hint="HOST")
+    try:
+        lines = render.render(fleet, host, out)
+    except OSError as e:
+        raise click.ClickException(f"cannot write under {out}: {e.strerror or e}") from None
     click.echo(f"{len(lines)} entries for {host} under {out} (see {out}/MANIFEST)")
 
 
 def _host_of(fleet, wizard: str) -> str:
     if wizard not in fleet.wizards:
-        raise click.BadParameter(f"unknown wizard {wizard!r} (known: {', '.join(fleet.wizards)})")
+        raise click.BadParameter(f"unknown wizard {wizard!r} (known: {', '.join(fleet.wizards)})",
+                                 param_hint="WIZARD")
     return fleet.wizards[wizard].host
 
 
 def _last_json(proc) -> dict:
-    """The host-side tools end their output with one JSON line; ValueError when missing."""
+    """The host-side tools end their output with one JSON object line; ValueError when not."""
     lines = proc.stdout.strip().splitlines()
     if not lines:
         raise ValueError("no output")
-    return json.loads(lines[-1])
+    answer = json.loads(lines[-1])
+    if not isinstance(answer, dict):
+        raise ValueError("not a JSON object")
+    return answer
+
+
+def _why_no_answer(proc) -> str:
+    """ssh's own error (exit 255: the host was not reached), else what the remote command
+    said last on stderr."""
+    last = next((ln.strip() for ln in reversed(proc.stderr.splitlines()) if ln.strip()), "")
+    last = printable(last[-300:])
+    if proc.returncode == 255:
+        return f"unreachable: {last or 'ssh failed without a message'}"
+    return f"no answer from the sidecar (exit {proc.returncode})" + (f": {last}" if last else "")
+
+
+def _remote(fleet, host: str, run) -> tuple[object | None, str | None]:
+    """(process, None), or (None, why) when ssh could not run or timed out."""
+    try:
+        return run(), None
+    except subprocess.TimeoutExpired as e:
+        return None, f"unreachable: no answer within {e.timeout:.0f} s"
+    except OSError as e:
+        return None, f"cannot run ssh: {e.strerror or e}"
 
 
 def _control(op: str, wizard: str, to: str | None, inventory) -> None:
     fleet = _fleet(inventory)
     host = _host_of(fleet, wizard)
     args = [op, wizard] + (["--to", to] if to else [])
-    proc = remote.sidecar_ctl(fleet, host, *args)
+    proc, why = _remote(fleet, host, lambda: remote.sidecar_ctl(fleet, host, *args))
     try:
-        answer = _last_json(proc)
+        answer = _last_json(proc) if proc is not None else None
     except ValueError:
-        click.echo(f"{host}: no answer from the sidecar: {proc.stderr.strip()}", err=True)
-        sys.exit(2)
+        answer = None
+    if answer is None:
+        click.echo(f"{host}: {why or _why_no_answer(proc)}", err=True)
+        sys.exit(EXIT_PROBLEMS)
     click.echo(json.dumps(answer, indent=2))
-    sys.exit(0 if answer.get("ok") else 1)
-
-
-_inventory = click.option("--inventory", type=click.Path(dir_okay=False), default=None,
-                          help="inventory YAML (default: $NEVERDARK_INVENTORY or fleet.yaml)")
+    sys.exit(EXIT_OK if answer.get("ok") else EXIT_PROBLEMS)
 
 
 @main.command()
@@ -146,7 +232,13 @@ _inventory = click.option("--inventory", type=click.Path(dir_okay=False), defaul
 @click.option("--to", "to", default=None, help="backend to switch to (default: the next healthy)")
 @_inventory
 def failover(wizard: str, to: str | None, inventory) -> None:
-    """Switch WIZARD now (drills, maintenance); waits until the switch is verified."""
+    """Switch WIZARD now (drills, maintenance); waits until the switch is verified.
+
+    \b
+    Examples:
+      neverdark failover merlin               # to the next healthy backend
+      neverdark failover merlin --to local
+    """
     _control("failover", wizard, to, inventory)
 
 
@@ -155,7 +247,13 @@ def failover(wizard: str, to: str | None, inventory) -> None:
 @click.option("--to", "to", default=None, help="backend to pin (default: the active one)")
 @_inventory
 def pin(wizard: str, to: str | None, inventory) -> None:
-    """Keep WIZARD on a backend: no automatic switching until `release`."""
+    """Keep WIZARD on a backend: no automatic switching until `release`.
+
+    \b
+    Examples:
+      neverdark pin merlin                    # stay where it is
+      neverdark pin merlin --to local         # switch (verified), then stay
+    """
     _control("pin", wizard, to, inventory)
 
 
@@ -163,34 +261,49 @@ def pin(wizard: str, to: str | None, inventory) -> None:
 @click.argument("wizard")
 @_inventory
 def release(wizard: str, inventory) -> None:
-    """Let the sidecar choose WIZARD's backend again."""
+    """Let the sidecar choose WIZARD's backend again.
+
+    \b
+    Example:
+      neverdark release merlin
+    """
     _control("release", wizard, None, inventory)
 
 
 @main.command()
 @click.argument("wizard")
 @click.option("--to", "to", default=None, help="fallback to drill (default: the next healthy)")
-@click.option("--turns", default=3, show_default=True, help="real turns checked on each side")
+@click.option("--turns", default=3, show_default=True, type=click.IntRange(1, 100),
+              help="real turns checked on each side")
 @click.option("--json", "as_json", is_flag=True, help="print the whole report as JSON")
 @_inventory
 def drill(wizard: str, to: str | None, turns: int, as_json: bool, inventory) -> None:
-    """Fail WIZARD over and back through its sidecar, checking real answers on each side."""
+    """Fail WIZARD over and back through its sidecar, checking real answers on each side.
+    Exit 1 if any step failed.
+
+    \b
+    Examples:
+      neverdark drill merlin                  # after every deploy
+      neverdark drill gandalf --to gpt --turns 1 --json
+    """
     fleet = _fleet(inventory)
     host = _host_of(fleet, wizard)
     args = [wizard, "--turns", str(turns)] + (["--to", to] if to else [])
-    proc = remote.run(fleet, host, f"{remote.SIDECAR_PYTHON} -m sidecar.drill "
-                                   + shlex.join(args))
+    proc, why = _remote(fleet, host, lambda: remote.run(
+        fleet, host, f"{remote.SIDECAR_PYTHON} -m sidecar.drill " + shlex.join(args)))
     try:
-        report = _last_json(proc)
+        report = _last_json(proc) if proc is not None else None
     except ValueError:
-        click.echo(f"{host}: the drill gave no report: {proc.stderr.strip()[-500:]}", err=True)
-        sys.exit(2)
+        report = None
+    if report is None:
+        click.echo(f"{host}: the drill gave no report: {why or _why_no_answer(proc)}", err=True)
+        sys.exit(EXIT_PROBLEMS)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         for line in drill_lines(host, report):
             click.echo(line)
-    sys.exit(0 if report.get("ok") else 1)
+    sys.exit(EXIT_OK if report.get("ok") else EXIT_PROBLEMS)
 
 
 def drill_lines(host: str, report: dict) -> list[str]:
@@ -207,20 +320,24 @@ def drill_lines(host: str, report: dict) -> list[str]:
         for i, turn in enumerate(report.get(turns_key) or [], 1):
             lines.append(f"    turn {i}: {'ok' if turn['ok'] else 'FAILED':6} {turn['latency']:6.2f} s"
                          f"  answered by {turn['model']}" + ("" if turn["ok"] else f"  ({turn['detail']})"))
+            if turn.get("breakdown"):
+                lines.append("            " + format_breakdown(turn["breakdown"]))
     lines.append("drill passed" if report.get("ok") else f"drill FAILED: {report.get('error')}")
     return lines
 
 
 def _host_status(fleet, host: str) -> tuple[str, dict | str]:
+    proc, why = _remote(fleet, host, lambda: remote.sidecar_ctl(fleet, host, "status",
+                                                                  timeout=60))
+    if proc is None:
+        return host, why
     try:
-        proc = remote.sidecar_ctl(fleet, host, "status", timeout=60)
         answer = _last_json(proc)
-        if not answer.get("ok"):
-            return host, answer.get("error") or "sidecar refused"
-        return host, answer["status"]
-    except Exception as exc:  # noqa: BLE001 -- one unreachable host must not hide the others
-        detail = getattr(exc, "stderr", None) or str(exc) or type(exc).__name__
-        return host, f"unreachable: {str(detail).strip()[-200:]}"
+    except ValueError:
+        return host, _why_no_answer(proc)
+    if not answer.get("ok") or not isinstance(answer.get("status"), dict):
+        return host, printable(str(answer.get("error") or "sidecar refused"))
+    return host, answer["status"]
 
 
 def _ago(ts: float | None, now: float) -> str:
@@ -261,7 +378,14 @@ def _health(h: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="print each host's sidecar status as JSON")
 @_inventory
 def status(as_json: bool, inventory) -> None:
-    """One table for the whole inventory: where each wizard runs and how its backends are."""
+    """One table for the whole inventory: where each wizard runs and how its backends are.
+    Exit 1 when a wizard is dark or a host cannot be reached (with ssh's own error).
+
+    \b
+    Examples:
+      neverdark status
+      neverdark status --json --inventory prod.yaml
+    """
     fleet = _fleet(inventory)
     with ThreadPoolExecutor(max_workers=8) as pool:
         statuses = dict(pool.map(lambda h: _host_status(fleet, h), fleet.hosts))
@@ -273,7 +397,10 @@ def status(as_json: bool, inventory) -> None:
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
         for r in [head, *rows]:
             click.echo("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
+        for host, st in statuses.items():
+            if not isinstance(st, dict):
+                click.echo(f"{host}: {st}", err=True)
     bad = any(not isinstance(s, dict) for s in statuses.values()) or any(
         w.get("dark") for s in statuses.values() if isinstance(s, dict)
         for w in s["wizards"].values())
-    sys.exit(1 if bad else 0)
+    sys.exit(EXIT_PROBLEMS if bad else EXIT_OK)

@@ -10,6 +10,7 @@ is installed (the deploy ships it beside the sidecar's code).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 # --- names -----------------------------------------------------------------------------------
@@ -40,6 +41,57 @@ def name_problem(value: object, what: str = "name") -> str | None:
     for unit in _units_named_by(value, what):
         if len(unit) > UNIT_MAX:
             return f"makes the unit name {unit[:40]}... longer than systemd's {UNIT_MAX}"
+    return None
+
+
+# --- what reaches ssh, pyinfra and testinfra on the operator's machine -----------------------
+# A host's address, ssh user and key paths end up in ssh's argv (neverdark status, drill,
+# failover), in testinfra's ssh command line (run through a shell) and in pyinfra's connector.
+# None of them may start with '-' (ssh would read `-oProxyCommand=...` as an option and run it),
+# hold whitespace, quotes or shell syntax, or any control character.
+SSH_USER_RULE = "letters, digits, '.', '_' or '-', starting with a letter or '_'"
+_SSH_USER = re.compile(r"[A-Za-z_][A-Za-z0-9._-]*")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+LOCAL_PATH_RULE = "letters, digits and _ . / ~ + @ : , = -, not starting with '-'"
+_LOCAL_PATH = re.compile(r"[A-Za-z0-9_./~+@:,=][A-Za-z0-9_./~+@:,=-]*")
+PATH_MAX = 4096
+
+
+def _shown(value: str) -> str:
+    return repr(value) if len(value) <= 40 else repr(value[:37]) + "..."
+
+
+def ssh_user_problem(value: object) -> str | None:
+    if not isinstance(value, str):
+        return f"must be a string, got {type(value).__name__}"
+    if not _SSH_USER.fullmatch(value) or len(value) > USER_MAX:
+        return (f"{_shown(value)} is not a user name: use {SSH_USER_RULE}, at most {USER_MAX} "
+                "characters")
+    return None
+
+
+def address_problem(value: object) -> str | None:
+    """An IP address or a DNS name (or an ssh_config alias of the same form)."""
+    if not isinstance(value, str):
+        return f"must be a string, got {type(value).__name__}"
+    try:
+        ipaddress.ip_address(value)
+        return None
+    except ValueError:
+        pass
+    labels = value.split(".")
+    if len(value) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        return (f"{_shown(value)} is neither an IP address nor a DNS name (labels of letters, "
+                "digits, '-' and '_', not starting or ending with '-', joined by '.')")
+    return None
+
+
+def local_path_problem(value: object) -> str | None:
+    """A file on the operator's machine that ssh, pyinfra or testinfra is handed."""
+    if not isinstance(value, str):
+        return f"must be a string, got {type(value).__name__}"
+    if not _LOCAL_PATH.fullmatch(value) or len(value) > PATH_MAX:
+        return f"{_shown(value)} is not a usable path here: use {LOCAL_PATH_RULE}"
     return None
 
 
@@ -209,13 +261,30 @@ MEMORY_DEFAULTS = {
 }
 
 # --- backends, Hermes ------------------------------------------------------------------------
-KINDS = ("anthropic", "openai", "google", "local")
-CLOUD_KINDS = ("anthropic", "openai", "google")
+KINDS = ("anthropic", "openai", "google", "ollama", "local")
+# Backends reached at a URL the inventory gives (a cloud API, or a model server neverdark does
+# not run: Ollama, vLLM, a llama-server of the operator's own); "local" is neverdark's own.
+CLOUD_KINDS = ("anthropic", "openai", "google", "ollama")
 KEYED_KINDS = ("anthropic", "google")   # always need a key; an OpenAI-compatible one may not
 DEFAULT_BASE_URLS = {
     "anthropic": "https://api.anthropic.com",
     "google": "https://generativelanguage.googleapis.com/v1beta",
+    "ollama": "http://127.0.0.1:11434",
 }
+# Ollama serves a model with this context unless its Modelfile or the request sets num_ctx
+# (the server-wide OLLAMA_CONTEXT_LENGTH is not visible through its API).
+OLLAMA_DEFAULT_CONTEXT = 4096
+
+
+def openai_base_url(kind: str, base_url: str) -> str:
+    """Where Hermes and the probes send OpenAI-style requests: an Ollama server's root (as
+    Ollama documents it) plus /v1; every other kind's base_url as given."""
+    return base_url.rstrip("/") + "/v1" if kind == "ollama" else base_url
+
+
+def server_root(kind: str, base_url: str) -> str:
+    """The inverse: an Ollama server's root from its /v1 URL (its native API lives there)."""
+    return base_url.removesuffix("/v1") if kind == "ollama" else base_url
 # Hermes 0.19.0 refuses a model whose context is under 64,000 tokens (HTTP 500 per request);
 # 65536 is the smallest power of two above it, which is what llama.cpp sizes nicely.
 HERMES_MIN_CONTEXT = 64_000

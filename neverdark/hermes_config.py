@@ -16,6 +16,11 @@ Measured on the real gateway (docs/hermes.md has the evidence); the choices belo
 - `agent.environment_hint` goes into the system prompt and is read through the managed overlay
   whenever an agent is built, so a variant carries its own degraded-mode notice: one atomic file
   swap moves model and notice together.
+- The same holds for what the prompt carries (tools, guidance blocks, probe, platform hint,
+  memory): each backend's variant carries its profile, `lean` (a small local model: no tool
+  schemas unless chosen, no tool guidance, a short platform hint, no memory injection) or `full`
+  (Hermes' own behaviour). Every variant sets every profile key, the full one to Hermes' defaults,
+  so the merged config never depends on what a previous variant or the base said.
 """
 
 from __future__ import annotations
@@ -41,8 +46,57 @@ LOCAL_API_KEY = "no-key-required"
 
 # Hermes' provider per neverdark backend kind, and the environment name it reads the key from
 # (None: per-backend name, sent through `model.api_key: ${NAME}`).
-PROVIDER = {"anthropic": "anthropic", "openai": "custom", "google": "gemini", "local": "custom"}
+PROVIDER = {"anthropic": "anthropic", "openai": "custom", "google": "gemini", "ollama": "custom",
+            "local": "custom"}
 FIXED_KEY_ENV = {"anthropic": "ANTHROPIC_API_KEY", "google": "GOOGLE_API_KEY"}
+
+# --- prompt profiles ---------------------------------------------------------------------------
+# What a wizard's prompt carries on one backend. Measured through the real gateway (docs/hermes.md,
+# "What the small model gets"): Hermes 0.19.0 sends a local backend a ~1,700-token system prompt
+# plus 16 tool schemas (~11,000 tokens) that llama-cpp-python's chatml format drops unseen.
+PROFILES = ("lean", "full")
+DEFAULT_PROFILE = {"local": "lean", "ollama": "lean", "anthropic": "full", "openai": "full",
+                   "google": "full"}
+# The platforms a wizard talks on (platform_toolsets.<platform>, platform_hints.<platform>).
+PLATFORMS = ("api_server", "telegram")
+
+# Hermes 0.19.0's configurable toolsets (hermes_cli/tools_config.py CONFIGURABLE_TOOLSETS): the
+# names `platform_toolsets.<platform>` takes. tests/test_hermes_config.py checks this tuple against
+# the installed Hermes.
+HERMES_TOOLSETS = (
+    "web", "browser", "terminal", "file", "code_execution", "vision", "video", "image_gen",
+    "video_gen", "x_search", "tts", "skills", "todo", "memory", "context_engine",
+    "session_search", "clarify", "delegation", "cronjob", "homeassistant", "spotify", "discord",
+    "discord_admin", "yuanbao", "computer_use",
+)
+# What a user notices missing when these toolsets are absent, for the notice (the five Hermes
+# uses most; the rest would only lengthen the prompt).
+ABILITIES = (
+    ("memory", "remember things between conversations"),
+    ("file", "read or write files"),
+    ("terminal", "run commands"),
+    ("cronjob", "schedule tasks"),
+    ("web", "search the web"),
+)
+
+# Hermes 0.19.0's defaults (hermes_cli/config.py DEFAULT_CONFIG), which the full profile writes
+# explicitly, and what the lean profile writes instead. api_max_retries: app-level attempts per
+# API call; on a local server a second attempt covers a restart, a third would only add another
+# read timeout (minutes on a Pi) before the turn fails.
+FULL_AGENT = {"tool_use_enforcement": "auto", "task_completion_guidance": True,
+              "parallel_tool_call_guidance": True, "environment_probe": True,
+              "api_max_retries": 3}
+LEAN_AGENT = {"tool_use_enforcement": False, "task_completion_guidance": False,
+              "parallel_tool_call_guidance": False, "environment_probe": False,
+              "api_max_retries": 2}
+FULL_MEMORY = {"memory_enabled": True, "user_profile_enabled": True}
+LEAN_MEMORY = {"memory_enabled": False, "user_profile_enabled": False}
+# Replaces Hermes' platform hint (API server: 57 tokens; Telegram: ~150 about markdown and media).
+LEAN_PLATFORM_HINTS = {
+    "api_server": "Plain text, no markdown.",
+    "telegram": "You are chatting on Telegram. Plain text, no markdown.",
+}
+BREVITY_HINT = "Answer briefly: one to three sentences."
 
 API_SERVER_KEY_ENV = "API_SERVER_KEY"
 TELEGRAM_TOKEN_ENV = "TELEGRAM_BOT_TOKEN"
@@ -75,11 +129,11 @@ def _backend(wizard, backend) -> Any:
 def key_env(wizard, backend) -> str | None:
     """The environment name the wizard's .env holds this backend's key under."""
     kind = _get(backend, "kind")
-    if kind == "local":
-        return None
+    if kind == "local" or (kind in ("openai", "ollama") and not _get(backend, "api_key_secret")):
+        return None   # neverdark's own server, or one that wants no key (Ollama, a local vLLM)
     if kind in FIXED_KEY_ENV:
         return FIXED_KEY_ENV[kind]
-    if kind == "openai":
+    if kind in ("openai", "ollama"):
         # Never OPENAI_API_KEY: Hermes hands that to any entry lacking a key of its own.
         return contract.backend_key_env(str(_get(wizard, "name")), str(_get(backend, "name")))
     raise ValueError(f"backend {_get(backend, 'name')!r}: unknown kind {kind!r}")
@@ -134,7 +188,7 @@ def secret_names(wizard) -> list[str]:
     names = [_get(wizard, "api_key_secret")]
     if _get(wizard, "telegram_token_secret"):
         names.append(_get(wizard, "telegram_token_secret"))
-    names += [_get(b, "api_key_secret") for b in _backends(wizard) if _get(b, "kind") != "local"]
+    names += [_get(b, "api_key_secret") for b in _backends(wizard) if _get(b, "api_key_secret")]
     return list(dict.fromkeys(names))
 
 
@@ -171,16 +225,90 @@ def render_base_config(wizard) -> str:
                       "secrets are ${VAR} names resolved from .env.\n")
 
 
+def profile(backend) -> str:
+    """The backend's prompt profile: `lean` or `full` (default by kind: local backends lean)."""
+    value = _get(backend, "profile") or DEFAULT_PROFILE[_get(backend, "kind")]
+    if value not in PROFILES:
+        raise ValueError(f"backend {_get(backend, 'name')!r}: profile {value!r} is not one of "
+                         f"{', '.join(PROFILES)}")
+    return value
+
+
+def toolsets(backend) -> list[str] | None:
+    """The Hermes toolsets a backend's turns offer: None for Hermes' own per-platform defaults
+    (full profile without a list), else the list ([] on a lean backend unless one is given)."""
+    tools = _get(backend, "tools")
+    if tools is None:
+        return [] if profile(backend) == "lean" else None
+    unknown = [t for t in tools if t not in HERMES_TOOLSETS]
+    if unknown:
+        raise ValueError(f"backend {_get(backend, 'name')!r}: unknown Hermes toolset(s) "
+                         f"{', '.join(map(repr, unknown))} (Hermes 0.19.0 has: "
+                         f"{', '.join(HERMES_TOOLSETS)})")
+    return list(tools)
+
+
+def missing_abilities(backend) -> list[str]:
+    """What the user loses on this backend, in words, for the notice (empty on a full profile
+    with Hermes' default toolsets)."""
+    tools = toolsets(backend)
+    if tools is None:
+        return []
+    return [words for name, words in ABILITIES if name not in tools]
+
+
+def _sentence_list(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
+
+
+def environment_hint(wizard, backend) -> str:
+    """agent.environment_hint for one backend: the degraded notice on fallbacks; on a lean
+    profile also what the backend cannot do and the brevity hint."""
+    b = _backend(wizard, backend)
+    degraded = _get(b, "name") != _get(_backends(wizard)[0], "name")
+    parts = [(_get(wizard, "notice") or DEFAULT_NOTICE).strip()] if degraded else []
+    if profile(b) == "lean":
+        missing = missing_abilities(b)
+        if missing:
+            parts.append(f"Right now you cannot {_sentence_list(missing)}: if asked, say so "
+                         "and offer to help once your usual model is back." if degraded else
+                         f"You cannot {_sentence_list(missing)}: if asked, say so.")
+        parts.append(BREVITY_HINT)
+    return " ".join(parts)
+
+
+def profile_sections(backend) -> dict:
+    """The config sections a backend's profile sets, every key on every profile: the managed
+    override is merged leaf by leaf, so a key one variant set and the next left out would keep
+    whatever the base config says instead of the backend's own value."""
+    lean = profile(backend) == "lean"
+    tools = toolsets(backend)
+    memory = dict(LEAN_MEMORY if lean else FULL_MEMORY)
+    if lean and tools and "memory" in tools:
+        memory = dict(FULL_MEMORY)   # the memory tool without its notes would write blind
+    return {
+        "agent": dict(LEAN_AGENT if lean else FULL_AGENT),
+        # null: Hermes' default toolset for the platform (hermes-api-server, hermes-telegram).
+        "platform_toolsets": {p: None if tools is None else list(tools) for p in PLATFORMS},
+        # An empty `replace` keeps Hermes' own hint.
+        "platform_hints": {p: {"replace": LEAN_PLATFORM_HINTS[p] if lean else ""}
+                           for p in PLATFORMS},
+        "memory": memory,
+    }
+
+
 def render_variant(wizard, backend) -> str:
     """One backend's override for HERMES_MANAGED_DIR/config.yaml (0640: names, never values)."""
     b = _backend(wizard, backend)
     degraded = _get(b, "name") != _get(_backends(wizard)[0], "name")
-    notice = (_get(wizard, "notice") or DEFAULT_NOTICE) if degraded else ""
+    sections = profile_sections(b)
     doc = {"model": _model_section(wizard, b),
            # Set on the primary too (empty) so the merged config never depends on the base.
-           "agent": {"environment_hint": notice}}
+           "agent": {"environment_hint": environment_hint(wizard, b), **sections.pop("agent")},
+           **sections}
     return _dump(doc, f"# neverdark backend variant {_get(b, 'name')} of wizard "
-                      f"{_get(wizard, 'name')} ({'fallback' if degraded else 'primary'}).\n")
+                      f"{_get(wizard, 'name')} ({'fallback' if degraded else 'primary'}, "
+                      f"{profile(b)} profile).\n")
 
 
 def render_env(wizard, secrets: Mapping[str, str]) -> str:
@@ -263,4 +391,5 @@ __all__ = [
     "DEFAULT_NOTICE", "HERMES_MIN_CONTEXT", "PROVIDER", "FIXED_KEY_ENV", "key_env",
     "secret_names", "render_base_config", "render_variant", "render_env", "render_soul",
     "answered_by", "session_path", "backend_for_model", "provider_key", "variant_summary",
+    "PROFILES", "HERMES_TOOLSETS", "profile", "toolsets", "environment_hint", "profile_sections",
 ]

@@ -23,29 +23,69 @@ from neverdark import checks, topology
 from neverdark.problems import (InventoryError, Problem, Report, add_validation_errors,
                                 unknown_key)
 from neverdark.schema import CloudBackend, Fleet, Host, LocalBackend, Model, Wizard
-from neverdark.yamlsource import load_yaml
+from neverdark.yamlsource import load_yaml, read_text
 
-__all__ = ["CloudBackend", "Fleet", "InventoryError", "LocalBackend", "Model", "Problem",
-           "default_inventory_path", "validate"]
+__all__ = ["CloudBackend", "Fleet", "InventoryError", "InventoryNotFound", "LocalBackend", "Model",
+           "Problem", "default_inventory_path", "find_inventory", "validate"]
 
 REPO = Path(__file__).resolve().parent.parent
 INVENTORY_ENV = "NEVERDARK_INVENTORY"
 SECTIONS: dict[str, type[BaseModel]] = {"hosts": Host, "models": Model, "wizards": Wizard}
 
 
-def default_inventory_path(env: Mapping[str, str] = os.environ) -> Path:
-    return Path(env[INVENTORY_ENV]) if env.get(INVENTORY_ENV) else REPO / "fleet.yaml"
+class InventoryNotFound(Exception):
+    """No inventory file where the operator pointed, or anywhere by default; the message says
+    which paths were tried and how to start one."""
+
+
+def _candidates(env: Mapping[str, str], cwd: Path) -> list[tuple[Path, str]]:
+    if env.get(INVENTORY_ENV):
+        return [(Path(env[INVENTORY_ENV]).expanduser(), f"${INVENTORY_ENV}")]
+    here, repo = cwd / "fleet.yaml", REPO / "fleet.yaml"
+    return [(here, "the current directory")] + ([] if here.resolve() == repo.resolve()
+                                               else [(repo, "the repository root")])
+
+
+def default_inventory_path(env: Mapping[str, str] = os.environ, cwd: Path | None = None) -> Path:
+    """$NEVERDARK_INVENTORY, else ./fleet.yaml in the current directory if there is one, else
+    fleet.yaml in the repository root. The path, whether or not a file is there."""
+    candidates = _candidates(env, cwd or Path.cwd())
+    return next((p for p, _ in candidates if p.exists()), candidates[-1][0])
+
+
+def _start_hint(target: str | Path = "fleet.yaml") -> str:
+    return (f"To start one: cp {REPO / 'fleet.example.yaml'} {target}, edit it, and run "
+            "`neverdark validate`.")
+
+
+def find_inventory(explicit: str | os.PathLike | None = None,
+                   env: Mapping[str, str] = os.environ, cwd: Path | None = None) -> Path:
+    """The inventory file a command works on: `explicit` (--inventory, validate's PATH), else
+    the default_inventory_path() rule. Raises InventoryNotFound naming every path it tried."""
+    tried = ([(Path(explicit).expanduser(), "the command line")] if explicit is not None
+             else _candidates(env, cwd or Path.cwd()))
+    for path, origin in tried:
+        if path.is_dir():
+            raise InventoryNotFound(f"inventory {path} (from {origin}) is a directory: name the "
+                                    "YAML file itself")
+        if path.exists():
+            return path
+    if explicit is not None or env.get(INVENTORY_ENV):
+        path, origin = tried[0]
+        raise InventoryNotFound(f"inventory {path} (from {origin}) does not exist. "
+                                f"{_start_hint(path)}")
+    places = " or ".join(f"{origin} ({path})" for path, origin in tried)
+    raise InventoryNotFound(
+        f"no inventory: no --inventory, ${INVENTORY_ENV} is not set, and there is no fleet.yaml "
+        f"in {places}. {_start_hint()} Or name yours with --inventory PATH or "
+        f"${INVENTORY_ENV}=PATH.")
 
 
 def validate(path: str | os.PathLike, env: Mapping[str, str] = os.environ) -> Fleet:
     path = Path(path)
     report = Report(str(path), {})
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
-        raise InventoryError([Problem(str(path), None, "(file)", f"cannot read: {reason}")])
-    raw = load_yaml(text, report)
+    text = read_text(path, report)
+    raw = load_yaml(text, report) if text is not None else None
     if report.problems and raw is None:
         raise InventoryError(report.problems)
     if not isinstance(raw, dict):
@@ -69,7 +109,8 @@ def validate(path: str | os.PathLike, env: Mapping[str, str] = os.environ) -> Fl
     checks.default_api_keys(fleet)
     unsure = checks.check_references(report, fleet, names["hosts"], names["models"])
     # A host with a broken wizard entry would be budgeted without that wizard's gateway.
-    unsure |= {entry.get("host") for w, entry in (raw.get("wizards") or {}).items()
+    raw_wizards = raw.get("wizards") if isinstance(raw.get("wizards"), dict) else {}
+    unsure |= {entry.get("host") for w, entry in raw_wizards.items()
                if w not in parts["wizards"] and isinstance(entry, dict)
                and isinstance(entry.get("host"), str)}
     checks.check_models(report, fleet)

@@ -137,12 +137,26 @@ def server_mb(model: Model, wizards: int, policy: MemoryPolicy) -> int:
     return sum(mb for _, mb in server_items("", model, wizards, policy))
 
 
+def external_server_items(fleet: Fleet, host: str) -> list[tuple[str, int]]:
+    """Model servers neverdark does not run but the host holds (an Ollama beside the wizards):
+    each backend with `memory_mb` declares one, counted once per server URL (the largest
+    figure any backend gives for it)."""
+    servers: dict[str, int] = {}
+    for wizard in fleet.wizards_on(host):
+        for b in fleet.wizards[wizard].backends:
+            mb_ = getattr(b, "memory_mb", None)
+            if mb_:
+                servers[b.base_url] = max(servers.get(b.base_url, 0), mb_)
+    return [(f"model server at {url} (declared)", mb_) for url, mb_ in sorted(servers.items())]
+
+
 def memory_budget(fleet: Fleet, host: str) -> list[tuple[str, int]]:
     """What the host must hold, in MB, headroom last; the sum must not exceed memory_mb."""
     items: list[tuple[str, int]] = []
     for name in fleet.local_models(host):
         items += server_items(name, fleet.models[name], len(fleet.wizards_using(host, name)),
                               fleet.memory)
+    items += external_server_items(fleet, host)
     for wizard in fleet.wizards_on(host):
         items.append((f"hermes gateway {wizard}", fleet.memory.gateway_mb))
     items.append(("neverdark sidecar", fleet.memory.sidecar_mb))
@@ -159,13 +173,51 @@ def format_budget(items: list[tuple[str, int]], memory_mb: int) -> str:
     return "\n".join(lines)
 
 
+def _with_server(model: Model, **change) -> Model:
+    return model.model_copy(update={"server": model.server.model_copy(update=change)})
+
+
+def hints(fleet: Fleet, host: str) -> list[str]:
+    """What would shrink this host's budget, each only where it applies, with what it saves."""
+    from neverdark.contract import MIN_N_CTX
+    out = []
+    for name in fleet.local_models(host):
+        model, users = fleet.models[name], len(fleet.wizards_using(host, name))
+        now = server_mb(model, users, fleet.memory)
+        where = f"models.{name}.server"
+        changes = []
+        if model.server.swa_full and model.kv.sliding_window_layers:
+            changes.append((f"set {where}.swa_full false", {"swa_full": False}))
+        if model.server.n_ctx > MIN_N_CTX:
+            changes.append((f"lower {where}.n_ctx to {MIN_N_CTX} (Hermes' floor)",
+                            {"n_ctx": MIN_N_CTX}))
+        smaller = {"f16": "q8_0", "q8_0": "q4_0"}.get(model.server.kv_type)
+        if smaller:
+            changes.append((f"set {where}.kv_type {smaller}", {"kv_type": smaller}))
+        for text, change in changes:
+            saved = now - server_mb(_with_server(model, **change), users, fleet.memory)
+            if saved > 0:
+                out.append(f"{text} (saves {saved} MB)")
+        out.append(f"serve a smaller model than {name} (it takes {now} MB)")
+    wizards = fleet.wizards_on(host)
+    if wizards:
+        out.append(f"move {'a' if len(wizards) > 1 else 'the'} wizard to another host "
+                   f"({fleet.memory.gateway_mb} MB per gateway"
+                   + (", more where wizards share a model's prompt cache)"
+                      if any(len(fleet.wizards_using(host, m)) > 1
+                             for m in fleet.local_models(host)) else ")"))
+    return out
+
+
 def misfit(fleet: Fleet, host: str) -> str | None:
-    """None when the host fits, else a message with the whole breakdown."""
+    """None when the host fits, else a message with what would help and the whole breakdown."""
     items = memory_budget(fleet, host)
     total = sum(mb for _, mb in items)
     memory_mb = fleet.hosts[host].memory_mb
     if total <= memory_mb:
         return None
+    options = hints(fleet, host)
+    advice = ("Options: " + "; ".join(options) if options else
+              "Nothing runs here but the sidecar: is memory_mb right?")
     return (f"does not fit: needs {total} MB, host has {memory_mb} MB "
-            f"({total - memory_mb} MB over). Use fewer wizards or a smaller model, lower n_ctx, "
-            f"keep swa_full false, or use kv_type q8_0:\n" + format_budget(items, memory_mb))
+            f"({total - memory_mb} MB over). {advice}:\n" + format_budget(items, memory_mb))

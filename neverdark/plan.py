@@ -182,9 +182,11 @@ def hermes_spec(fleet: Fleet, name: str) -> dict:
             "kind": backend_kind(b),
             "model": b.local if isinstance(b, LocalBackend) else b.model,
             "base_url": fleet.base_url(name, b),
-            "api_key_secret": None if isinstance(b, LocalBackend) else b.api_key.secret,
+            "api_key_secret": b.api_key.secret if getattr(b, "api_key", None) else None,
             "context_length": fleet.context_length(b),
             "max_tokens": b.max_tokens,
+            "profile": b.profile,
+            "tools": b.tools,
         } for b in wz.backends],
     }
 
@@ -204,12 +206,14 @@ def sidecar_config_for(fleet: Fleet, host: str) -> sidecar_config.SidecarConfig 
         wz = fleet.wizards[name]
         backends = []
         for b in wz.backends:
-            key_env = None if isinstance(b, LocalBackend) else contract.backend_key_env(name, b.name)
-            key = None if key_env is None else fleet.secret(b.api_key.secret)
+            keyed = isinstance(b, CloudBackend) and b.api_key is not None
+            key_env = contract.backend_key_env(name, b.name) if keyed else None
+            key = fleet.secret(b.api_key.secret) if keyed else None
             backends.append(sidecar_config.BackendConfig(
                 name=b.name, kind=backend_kind(b), base_url=fleet.base_url(name, b),
                 model=b.local if isinstance(b, LocalBackend) else b.model, api_key=key,
-                variant=Path(contract.variant_path(name, b.name)), api_key_env=key_env))
+                variant=Path(contract.variant_path(name, b.name)), api_key_env=key_env,
+                context_length=fleet.context_length(b)))
         api_env = wz.api_server_key.secret
         secrets[api_env] = fleet.secret(api_env)
         wizards[name] = sidecar_config.WizardConfig(

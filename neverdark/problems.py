@@ -6,12 +6,23 @@ Pydantic's errors become problems here, with the line of the deepest key the fil
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, Tag, ValidationError
+
+
+def printable(text: str, keep: str = "") -> str:
+    """`text` with every character that is not printable (control characters, lone surrogates,
+    line breaks but those in `keep`) escaped: a problem quotes names and values from the file,
+    and what reaches the operator's terminal must be neither an escape sequence nor a fake line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in keep else ascii(c)[1:-1] for c in text)
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -22,19 +33,33 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.field}: {self.message}"
+        # A line break stays only where it starts an indented continuation (a memory budget's
+        # breakdown), so no value quoted in a message can fake a problem line of its own.
+        message = re.sub(r"\n(?!  )", r"\\n", printable(self.message, keep="\n"))
+        return f"{printable(where)}: {printable(self.field)}: {message}"
+
+
+SHOWN_MAX = 200  # problems in the message; a hostile file can hold thousands of duplicate keys
 
 
 class InventoryError(Exception):
     def __init__(self, problems: list[Problem]):
         self.problems = sorted(problems, key=lambda p: (p.line or 0, p.field))
-        super().__init__("\n".join(map(str, self.problems)))
+        shown = list(map(str, self.problems[:SHOWN_MAX]))
+        if len(self.problems) > SHOWN_MAX:
+            shown.append(f"... and {len(self.problems) - SHOWN_MAX} more problems (the first "
+                         f"{SHOWN_MAX} are shown)")
+        super().__init__("\n".join(shown))
 
 
 def dotted(path: tuple) -> str:
     out = ""
     for el in path:
-        out += f"[{el}]" if isinstance(el, int) else (f".{el}" if out else str(el))
+        if isinstance(el, int):
+            out += f"[{el}]"
+        else:
+            key = str(el) if len(str(el)) <= 64 else str(el)[:40] + "..."
+            out += f".{key}" if out else key
     return out or "(top level)"
 
 

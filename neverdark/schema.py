@@ -16,23 +16,60 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, 
                       ValidationInfo, field_validator, model_validator)
 
 from neverdark import contract
-from neverdark.hermes_config import DEFAULT_NOTICE
+from neverdark.hermes_config import DEFAULT_NOTICE, HERMES_TOOLSETS
 from neverdark.secrets import SecretRef, SecretStore
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: `cores: yes` is not 1 and `memory_mb: "4096"` is not a number; no NaN or infinity.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+# Every number has an upper bound far above any real fleet, so arithmetic on it (the memory fit,
+# port assignment, systemd's MemoryMax) never overflows and a typo of extra digits is caught.
+MB_MAX = 16 * 1024 * 1024      # 16 TiB, in MB
+TOKENS_MAX = 16 * 1024 * 1024  # 16M tokens of context: above every model's
+SECONDS_MAX = 86_400           # a day
+COUNT_MAX = 1024               # cores, threads, layers, heads
 Port = Annotated[int, Field(ge=1024, le=65535)]
+Megabytes = Annotated[int, Field(gt=0, le=MB_MAX)]
+Tokens = Annotated[int, Field(gt=0, le=TOKENS_MAX)]
+Count = Annotated[int, Field(gt=0, le=COUNT_MAX)]
+# Telegram: user ids are positive with at most 52 significant bits; chat ids fit 64 bits signed
+# (groups and channels are negative: -100...).
+TELEGRAM_ID_MAX = 2 ** 53
+_TELEGRAM_CHAT = re.compile(r"-?[0-9]{1,20}|@[A-Za-z][A-Za-z0-9_]{4,31}")
+
+
+def _seconds(default: int, ge: int) -> Any:
+    return Field(default, ge=ge, le=SECONDS_MAX)
+
+
+def _contract_check(problem: str | None) -> None:
+    if problem:
+        raise ValueError(problem)
 
 
 class Ssh(Strict):
+    # What reaches ssh's argv, pyinfra and testinfra: none of it may read as an option.
     user: str = "root"
     port: int = Field(22, ge=1, le=65535)
     key: str | None = None
     known_hosts: str | None = None
     sudo: bool = Field(False, validate_default=True)
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str) -> str:
+        _contract_check(contract.ssh_user_problem(v))
+        return v
+
+    @field_validator("key", "known_hosts")
+    @classmethod
+    def _local_path(cls, v: str | None) -> str | None:
+        if v is not None:
+            _contract_check(contract.local_path_problem(v))
+        return v
 
     @field_validator("sudo")
     @classmethod
@@ -48,6 +85,16 @@ class Wheelhouse(Strict):
     find_links: str
     index: bool = True
 
+    @field_validator("find_links")
+    @classmethod
+    def _url_or_path(cls, v: str) -> str:
+        if re.match(r"https?://", v):
+            if not re.fullmatch(r"https?://[A-Za-z0-9._~:@\[\]-]+(/\S*)?", v):
+                raise ValueError("must be an http(s) URL with a host, without spaces")
+            return v
+        _contract_check(contract.local_path_problem(v))
+        return v
+
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, v: Any) -> Any:
@@ -59,8 +106,8 @@ class Host(Strict):
     ssh: Ssh = Field(default_factory=Ssh)
     profile: Literal["vps", "pi"]
     arch: Literal["x86_64", "aarch64"] | None = Field(None, validate_default=True)
-    memory_mb: int = Field(gt=0)
-    cores: int = Field(gt=0)
+    memory_mb: Megabytes
+    cores: Count
     # Where this host gets its wheels when it differs from the fleet's (each test host reaches
     # the runner at its own address; a Pi site may have its own mirror).
     wheelhouse: Wheelhouse | None = None
@@ -72,6 +119,12 @@ class Host(Strict):
         if arch is None:
             return {"vps": "x86_64", "pi": "aarch64"}.get(profile)
         return arch
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        _contract_check(contract.address_problem(v))
+        return v
 
 
 class ModelSource(Strict):
@@ -108,11 +161,11 @@ class KVLayout(Strict):
     """From the model card or GGUF metadata (<arch>.block_count, .attention.head_count_kv,
     .attention.key_length, .attention.sliding_window)."""
 
-    layers: int = Field(gt=0)
-    kv_heads: int = Field(gt=0)
-    head_dim: int = Field(gt=0)
-    sliding_window_layers: int = Field(0, ge=0)
-    sliding_window: int | None = Field(None, gt=0)
+    layers: Count
+    kv_heads: Count
+    head_dim: int = Field(gt=0, le=65_536)
+    sliding_window_layers: int = Field(0, ge=0, le=COUNT_MAX)
+    sliding_window: Tokens | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> KVLayout:
@@ -124,8 +177,8 @@ class KVLayout(Strict):
 
 
 class Server(Strict):
-    threads: int | None = Field(None, gt=0)
-    n_ctx: int = Field(contract.MIN_N_CTX, gt=0)    # per wizard's slot on llama-server
+    threads: Count | None = None
+    n_ctx: Tokens = contract.MIN_N_CTX   # per request (per wizard's slot on llama-server)
     kv_type: Literal["f16", "q8_0", "q4_0"] = "f16"
     mlock: bool = False
     swa_full: bool = False
@@ -135,10 +188,16 @@ class Server(Strict):
     extend_context: bool = False
     # llama-server only: reuse cached chunks past a change by shifting them (--cache-reuse);
     # 0 turns it off.
-    cache_reuse: int = Field(256, ge=0)
+    cache_reuse: int = Field(256, ge=0, le=TOKENS_MAX)
     # llama-server only: window checkpoints kept per slot for sliding-window models
     # (--ctx-checkpoints; llama.cpp's default 32 is ~240 MB per slot for Gemma 3 270M).
-    ctx_checkpoints: int = Field(4, ge=0)
+    ctx_checkpoints: int = Field(4, ge=0, le=1024)
+
+
+# llama-cpp-python chat formats whose handler puts `tools` into the prompt (and parses calls
+# back); chatml and the others ignore them.
+TOOL_CHAT_FORMATS = ("chatml-function-calling", "functionary", "functionary-v1",
+                     "functionary-v2")
 
 
 class Model(Strict):
@@ -146,13 +205,13 @@ class Model(Strict):
     # Which server runs it: llama-cpp-python's (the default) or llama.cpp's own llama-server
     # (one slot per wizard, prefixes kept per slot); neverdark.engines says what each needs.
     engine: Literal[contract.ENGINES] = contract.DEFAULT_ENGINE  # type: ignore[valid-type]
-    size_mb: int = Field(gt=0)
-    context_length: int | None = Field(None, gt=0)
+    size_mb: Megabytes
+    context_length: Tokens | None = None
     # From the GGUF header when the file is on the operator's machine (file and pypi sources);
     # declare them for a url source that runs on llama-server.
-    training_context: int | None = Field(None, gt=0)
-    architecture: str | None = Field(None, pattern=r"^[a-z0-9_.-]+$")
-    chat_format: str = Field("chatml", pattern=r"^[A-Za-z0-9._-]+$")
+    training_context: Tokens | None = None
+    architecture: str | None = Field(None, pattern=r"^[a-z0-9_.-]{1,64}$")
+    chat_format: str = Field("chatml", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     server: Server = Field(default_factory=Server)
     kv: KVLayout
     hosts: list[str] | None = None
@@ -173,14 +232,37 @@ class Model(Strict):
         return self
 
 
+def _known_toolsets(v: list[str] | None) -> list[str] | None:
+    unknown = [t for t in v or [] if t not in HERMES_TOOLSETS]
+    if unknown:
+        raise ValueError(f"unknown Hermes toolset(s) {', '.join(map(repr, unknown))}; Hermes "
+                         f"0.19.0 has: {', '.join(HERMES_TOOLSETS)}")
+    if v is not None and len(set(v)) != len(v):
+        raise ValueError("a toolset is listed twice")
+    return v
+
+
 class CloudBackend(Strict):
+    """A backend at a URL: a cloud API, or a model server neverdark does not run (Ollama, or
+    any OpenAI-compatible server such as vLLM), which needs no key."""
+
     name: str
-    provider: Literal["anthropic", "openai", "google"]
+    provider: Literal["anthropic", "openai", "google", "ollama"]
     model: str
     base_url: str | None = Field(None, validate_default=True)
-    api_key: SecretRef
-    context_length: int = Field(gt=0)
-    max_tokens: int = Field(8192, gt=0)
+    api_key: SecretRef | None = Field(None, validate_default=True)
+    context_length: Tokens
+    # RAM the server takes on the wizard's host, when it runs there (Ollama on the same box):
+    # counted in that host's memory budget, once per server URL.
+    memory_mb: Megabytes | None = None
+    max_tokens: Tokens = 8192
+    # What the prompt carries on this backend (neverdark.hermes_config: lean or full), and which
+    # Hermes toolsets it offers (None: Hermes' defaults per platform). Profile by default: lean
+    # for Ollama (a small model on a small host), full for the others.
+    profile: Literal["lean", "full"] | None = None
+    tools: list[str] | None = None
+
+    _tools = field_validator("tools")(classmethod(lambda cls, v: _known_toolsets(v)))
 
     @field_validator("base_url")
     @classmethod
@@ -195,11 +277,28 @@ class CloudBackend(Strict):
             raise ValueError("must be an http:// or https:// URL")
         return v.rstrip("/")
 
+    @field_validator("api_key")
+    @classmethod
+    def _key_where_needed(cls, v: SecretRef | None, info: ValidationInfo) -> SecretRef | None:
+        provider = info.data.get("provider")
+        if v is None and provider in contract.KEYED_KINDS:
+            raise ValueError(f"required for provider {provider}: {{secret: NAME}}")
+        return v
+
 
 class LocalBackend(Strict):
     name: str
     local: str
-    max_tokens: int = Field(4096, gt=0)
+    # Small by default: every generated token is slow on a small host, and a base model that
+    # rambles or loops stops here (~40 s at a Pi 5's 6 tokens/s for an E2B-class model).
+    max_tokens: Tokens = 256
+    profile: Literal["lean", "full"] = "lean"
+    # No tool schemas unless chosen: llama-cpp-python's chatml format drops them unseen, and sent
+    # properly they are ~11,000 prompt tokens. A list needs an engine and chat format that carry
+    # tools (checked against the model).
+    tools: list[str] = Field(default_factory=list)
+
+    _tools = field_validator("tools")(classmethod(lambda cls, v: _known_toolsets(v)))
 
 
 def _backend_kind(v: Any) -> str | None:
@@ -221,30 +320,30 @@ PROBE_DEFAULTS = contract.PROBE_DEFAULTS
 
 
 class Probe(Strict):
-    interval: int = Field(PROBE_DEFAULTS["interval"], gt=0)
-    timeout: int = Field(PROBE_DEFAULTS["timeout"], gt=0)
-    fall: int = Field(PROBE_DEFAULTS["fall"], gt=0)
-    rise: int = Field(PROBE_DEFAULTS["rise"], gt=0)
-    min_dwell: int = Field(PROBE_DEFAULTS["min_dwell"], ge=0)
-    cooldown_429: int = Field(PROBE_DEFAULTS["cooldown_429"], ge=0)
-    damping_base: int = Field(PROBE_DEFAULTS["damping_base"], ge=0)
-    damping_cap: int = Field(PROBE_DEFAULTS["damping_cap"], ge=0)
-    max_hold: int = Field(PROBE_DEFAULTS["max_hold"], gt=0)
+    interval: int = _seconds(PROBE_DEFAULTS["interval"], 1)
+    timeout: int = _seconds(PROBE_DEFAULTS["timeout"], 1)
+    fall: int = Field(PROBE_DEFAULTS["fall"], gt=0, le=100)
+    rise: int = Field(PROBE_DEFAULTS["rise"], gt=0, le=100)
+    min_dwell: int = _seconds(PROBE_DEFAULTS["min_dwell"], 0)
+    cooldown_429: int = _seconds(PROBE_DEFAULTS["cooldown_429"], 0)
+    damping_base: int = _seconds(PROBE_DEFAULTS["damping_base"], 0)
+    damping_cap: int = _seconds(PROBE_DEFAULTS["damping_cap"], 0)
+    max_hold: int = _seconds(PROBE_DEFAULTS["max_hold"], 1)
     paid_probe: bool = PROBE_DEFAULTS["paid_probe"]
 
 
 class ProbeOverrides(Strict):
     """A wizard's exceptions to `sidecar.probe`; unset keys inherit."""
 
-    interval: int | None = Field(None, gt=0)
-    timeout: int | None = Field(None, gt=0)
-    fall: int | None = Field(None, gt=0)
-    rise: int | None = Field(None, gt=0)
-    min_dwell: int | None = Field(None, ge=0)
-    cooldown_429: int | None = Field(None, ge=0)
-    damping_base: int | None = Field(None, ge=0)
-    damping_cap: int | None = Field(None, ge=0)
-    max_hold: int | None = Field(None, gt=0)
+    interval: int | None = _seconds(None, 1)
+    timeout: int | None = _seconds(None, 1)
+    fall: int | None = Field(None, gt=0, le=100)
+    rise: int | None = Field(None, gt=0, le=100)
+    min_dwell: int | None = _seconds(None, 0)
+    cooldown_429: int | None = _seconds(None, 0)
+    damping_base: int | None = _seconds(None, 0)
+    damping_cap: int | None = _seconds(None, 0)
+    max_hold: int | None = _seconds(None, 1)
     paid_probe: bool | None = None
 
     def overrides(self) -> dict[str, Any]:
@@ -259,11 +358,24 @@ class Telegram(Strict):
 
     @field_validator("allowed_users")
     @classmethod
-    def _someone(cls, v: list) -> list:
+    def _user_ids(cls, v: list) -> list[int]:
         if not v:
             raise ValueError("list at least one Telegram user id: an empty list would let "
                              "anyone who finds the bot talk to the wizard")
-        return v
+        # Hermes joins them with ',' into TELEGRAM_ALLOWED_USERS and compares each with the
+        # sender's numeric id; a '*' there lets everyone in, and '' or '1,*' would smuggle one.
+        out, bad = [], []
+        for i, u in enumerate(v):
+            n = int(u) if isinstance(u, str) and re.fullmatch(r"[0-9]{1,16}", u) else u
+            if isinstance(n, int) and 0 < n < TELEGRAM_ID_MAX:
+                out.append(n)
+            else:
+                bad.append(f"[{i}] " + (repr(u) if len(repr(u)) <= 24 else repr(u)[:21] + "..."))
+        if bad:
+            raise ValueError(f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}: not Telegram "
+                             "user ids. Each entry is a positive number (ask @userinfobot); "
+                             "'*', names and empty entries are refused ('*' lets anyone in)")
+        return out
 
 
 class Wizard(Strict):
@@ -298,7 +410,11 @@ class HookTelegram(Strict):
     @field_validator("chat_id")
     @classmethod
     def _as_text(cls, v: str | int) -> str:
-        return str(v)
+        text = str(v)
+        if not _TELEGRAM_CHAT.fullmatch(text) or (text[0] != "@" and abs(int(text)) >= 2 ** 63):
+            raise ValueError("must be a Telegram chat id (a number; groups and channels are "
+                             "negative) or a channel's @username")
+        return text
 
 
 class Hooks(Strict):
@@ -319,13 +435,14 @@ class SecretsConfig(Strict):
 
 class MemoryPolicy(Strict):
     headroom_percent: float = Field(15, ge=0, lt=100)
-    headroom_min_mb: int = Field(256, ge=0)
-    gateway_mb: int = Field(contract.MEMORY_DEFAULTS["gateway_mb"], ge=0)
-    sidecar_mb: int = Field(contract.MEMORY_DEFAULTS["sidecar_mb"], ge=0)
-    llama_overhead_mb: int = Field(contract.MEMORY_DEFAULTS["llama_overhead_mb"], ge=0)
+    headroom_min_mb: int = Field(256, ge=0, le=MB_MAX)
+    gateway_mb: int = Field(contract.MEMORY_DEFAULTS["gateway_mb"], ge=0, le=MB_MAX)
+    sidecar_mb: int = Field(contract.MEMORY_DEFAULTS["sidecar_mb"], ge=0, le=MB_MAX)
+    llama_overhead_mb: int = Field(contract.MEMORY_DEFAULTS["llama_overhead_mb"], ge=0,
+                                   le=MB_MAX)
     llama_server_overhead_mb: int = Field(contract.MEMORY_DEFAULTS["llama_server_overhead_mb"],
-                                          ge=0)
-    prompt_tokens: int = Field(12_288, ge=0)
+                                          ge=0, le=MB_MAX)
+    prompt_tokens: int = Field(12_288, ge=0, le=TOKENS_MAX)
 
 class Fleet(Strict):
     hosts: dict[str, Host] = Field(min_length=1)
@@ -373,7 +490,7 @@ class Fleet(Strict):
     def base_url(self, wizard: str, backend: CloudBackend | LocalBackend) -> str:
         if isinstance(backend, LocalBackend):
             return contract.local_base_url(self.llama_port(self.wizards[wizard].host, backend.local))
-        return backend.base_url
+        return contract.openai_base_url(backend.provider, backend.base_url)
 
     def context_length(self, backend: CloudBackend | LocalBackend) -> int:
         if isinstance(backend, LocalBackend):

@@ -9,6 +9,7 @@ traceback can be printed safely.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ENV_VAR = "NEVERDARK_SECRETS"
+MAX_BYTES = 1024 * 1024
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
@@ -77,6 +79,13 @@ def load_store(path: Path | None, env: Mapping[str, str]) -> SecretStore:
     environment would turn a typo in the path into a list of 'unresolved secret' errors."""
     if path is None:
         return SecretStore({}, env)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(str(path))
-    return SecretStore(dotenv_values(path, interpolate=False), env, path)
+    if not path.is_file():
+        raise OSError(errno.EINVAL, "not a regular file")
+    if path.stat().st_size > MAX_BYTES:
+        raise OSError(errno.EFBIG, f"larger than {MAX_BYTES:,} bytes: not a secrets file")
+    try:
+        return SecretStore(dotenv_values(path, interpolate=False), env, path)
+    except UnicodeDecodeError:
+        raise OSError(errno.EILSEQ, "not UTF-8 text") from None

@@ -63,6 +63,9 @@ class BackendConfig:
     api_key: str | None = field(repr=False)
     variant: Path
     api_key_env: str | None = None
+    # The context Hermes is told; a server that serves less (an Ollama model at its default
+    # num_ctx) is probed unhealthy rather than left to truncate prompts.
+    context_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -275,7 +278,7 @@ def _hooks(r: _Reader, raw: Any) -> HooksConfig:
     return HooksConfig(command=command, webhook=webhook, telegram=telegram)
 
 
-_BACKEND_KEYS = ("name", "kind", "base_url", "model", "api_key_env", "variant")
+_BACKEND_KEYS = ("name", "kind", "base_url", "model", "api_key_env", "variant", "context_length")
 
 
 def _backend(r: _Reader, raw: Any, where: str) -> BackendConfig:
@@ -291,7 +294,9 @@ def _backend(r: _Reader, raw: Any, where: str) -> BackendConfig:
     return BackendConfig(
         name=name, kind=kind, base_url=_url(r, raw["base_url"], f"{where}.base_url"),
         model=r.string(raw["model"], f"{where}.model"), api_key=key,
-        variant=r.abspath(raw["variant"], f"{where}.variant"), api_key_env=env)
+        variant=r.abspath(raw["variant"], f"{where}.variant"), api_key_env=env,
+        context_length=(None if raw.get("context_length") is None else r.number(
+            raw["context_length"], f"{where}.context_length", minimum=1, integer=True)))
 
 
 _WIZARD_KEYS = ("unit", "api_port", "api_key_env", "home", "active_config", "probe", "backends",
@@ -422,7 +427,8 @@ def dump(cfg: SidecarConfig) -> tuple[str, str]:
             "probe": _probe_doc(w.probe, cfg.probe), "restart": w.restart,
             "backends": [{"name": b.name, "kind": b.kind, "base_url": b.base_url,
                           "model": b.model, "api_key_env": ref(b.api_key_env, b.api_key),
-                          "variant": str(b.variant)} for b in w.backends]}
+                          "variant": str(b.variant), "context_length": b.context_length}
+                         for b in w.backends]}
     telegram = None
     if cfg.hooks.telegram:
         env = cfg.hooks.telegram["token_env"]

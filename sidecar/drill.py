@@ -4,7 +4,8 @@ What an operator runs after a deploy (`neverdark drill WIZARD` runs this over SS
 force a failover through the sidecar's control socket, send real turns through the wizard's
 Hermes API server and check from Hermes' session record that the fallback's model answered
 them, fail back the same way, check the primary answers again, and report the timings as one
-JSON line. Nothing here bypasses the sidecar: the switches are its own verified switches.
+JSON line. Turns on a local backend carry their breakdown (queue, prompt tokens and cache hits,
+prefill, generation, cache save, gateway overhead: sidecar.engine). Nothing here bypasses the sidecar: the switches are its own verified switches.
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ async def _turns(wizard, backend, n: int, timeout: float) -> list[dict]:
     async with httpx.AsyncClient() as client:
         for _ in range(n):
             v = await verify(wizard, backend, client, timeout)
-            out.append({"ok": v.ok, "latency": round(v.latency, 2), "model": v.answered_model,
-                        "detail": v.detail})
+            turn = {"ok": v.ok, "latency": round(v.latency, 2), "model": v.answered_model,
+                    "detail": v.detail, "answer": v.answer[:120]}
+            if v.breakdown:   # local backends: where the turn's time went
+                turn["breakdown"] = v.breakdown
+            out.append(turn)
     return out
 
 

@@ -15,17 +15,29 @@ and no header names the provider. The API server's session record does: GET
 per-turn fallback it names the fallback's model). Each verify sends a fresh nonce so Hermes
 derives a fresh session id (it hashes the system prompt and first user message), never one whose
 model was recorded under the previous backend.
+
+What it asks: "Repeat: <word>", after two worked examples sent as earlier turns of the same
+request (a random number, then another word). Measured through the real gateway against the real
+Gemma 3 270M, a base model that answers Hermes' chatml prompt with an echo of the user's message
+or an immediate end-of-turn about half the time whatever it is asked (docs/hermes.md, "The check
+turn"): with the examples it repeated the word 19-20 times in 20. The verdict refuses an empty
+answer and an echo of the question ("Repeat: river"), and on a local target requires the word:
+a cloud model's answer is reported but not required to contain it (its failures are HTTP errors,
+and the test clouds answer canned text).
 """
 
 from __future__ import annotations
 
 import asyncio
-import secrets
+import random
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import httpx
+
+from sidecar import engine
 
 
 class GatewayControl(Protocol):
@@ -93,6 +105,10 @@ class Verdict:
     detail: str
     latency: float
     answered_model: str | None
+    answer: str = ""
+    recognised: bool | None = None
+    # Local targets: where the turn's time went (sidecar.engine.TurnBreakdown.as_dict()).
+    breakdown: dict | None = field(default=None, compare=False)
 
 
 def _error_text(r: httpx.Response, wizard) -> str:
@@ -104,25 +120,78 @@ def _error_text(r: httpx.Response, wizard) -> str:
     return text.replace(wizard.api_key, "***")[:200] if wizard.api_key else text[:200]
 
 
-VERIFY_PROMPT = "neverdark backend check {nonce}: reply with the word ok."
+CHECK_WORDS = ("apple", "river", "lantern", "pebble", "meadow", "copper", "violet", "harbor",
+               "falcon", "maple", "candle", "orange", "garden", "silver", "winter", "basket",
+               "forest", "pepper", "rocket", "island", "thunder", "marble", "velvet", "anchor")
 
 
-async def verify(wizard, target, client: httpx.AsyncClient, timeout: float) -> Verdict:
-    """One real turn through the gateway; ok only if it succeeded and the target's model answered.
+@dataclass(frozen=True)
+class CheckTurn:
+    messages: list
+    question: str
+    expected: str
+
+
+def check_turn(rng: random.Random | None = None) -> CheckTurn:
+    """The check's messages: two worked examples as earlier turns, then the question. The first
+    example is a random number, so the first user message (which Hermes hashes into the session
+    id) is fresh for every check."""
+    rng = rng or random.SystemRandom()
+    nonce = str(rng.randrange(100000, 1000000))
+    example, word = rng.sample(CHECK_WORDS, 2)
+    question = f"Repeat: {word}"
+    return CheckTurn([{"role": "user", "content": f"Repeat: {nonce}"},
+                      {"role": "assistant", "content": nonce},
+                      {"role": "user", "content": f"Repeat: {example}"},
+                      {"role": "assistant", "content": example},
+                      {"role": "user", "content": question}], question, word)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def judge(answer: str, check: CheckTurn) -> tuple[str | None, bool]:
+    """(why the answer is refused or None, whether it contains the expected word)."""
+    words = _words(answer)
+    if not words:
+        return "the answer is empty", False
+    question = _words(check.question)
+    n = len(question)
+    if any(words[i:i + n] == question for i in range(len(words) - n + 1)):
+        return f"the answer echoes the check's question: {answer.strip()[:80]!r}", False
+    return None, check.expected in words
+
+
+async def _session_calls(client: httpx.AsyncClient, base: str, auth: dict, session_id: str) -> tuple[str | None, int | None]:
+    s = await client.get(f"{base}/api/sessions/{session_id}", headers=auth, timeout=10.0)
+    session = s.json()["session"]
+    calls = session.get("api_call_count")
+    return session["model"], (int(calls) if isinstance(calls, (int, float)) else None)
+
+
+async def verify(wizard, target, client: httpx.AsyncClient, timeout: float,
+                 check: CheckTurn | None = None) -> Verdict:
+    """One real turn through the gateway; ok only if it succeeded, the target's model answered,
+    the answer is neither empty nor an echo of the question, and (local targets) it repeats the
+    check word.
 
     Through a local target this is also the warm-up: it fills the llama server's prompt cache with
-    Hermes' system prompt and tool schemas, so its latency is the cold first turn.
+    Hermes' system prompt, so its latency is the cold first turn; the breakdown says where it went.
     """
+    check = check or check_turn()
     base = f"http://127.0.0.1:{wizard.api_port}"
     auth = {"Authorization": f"Bearer {wizard.api_key}"}
-    body = {"messages": [{"role": "user",
-                          "content": VERIFY_PROMPT.format(nonce=secrets.token_hex(6))}]}
+    local = getattr(target, "kind", None) == "local"
+    before = await engine.scrape(client, target.base_url) if local else None
     started = time.monotonic()
     try:
-        r = await client.post(f"{base}/v1/chat/completions", json=body, headers=auth, timeout=timeout)
+        r = await client.post(f"{base}/v1/chat/completions", json={"messages": check.messages},
+                              headers=auth, timeout=timeout)
     except httpx.HTTPError as exc:
         return Verdict(False, f"verify request failed: {type(exc).__name__}", time.monotonic() - started, None)
     latency = time.monotonic() - started
+    after = await engine.scrape(client, target.base_url) if local else None
     if r.status_code != 200:
         return Verdict(False, f"verify answered HTTP {r.status_code}: {_error_text(r, wizard)}",
                        latency, None)
@@ -136,17 +205,29 @@ async def verify(wizard, target, client: httpx.AsyncClient, timeout: float) -> V
     if finish == "error":
         err = (data.get("hermes") or {}).get("error") or content
         return Verdict(False, f"agent error: {str(err)[:200]}", latency, None)
-    if not content.strip():
-        return Verdict(False, "verify answer is empty", latency, None)
     session_id = r.headers.get("X-Hermes-Session-Id")
     if not session_id:
         return Verdict(False, "no X-Hermes-Session-Id: cannot tell which backend answered", latency, None)
     try:
-        s = await client.get(f"{base}/api/sessions/{session_id}", headers=auth, timeout=10.0)
-        model = s.json()["session"]["model"]
+        model, calls = await _session_calls(client, base, auth, session_id)
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
         return Verdict(False, f"session lookup failed: {type(exc).__name__}", latency, None)
+    parts = None
+    if local:
+        delta = after - before if before is not None and after is not None else None
+        parts = engine.breakdown(latency, delta, calls).as_dict()
+    refused, recognised = judge(content, check)
+    # Hermes stands in "(empty)" after its own retries of empty answers ran out.
+    if refused is None and content.strip() == "(empty)":
+        refused = "the model answered nothing (Hermes' \"(empty)\" after its retries)"
     if model != target.model:
         return Verdict(False, f"answered by model {model!r}, not {target.name}'s {target.model!r}",
-                       latency, model)
-    return Verdict(True, f"{target.name} answered", latency, model)
+                       latency, model, content, recognised, parts)
+    if refused:
+        return Verdict(False, refused, latency, model, content, recognised, parts)
+    if local and not recognised:
+        return Verdict(False, f"the answer does not repeat the check word {check.expected!r}: "
+                              f"{content.strip()[:80]!r}", latency, model, content, False, parts)
+    return Verdict(True, f"{target.name} answered" + ("" if recognised else
+                                                     " (without the check word)"),
+                   latency, model, content, recognised, parts)

@@ -23,7 +23,7 @@ from typing import Sequence
 
 # Probe reasons that count toward `fall`; 'rate_limited' and 'auth' act at once instead.
 FAILURE_REASONS = frozenset({"refused", "reset", "dns", "timeout", "http_5xx", "bad_response",
-                             "passive", "switch_failed"})
+                             "passive", "switch_failed", "context_too_small"})
 # A 429 with "Retry-After: 0" still moves traffic away for at least this long.
 MIN_RATE_LIMIT_HOLD = 1.0
 MAX_TRANSITIONS = 50

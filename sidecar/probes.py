@@ -3,11 +3,16 @@
 By default a probe costs no billed tokens: it lists models. ``deep=True`` sends a real 1-token
 generation, which on a cloud backend is the optional paid probe and on the local llama server is
 the readiness check (a server can list models while its model is broken).
+
+A local probe also reads the engine's counters (sidecar.engine: GET /metrics, which neither engine
+holds behind a generation), so every probe round carries where the local turns' time went since
+the engine started; metrics.py exports them. They never decide health.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import json
 import re
@@ -19,11 +24,14 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 
+from neverdark import contract
+from sidecar import engine, served_context
+
 ANTHROPIC_VERSION = "2023-06-01"
 
 REASONS = (
     "ok", "refused", "reset", "dns", "timeout", "http_5xx", "rate_limited", "auth",
-    "bad_response", "passive",
+    "bad_response", "passive", "context_too_small",
 )
 
 
@@ -36,6 +44,8 @@ class ProbeResult:
     retry_after: float | None
     latency: float
     detail: str
+    # Local backends: the engine's counters at probe time (None: it exports none).
+    engine: engine.EngineTotals | None = None
 
 
 def _request(backend, deep: bool) -> tuple[str, str, dict, dict | None]:
@@ -60,7 +70,9 @@ def _request(backend, deep: bool) -> tuple[str, str, dict, dict | None]:
                     "generationConfig": {"maxOutputTokens": 1}}
             return "POST", f"{base}/models/{backend.model}:generateContent", headers, body
         return "GET", f"{base}/models", headers, None
-    if kind in ("openai", "local"):
+    if kind == "ollama" and not deep:
+        return "GET", f"{contract.server_root(kind, base)}/api/tags", {}, None
+    if kind in ("openai", "local", "ollama"):
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         if deep:
             body = {"model": backend.model, "max_tokens": 1,
@@ -80,7 +92,7 @@ def _shape_ok(kind: str, deep: bool, data) -> bool:
             return isinstance(data.get("candidates"), list) and bool(data["candidates"])
         choices = data.get("choices")
         return isinstance(choices, list) and bool(choices) and isinstance(choices[0], dict)
-    if kind == "google":
+    if kind in ("google", "ollama"):
         return isinstance(data.get("models"), list)
     return isinstance(data.get("data"), list)
 
@@ -236,7 +248,31 @@ async def probe(backend, client: httpx.AsyncClient, timeout: float, deep: bool =
     except (ValueError, UnicodeDecodeError):
         return result(False, "bad_response", status, detail="body is not JSON")
     if backend.kind == "local" and not deep:
-        return result(True, "ok", status, detail="healthy")
+        done = result(True, "ok", status, detail="healthy")
+        totals = await engine.scrape(client, backend.base_url, timeout=min(timeout, 2.0))
+        return done if totals is None else dataclasses.replace(done, engine=totals)
     if not _shape_ok(backend.kind, deep, data):
         return result(False, "bad_response", status, detail="body has the wrong shape")
+    if not deep and backend.kind in ("ollama", "openai"):
+        short = await _served_context_problem(backend, client, data, timeout)
+        if short:
+            return result(False, "context_too_small", status, detail=short)
     return result(True, "ok", status, detail="deep" if deep else "")
+
+
+async def _served_context_problem(backend, client: httpx.AsyncClient, data: dict,
+                                  timeout: float) -> str | None:
+    """Why a server neverdark does not run cannot serve what Hermes is told (None: it can, or
+    it does not say)."""
+    wanted = getattr(backend, "context_length", None)
+    if backend.kind == "openai":
+        served, source = served_context.openai_models(data, backend.model)
+        return served_context.too_small(served, wanted, source)
+    root = contract.server_root(backend.kind, backend.base_url.rstrip("/"))
+    try:
+        served, source = await served_context.ollama(client, root, backend.model, timeout)
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        return f"cannot read the model's context from Ollama: {type(exc).__name__}: {exc}"
+    if served is None:
+        return source
+    return served_context.too_small(served, wanted, source)

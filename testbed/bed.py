@@ -34,6 +34,7 @@ import yaml
 
 from neverdark.inventory import validate
 from testbed import fleet as testfleet, wheelhouse
+from testbed.llmock import LLMock, free_port
 from testbed.telegram_standin import BotApiStandIn
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,86 +42,6 @@ GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 HOSTS = [("vps1", "vps"), ("pi1", "pi")]
 GEMMA_KV = {"layers": 18, "kv_heads": 1, "head_dim": 256, "sliding_window_layers": 15,
             "sliding_window": 512}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class LLMock:
-    """A real LLMock server (OpenAI, Anthropic and Gemini APIs with faults on demand)."""
-    host: str
-    port: int
-    log: Path
-    proc: subprocess.Popen | None = None
-    name: str = "llmock"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self) -> None:
-        exe = Path(sys.executable).with_name("llmock")
-        self.proc = subprocess.Popen([str(exe), "serve", "--host", self.host, "--port",
-                                      str(self.port)], stdout=open(self.log, "ab"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/_llmock/requests", timeout=1).status_code == 200:
-                    return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.2)
-        raise RuntimeError(f"LLMock on {self.url} did not start; see {self.log}")
-
-    def scenario(self, behaviors: list[dict]) -> None:
-        httpx.post(f"{self.url}/_llmock/scenario", json={"behaviors": behaviors},
-                   timeout=5).raise_for_status()
-
-    def plain_answers(self) -> None:
-        """Answer every completion with plain text naming this backend. LLMock's default answers
-        carry tool calls, which make Hermes run tools and turn one turn into several requests."""
-        self.scenario([{"type": "reply", "text": f"Plain answer from {self.name}.",
-                        "times": None}])
-
-    def fault(self, *behaviors: dict) -> None:
-        """An outage: these faults (until recover()) in front of the plain answers."""
-        httpx.delete(f"{self.url}/_llmock/scenario", timeout=5).raise_for_status()
-        self.scenario(list(behaviors))
-        self.plain_answers()
-
-    def recover(self) -> None:
-        httpx.delete(f"{self.url}/_llmock/scenario", timeout=5).raise_for_status()
-        self.plain_answers()
-
-    def reset(self) -> None:
-        """Faults and request log cleared; plain answers again."""
-        httpx.post(f"{self.url}/_llmock/reset", timeout=5).raise_for_status()
-        self.plain_answers()
-
-    def chats(self, since: float = 0.0) -> list[dict]:
-        """Completion requests (not model lists), started at or after `since` (time.monotonic();
-        LLMock stamps its log with the same system-wide clock)."""
-        return [r for r in self.requests() if r["method"] == "POST"
-                and r["started_at"] >= since]
-
-    def requests(self) -> list[dict]:
-        r = httpx.get(f"{self.url}/_llmock/requests", timeout=5)
-        r.raise_for_status()
-        body = r.json()
-        return body.get("requests", body) if isinstance(body, dict) else body
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 TELEGRAM_BOT_ID = 424242
@@ -295,11 +216,8 @@ class Testbed:
                                         serve_dirs={"wheels": wheels}))
             for host, _ in self.host_specs:
                 for backend in ("anthropic", "openai", "google"):
-                    mock = LLMock(self.fleet.runner_address(host), free_port(),
-                                  self.run_dir / f"llmock-{host}-{backend}.log",
+                    mock = LLMock(self.run_dir, host=self.fleet.runner_address(host),
                                   name=f"{host}/{backend}")
-                    mock.start()
-                    mock.plain_answers()
                     self._stack.callback(mock.stop)
                     self.mocks[f"{host}/{backend}"] = mock
             self.hooks = self._stack.enter_context(HookReceiver(self.fleet))

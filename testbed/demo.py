@@ -8,7 +8,8 @@ as their cloud APIs, writes an inventory with three wizards, runs
 each wizard and model runs and the `neverdark status` table, then takes merlin's cloud API down
 (503) and brings it back while talking to merlin, and prints the measured failover and failback
 times (outage start to the first answer from the local model, recovery to the first answer from
-the primary).
+the primary), then drills merlin onto its local model and back with `neverdark drill`, which
+shows where each fallback turn's time goes.
 """
 
 from __future__ import annotations
@@ -74,6 +75,17 @@ def outage(bed) -> None:
     show_status(bed)
 
 
+def drill(bed) -> None:
+    """Where a fallback turn's time goes: the operator's drill onto the local model, each turn
+    broken down by the engine's own counters (queue, prompt and cache hits, prefill, generation,
+    cache save, gateway)."""
+    say("$ neverdark drill merlin --to local --turns 2")
+    proc = bed.neverdark("drill", "merlin", "--to", "local", "--turns", "2", timeout=900)
+    for line in (proc.stdout + proc.stderr).splitlines():
+        say("  " + line)
+    say()
+
+
 def main() -> int:
     keep = "--keep" in sys.argv
     run_dir = Path(tempfile.mkdtemp(prefix="neverdark-demo-"))
@@ -102,6 +114,7 @@ def main() -> int:
         say("$ neverdark status")
         show_status(bed)
         outage(bed)
+        drill(bed)
         if keep:
             say(f"\n--keep: hosts stay up; ssh -F {bed.fleet.ssh_config} vps1 ; Ctrl-C to end")
             try:

@@ -38,21 +38,35 @@ def free_port() -> int:
 
 
 class LLMock:
-    """One `llmock serve` child process and its admin API."""
+    """One `llmock serve` child process and its admin API: a real OpenAI, Anthropic and Gemini
+    server that fails on demand. The one wrapper the tests, the test bed, the demo and the
+    benchmarks use.
 
-    def __init__(self, log_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
+    `host` defaults to loopback (the test bed binds each host's runner-side address); `name`
+    set: every completion answers plain text naming it ("Plain answer from NAME."), so Hermes
+    runs no tools and a log shows who answered; unset, LLMock's static style without tools."""
+
+    def __init__(self, log_dir: Path, extra_args: tuple[str, ...] = (), host: str = "127.0.0.1",
+                 name: str | None = None) -> None:
+        self.host, self.name = host, name
         self.port = free_port()
-        self.root = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"llmock-{self.port}.log"
+        self.root = f"http://{host}:{self.port}"
+        label = (name or "mock").replace("/", "-")
+        self.log_path = Path(log_dir) / f"llmock-{label}-{self.port}.log"
         self._log = self.log_path.open("wb")
         # Each instance gets its own process group so a stop never touches a sibling.
         self.proc = subprocess.Popen(
-            [str(LLMOCK_BIN), "serve", "--host", "127.0.0.1", "--port", str(self.port),
+            [str(LLMOCK_BIN), "serve", "--host", host, "--port", str(self.port),
              "--log-level", "warning", *extra_args],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "LLMOCK_RESPONSE_STYLE": "static", "LLMOCK_TOOL_MODE": "off"},
         )
         self._wait_ready()
+        self.plain_answers()
+
+    @property
+    def url(self) -> str:
+        return self.root
 
     # Provider base URLs as a BackendConfig would carry them.
     @property
@@ -67,7 +81,7 @@ class LLMock:
     def google_base(self) -> str:
         return f"{self.root}/gemini/v1beta"
 
-    def _wait_ready(self, timeout: float = 20.0) -> None:
+    def _wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -81,17 +95,43 @@ class LLMock:
         self.stop()
         raise RuntimeError(f"llmock not ready in {timeout}s: {self.log_path.read_text()}")
 
+    def scenario(self, behaviors: list[dict]) -> None:
+        """Append behaviors to the scenario (LLMock applies them in order)."""
+        httpx.post(f"{self.root}/_llmock/scenario", json={"behaviors": list(behaviors)},
+                   timeout=5).raise_for_status()
+
+    def plain_answers(self) -> None:
+        if self.name:
+            self.scenario([{"type": "reply", "text": f"Plain answer from {self.name}.",
+                            "times": None}])
+
     def fault(self, *behaviors: dict) -> None:
-        r = httpx.post(f"{self.root}/_llmock/scenario", json={"behaviors": list(behaviors)}, timeout=5)
-        r.raise_for_status()
+        """An outage: exactly these faults (until recover() or reset()), in front of the plain
+        answers."""
+        httpx.delete(f"{self.root}/_llmock/scenario", timeout=5).raise_for_status()
+        self.scenario(list(behaviors))
+        self.plain_answers()
+
+    def recover(self) -> None:
+        httpx.delete(f"{self.root}/_llmock/scenario", timeout=5).raise_for_status()
+        self.plain_answers()
 
     def reset(self) -> None:
+        """Faults and request log cleared."""
         httpx.post(f"{self.root}/_llmock/reset", timeout=5).raise_for_status()
+        self.plain_answers()
 
     def requests(self) -> list[dict]:
         r = httpx.get(f"{self.root}/_llmock/requests", timeout=10)
         r.raise_for_status()
-        return r.json()["requests"]
+        body = r.json()
+        return body.get("requests", body) if isinstance(body, dict) else body
+
+    def chats(self, since: float = 0.0) -> list[dict]:
+        """Completion requests (not model lists), started at or after `since` (time.monotonic();
+        LLMock stamps its log with the same system-wide clock)."""
+        return [r for r in self.requests() if r["method"] == "POST"
+                and r["started_at"] >= since]
 
     def stop(self) -> None:
         if self.proc.poll() is None:

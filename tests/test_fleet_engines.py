@@ -83,10 +83,8 @@ def turn_evaluated(bed, engine: str, wizard: str, text: str) -> tuple[int, int]:
     from the server's own counters."""
     msgs = [*prefix_messages(bed, wizard)[:-1], {"role": "user", "content": text}]
     answer = local_post(bed, "/v1/chat/completions", {"messages": msgs, "max_tokens": 4})
-    if engine == "llama-server":
-        return answer["timings"]["prompt_n"], answer["usage"]["prompt_tokens"]
-    last = local_get(bed, "/neverdark/status")["last"]
-    return last["evaluated"], last["prompt_tokens"]
+    t = answer["timings"]          # both engines: llama.cpp's keys
+    return t["prompt_n"], t["prompt_n"] + t["cache_n"]
 
 
 def switch_engine(bed, engine: str, **server) -> None:

@@ -8,14 +8,8 @@ the point of half of these checks. The relay forwards bytes unchanged.
 from __future__ import annotations
 
 import hashlib
-import os
-import re
 import secrets
-import signal
-import socket
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -23,91 +17,12 @@ import pytest
 import yaml
 
 from neverdark import hermes_config as hc
-from testbed import runtimes
+from testbed import hermes_gateway, runtimes
+from testbed.hermes_gateway import KeyTap, write_atomic
 from testbed.llmock import LLMock, free_port
 
 HERMES_BIN = runtimes.HERMES_BIN
 CHAT_TIMEOUT = 120
-
-
-class KeyTap:
-    """A relay in front of one LLMock that keeps every request line and its headers."""
-
-    HEAD = re.compile(rb"(GET|POST|PUT|DELETE|PATCH) (\S+) HTTP/1\.[01]\r\n((?:[^\r\n]+\r\n)*)\r\n")
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream = upstream_port
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.root = f"http://127.0.0.1:{self.port}"
-        self._streams: list[bytearray] = []
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream))
-            seen = bytearray()
-            with self._lock:
-                self._streams.append(seen)
-            threading.Thread(target=self._pipe, args=(client, upstream, seen), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, None), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, seen: bytearray | None) -> None:
-        try:
-            while data := src.recv(65536):
-                if seen is not None:
-                    with self._lock:
-                        seen += data
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def requests(self) -> list[tuple[str, str, dict[str, str]]]:
-        with self._lock:
-            blobs = [bytes(s) for s in self._streams]
-        out = []
-        for blob in blobs:
-            for m in self.HEAD.finditer(blob):
-                headers = {}
-                for line in m.group(3).decode("latin-1").split("\r\n"):
-                    if ":" in line:
-                        k, v = line.split(":", 1)
-                        headers[k.strip().lower()] = v.strip()
-                out.append((m.group(1).decode(), m.group(2).decode(), headers))
-        return out
-
-    def keys(self, path_part: str) -> set[str]:
-        """Every credential sent with a request whose path contains `path_part`."""
-        found = set()
-        for _method, path, headers in self.requests():
-            if path_part in path:
-                for name in ("x-api-key", "x-goog-api-key"):
-                    if name in headers:
-                        found.add(headers[name])
-                auth = headers.get("authorization", "")
-                if auth.lower().startswith("bearer "):
-                    found.add(auth[7:])
-        return found
-
-    def clear(self) -> None:
-        with self._lock:
-            self._streams.clear()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class Backend:
@@ -138,13 +53,6 @@ def require_hermes() -> Path:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def write_atomic(path: Path, text: str, mode: int = 0o640) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.chmod(mode)
-    os.replace(tmp, path)
 
 
 def make_wizard(anthropic: Backend, openai: Backend, google: Backend, local: Backend,
@@ -192,84 +100,26 @@ SECRETS = {
 }
 
 
-class Gateway:
-    """`hermes gateway run` on a free port, with its own HERMES_HOME and HERMES_MANAGED_DIR."""
+class Gateway(hermes_gateway.Gateway):
+    """The real gateway with this module's secrets, and a turn helper that checks the basics."""
 
     def __init__(self, root: Path, wizard: dict) -> None:
-        hermes = require_hermes()
-        self.wizard = wizard
-        self.home = root / "home"
-        self.managed = root / "managed"
-        self.home.mkdir(mode=0o700)
-        self.managed.mkdir(mode=0o750)
-        self.port = wizard["api_port"]
-        self.key = SECRETS[wizard["api_key_secret"]]
-        self.rendered = {
-            "config.yaml": hc.render_base_config(wizard),
-            ".env": hc.render_env(wizard, SECRETS),
-            "SOUL.md": hc.render_soul(wizard),
-        }
-        for name, text in self.rendered.items():
-            write_atomic(self.home / name, text, 0o600)
-        self.variants = {b["name"]: hc.render_variant(wizard, b["name"]) for b in wizard["backends"]}
-        self.activate(wizard["backends"][0]["name"])
-        self.log_path = root / "gateway.log"
-        self._log = self.log_path.open("wb")
-        # A clean environment: an inherited OPENAI_API_KEY or CUSTOM_BASE_URL would change
-        # which key or URL Hermes uses.
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(self.home), "LANG": "C.UTF-8",
-               "HERMES_HOME": str(self.home), "HERMES_MANAGED_DIR": str(self.managed)}
-        self.proc = subprocess.Popen([str(hermes), "gateway", "run"], env=env, cwd=self.home,
-                                     stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self._wait_health(90)
-
-    def activate(self, backend: str) -> None:
-        """What the sidecar does: atomically copy a deploy-owned variant over the active file."""
-        write_atomic(self.managed / "config.yaml", self.variants[backend])
-
-    def _wait_health(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"hermes gateway exited {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        pytest.fail(f"hermes gateway not healthy within {timeout}s:\n{self.log_tail()}")
-
-    def log_tail(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
+        require_hermes()
+        super().__init__(root, wizard, SECRETS)
 
     def chat(self, text: str) -> tuple[dict, str | None]:
         """One turn; returns the completion and the model its session says answered."""
-        auth = {"Authorization": f"Bearer {self.key}"}
-        r = httpx.post(f"http://127.0.0.1:{self.port}/v1/chat/completions", headers=auth,
-                       json={"model": "merlin", "messages": [{"role": "user", "content": text}]},
-                       timeout=CHAT_TIMEOUT)
+        r = self.post([{"role": "user", "content": text}], timeout=CHAT_TIMEOUT)
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["choices"][0]["finish_reason"] == "stop", (body, self.log_tail())
         path = hc.session_path(r.headers)
         assert path, dict(r.headers)
-        session = httpx.get(f"http://127.0.0.1:{self.port}{path}", headers=auth, timeout=10)
+        session = httpx.get(f"{self.root}{path}", headers={"Authorization": f"Bearer {self.key}"},
+                            timeout=10)
         session.raise_for_status()
         assert hc.answered_by(body) is None  # the completion only echoes the requested name
         return body, hc.answered_by(session.json())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._log.close()
 
 
 @pytest.fixture(scope="module")
@@ -513,10 +363,16 @@ def test_variants_set_every_model_leaf_the_base_sets():
 
 
 def test_notice_only_in_fallback_variants():
-    w = wizard_for("anthropic", "local", notice="Small brain today.")
+    w = wizard_for("anthropic", "openai", "local", notice="Small brain today.")
     assert yaml.safe_load(hc.render_variant(w, "anthropic0"))["agent"]["environment_hint"] == ""
-    assert yaml.safe_load(hc.render_variant(w, "local1"))["agent"]["environment_hint"] == \
+    assert yaml.safe_load(hc.render_variant(w, "openai1"))["agent"]["environment_hint"] == \
         "Small brain today."
+    # A lean (local) fallback also says what it cannot do, and asks for short answers.
+    local = yaml.safe_load(hc.render_variant(w, "local2"))["agent"]["environment_hint"]
+    assert local.startswith("Small brain today. Right now you cannot remember things between "
+                            "conversations, read or write files, run commands, schedule tasks "
+                            "or search the web")
+    assert local.endswith(hc.BREVITY_HINT)
 
 
 def test_base_config_chain_and_pins():
@@ -585,3 +441,190 @@ def test_telegram_api_url_points_hermes_at_a_self_hosted_bot_api():
     w["telegram_api_url"] = "http://10.0.0.5:8081/bot"
     telegram = yaml.safe_load(hc.render_base_config(w))["platforms"]["telegram"]
     assert telegram == {"enabled": True, "extra": {"base_url": "http://10.0.0.5:8081/bot"}}
+
+
+# --- what the small model gets: the lean profile on the real gateway --------------------------
+
+PROFILE_KEYS = ("agent", "platform_toolsets", "platform_hints", "memory")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """The real llama server with the real Gemma 3 270M: it counts prompt tokens as it sees them."""
+    from testbed.llama_server import LlamaServer, LlamaServerError
+    try:
+        server = LlamaServer(tmp_path_factory.mktemp("llama"), n_ctx=8192)
+    except LlamaServerError as e:
+        pytest.fail(str(e))
+    yield server
+    server.stop()
+
+
+def served_prompt_tokens(llama, body: dict) -> int:
+    """What the llama server counts for a request body Hermes sent (its `usage`)."""
+    body = {**body, "max_tokens": 1, "stream": False}
+    body.pop("stream_options", None)
+    r = httpx.post(f"{llama.base_url}/chat/completions", json=body, timeout=600)
+    r.raise_for_status()
+    return r.json()["usage"]["prompt_tokens"]
+
+
+def test_lean_local_variant_sends_a_small_prompt_and_no_tools(live, llama):
+    gateway, backends = live
+    memories = gateway.home / "memories"
+    memories.mkdir(exist_ok=True)
+    (memories / "MEMORY.md").write_text("The user's cat is called Sprocket-7731.\n")
+    try:
+        gateway.activate("claude")
+        gateway.chat("remember my cat?")
+        primary = only_post(backends, "anthropic")
+        for b in backends.values():
+            b.reset()
+        gateway.activate("local")
+        gateway.chat("small brain?")
+        lean = only_post(backends, "local")["body"]
+        for b in backends.values():
+            b.reset()
+        gateway.activate("claude")
+        gateway.chat("remember my cat?")
+        back = only_post(backends, "anthropic")
+    finally:
+        (memories / "MEMORY.md").unlink()
+    system = lean["messages"][0]["content"]
+    assert not lean.get("tools")                       # by configuration, not dropped unseen
+    assert lean["max_tokens"] == 256
+    assert hc.DEFAULT_NOTICE in system and "You are Merlin" in system
+    assert "cannot remember things between conversations, read or write files" in system
+    assert hc.BREVITY_HINT in system and hc.LEAN_PLATFORM_HINTS["api_server"] in system
+    assert "Sprocket-7731" not in system               # memory injection off
+    assert "You're responding through an API server" not in system  # Hermes' own hint replaced
+    tokens = served_prompt_tokens(llama, lean)
+    assert tokens < 600, tokens                        # measured 453 (FIELD-NOTES: 1,735 full)
+    # Failback restores everything the primary had: its tools, its hint, its memory.
+    assert len(primary["body"]["tools"]) == len(back["body"]["tools"]) >= 10
+    assert system_text(back) == system_text(primary)
+    assert "Sprocket-7731" in system_text(back)
+    assert hc.DEFAULT_NOTICE not in system_text(back)
+
+
+def test_full_profile_local_variant_for_comparison(live, llama):
+    """The same local backend on the full profile: the prompt the server counts is ~4x larger
+    (and Hermes' 16 tool schemas ride along for chatml to drop)."""
+    gateway, backends = live
+    full = dict(next(b for b in gateway.wizard["backends"] if b["name"] == "local"),
+                profile="full", tools=None)
+    wizard = dict(gateway.wizard, backends=[*gateway.wizard["backends"][:3], full])
+    gateway.activate("local", hc.render_variant(wizard, "local"))
+    try:
+        gateway.chat("small brain?")
+    finally:
+        gateway.activate("claude")
+    body = only_post(backends, "local")["body"]
+    assert len(body["tools"]) >= 10
+    assert served_prompt_tokens(llama, body) > 1500
+
+
+def test_variants_set_every_profile_key():
+    w = wizard_for("anthropic", "openai", "local")
+    docs = [yaml.safe_load(hc.render_variant(w, b["name"])) for b in w["backends"]]
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield prefix + k
+    keys = [{k for k in leaves(d) if k.split(".")[0] in PROFILE_KEYS} for d in docs]
+    assert keys[0] == keys[1] == keys[2]
+    full, lean = docs[0], docs[2]
+    assert full["platform_toolsets"] == {"api_server": None, "telegram": None}
+    assert lean["platform_toolsets"] == {"api_server": [], "telegram": []}
+    assert full["agent"]["tool_use_enforcement"] == "auto" and lean["agent"]["tool_use_enforcement"] is False
+    assert (full["memory"], lean["memory"]) == (hc.FULL_MEMORY, hc.LEAN_MEMORY)
+    assert "&" not in hc.render_variant(w, "local2")  # no YAML anchors for Hermes to trip on
+
+
+def test_a_chosen_toolset_list_reaches_the_variant():
+    w = wizard_for("anthropic", "local")
+    w["backends"][1]["tools"] = ["memory", "todo"]
+    doc = yaml.safe_load(hc.render_variant(w, "local1"))
+    assert doc["platform_toolsets"]["telegram"] == ["memory", "todo"]
+    assert doc["memory"] == hc.FULL_MEMORY            # the memory tool keeps its notes
+    assert "remember things" not in doc["agent"]["environment_hint"]
+    w["backends"][1]["tools"] = ["memroy"]
+    with pytest.raises(ValueError, match="memroy"):
+        hc.render_variant(w, "local1")
+
+
+def test_toolset_names_are_hermes_own():
+    """HERMES_TOOLSETS is what the installed Hermes calls its configurable toolsets."""
+    python = require_hermes().parent / "python"
+    out = subprocess.run(
+        [str(python), "-c", "from hermes_cli.tools_config import CONFIGURABLE_TOOLSETS as C;"
+                            "print(' '.join(k for k, _, _ in C))"],
+        capture_output=True, text=True, timeout=120,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "HERMES_HOME": "/tmp/neverdark-no-home"})
+    assert out.returncode == 0, out.stderr
+    assert tuple(out.stdout.split()) == hc.HERMES_TOOLSETS
+
+
+# --- the sidecar's check turn through the real gateway ----------------------------------------
+
+def _verify(gateway, backend: str, kind: str, model: str, check):
+    import asyncio
+    from types import SimpleNamespace
+    from sidecar.gateway import verify
+    wizard = SimpleNamespace(api_port=gateway.port, api_key=gateway.key)
+    target = SimpleNamespace(name=backend, kind=kind, model=model,
+                             base_url="http://127.0.0.1:9/v1")  # no engine counters here
+
+    async def run():
+        async with httpx.AsyncClient() as client:
+            return await verify(wizard, target, client, CHAT_TIMEOUT, check=check)
+    return asyncio.run(run())
+
+
+def test_check_turn_refuses_an_echo_of_its_question(live):
+    from sidecar.gateway import check_turn
+    gateway, backends = live
+    gateway.activate("local")
+    check = check_turn()
+    backends["local"].mock.fault({"type": "reply", "text": check.question, "times": None})
+    v = _verify(gateway, "local", "local", "gemma3-270m", check)
+    assert not v.ok and "echoes" in v.detail, v
+    backends["local"].mock.reset()
+    backends["local"].mock.fault({"type": "reply", "text": f"Sure: {check.expected}.", "times": None})
+    v = _verify(gateway, "local", "local", "gemma3-270m", check_turn_with(check))
+    assert v.ok and v.recognised, v
+
+
+def check_turn_with(check):
+    """The same question with a fresh first message (a fresh Hermes session)."""
+    from sidecar.gateway import CheckTurn
+    msgs = [dict(m) for m in check.messages]
+    msgs[0]["content"] += "0"
+    msgs[1]["content"] += "0"
+    return CheckTurn(msgs, check.question, check.expected)
+
+
+def test_check_turn_refuses_an_empty_answer(live):
+    from sidecar.gateway import check_turn
+    gateway, backends = live
+    gateway.activate("local")
+    # Every other backend refuses too, so Hermes' own fallback after its empty-answer retries
+    # has nowhere to go and the turn ends as the model left it.
+    for name in ("anthropic", "openai", "google"):
+        backends[name].mock.fault({"type": "fail", "status": 429, "retry_after": 7, "times": None})
+    backends["local"].mock.fault({"type": "reply", "text": "", "times": None})
+    v = _verify(gateway, "local", "local", "gemma3-270m", check_turn())
+    assert not v.ok, v
+    assert "empty" in v.detail or "answered nothing" in v.detail or "error" in v.detail, v
+    # Hermes resent the empty answer's request: every resend hit the same small prompt.
+    assert len(backends["local"].posts()) >= 2
+
+
+def test_check_turn_on_a_cloud_target_reports_an_unrecognised_answer(live):
+    from sidecar.gateway import check_turn
+    gateway, backends = live
+    gateway.activate("gpt")
+    v = _verify(gateway, "gpt", "openai", "gpt-test", check_turn())
+    assert v.ok and v.recognised is False and "without the check word" in v.detail, v

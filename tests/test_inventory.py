@@ -93,7 +93,9 @@ def test_minimal_fleet_validates_with_resolved_defaults(tmp_path):
     assert wizard.api_server_key.secret == "NEVERDARK_API_KEY_MERLIN"
     claude, local = wizard.backends
     assert claude.base_url == "https://api.anthropic.com" and claude.max_tokens == 8192
-    assert isinstance(local, LocalBackend) and local.max_tokens == 4096
+    assert isinstance(local, LocalBackend) and local.max_tokens == 256
+    assert (local.profile, local.tools) == ("lean", [])
+    assert (claude.profile, claude.tools) == ("full", None)
     assert fleet.llama_port("vps", "gemma") == 8081
     assert fleet.base_url("merlin", local) == "http://127.0.0.1:8081/v1"
     assert fleet.context_length(local) == 65536
@@ -151,9 +153,12 @@ def test_ports_assigned_in_name_order_per_host(tmp_path):
     assert [s.prompt_cache_mb for s in topology.llama_servers(fleet, "vps")] == [265, 42]
 
 
-def test_default_inventory_path(monkeypatch):
-    assert default_inventory_path({}) == REPO / "fleet.yaml"
-    assert default_inventory_path({"NEVERDARK_INVENTORY": "/x/f.yaml"}) == Path("/x/f.yaml")
+def test_default_inventory_path(tmp_path):
+    assert default_inventory_path({}, cwd=tmp_path) == REPO / "fleet.yaml"
+    (tmp_path / "fleet.yaml").write_text("hosts: {}\n")
+    assert default_inventory_path({}, cwd=tmp_path) == tmp_path / "fleet.yaml"
+    assert default_inventory_path({"NEVERDARK_INVENTORY": "/x/f.yaml"},
+                                  cwd=tmp_path) == Path("/x/f.yaml")
 
 
 # --- one test per kind of mistake ------------------------------------------------------------
@@ -388,7 +393,8 @@ def test_pi_with_1gb_cannot_hold_two_wizards():
     assert len(problems) == 1
     message = problems[0]
     assert message.startswith(f"{path}:{line_of(text, 'memory_mb: 1024')}: hosts.pi.memory_mb: "
-                              "does not fit: needs 1555 MB, host has 1024 MB (531 MB over)")
+                              "does not fit: needs 1555 MB, host has 1024 MB (531 MB over). "
+                              "Options: ")
     for item, mb in [("model gemma: file", 253), ("KV cache", 207),
                      ("llama-cpp-python runtime", 180),
                      ("prompt cache (2 prefixes + 1 turn x 12288 tokens)", 159),
@@ -396,6 +402,51 @@ def test_pi_with_1gb_cannot_hold_two_wizards():
                      ("neverdark sidecar", 40), ("headroom", 256)]:
         assert any(item in line and line.endswith(f" {mb} MB") for line in message.splitlines()), \
             (item, message)
+
+
+def hints_for(tmp_path, **server) -> list[str]:
+    """The memory-fit hints for the minimal fleet's host, its model's server set as given."""
+    text = MINIMAL
+    if server:
+        text = variant(("    size_mb: 253\n", "    size_mb: 253\n    server: {"
+                        + ", ".join(f"{k}: {str(v).lower()}" for k, v in server.items()) + "}\n"))
+    text = text.replace("memory_mb: 4096", "memory_mb: 65536")
+    return memory_fit.hints(validate(write_inventory(tmp_path, text), env={}), "vps")
+
+
+def test_memory_hints_suggest_only_what_applies(tmp_path):
+    defaults = hints_for(tmp_path)
+    assert not any("n_ctx" in h for h in defaults)          # already at Hermes' floor
+    assert not any("swa_full" in h for h in defaults)       # already false
+    # q8_0: the KV cache 207 -> 110 MB and the two saved states of the prompt cache
+    # 2 x 53 -> 2 x 29 MB.
+    assert "set models.gemma.server.kv_type q8_0 (saves 144 MB)" in defaults
+    assert "move the wizard to another host (230 MB per gateway)" in defaults
+    # q8_0 at n_ctx 131072, swa_full: KV 18 x 131072 x 544 B = 1224 MB; sliding layers at the
+    # window: 212 MB; n_ctx 65536: 612 MB; q4_0 (288 B per token-layer): 648 MB; each saves
+    # on the prompt cache's states too (swa_full: 2 x 117 -> 2 x 30 MB).
+    big = hints_for(tmp_path, n_ctx=131072, swa_full=True, kv_type="q8_0")
+    assert "lower models.gemma.server.n_ctx to 65536 (Hermes' floor) (saves 612 MB)" in big
+    assert "set models.gemma.server.swa_full false (saves 1187 MB)" in big
+    assert "set models.gemma.server.kv_type q4_0 (saves 684 MB)" in big
+    assert not any("q8_0" in h for h in big)
+    assert not any("kv_type" in h for h in hints_for(tmp_path, kv_type="q4_0"))
+
+
+def test_memory_hints_skip_swa_full_for_a_model_without_sliding_window(tmp_path):
+    text = variant(("      sliding_window_layers: 15\n      sliding_window: 512\n", ""),
+                   ("    size_mb: 253\n", "    size_mb: 253\n    server: {swa_full: true}\n"))
+    fleet = validate(write_inventory(tmp_path, text.replace("memory_mb: 4096",
+                                                            "memory_mb: 65536")), env={})
+    assert not any("swa_full" in h for h in memory_fit.hints(fleet, "vps"))
+
+
+def test_a_host_with_nothing_but_the_sidecar_is_asked_about_its_memory(tmp_path):
+    text = variant(("    cores: 2\n", "    cores: 2\n  tiny: {address: 10.0.0.9, profile: pi, "
+                                      "memory_mb: 200, cores: 1}  # too small\n"))
+    message = assert_problem(tmp_path, text, "# too small", "hosts.tiny.memory_mb",
+                             "Nothing runs here but the sidecar: is memory_mb right?")
+    assert "Options" not in message
 
 
 def test_memory_budget_of_a_fitting_host(tmp_path):
@@ -463,7 +514,7 @@ def test_validate_command_fails_with_problems_on_stderr(tmp_path, capsys):
     result = CliRunner().invoke(validate_cmd, [str(path)])
     assert result.exit_code == 1
     err = result.output
-    assert f"{path}:" in err and "problem(s) in" in err
+    assert f"{path}:" in err and f"\n7 problems in {path}\n" in err
 
 
 def test_validate_command_default_path(tmp_path, monkeypatch):
@@ -520,3 +571,29 @@ def test_telegram_api_url_must_be_http(tmp_path):
         validate(path, env=env)
     line = line_of(text, "# not http")
     assert f"{path}:{line}: wizards.radagast.telegram.api_url: " in str(err.value), str(err.value)
+
+
+def test_tools_on_a_chatml_local_backend_are_refused(tmp_path):
+    """llama-cpp-python's chatml format drops tool schemas unseen: a list there is an error."""
+    text = variant(("        local: gemma\n", "        local: gemma\n        tools: [memory, web]\n"))
+    assert_problem(tmp_path, text, "tools: [memory, web]", "wizards.merlin.backends[1].tools",
+                   "chatml", "silently drops tool schemas", "chatml-function-calling")
+
+
+def test_tools_with_a_function_calling_chat_format_are_accepted(tmp_path):
+    text = variant(("        local: gemma\n", "        local: gemma\n        tools: [memory]\n"),
+                   ("    size_mb: 253\n", "    size_mb: 253\n    chat_format: chatml-function-calling\n"))
+    fleet = validate(write_inventory(tmp_path, text), env={})
+    assert fleet.wizards["merlin"].backends[1].tools == ["memory"]
+
+
+def test_unknown_toolset_is_refused_with_hermes_names(tmp_path):
+    text = variant(("        local: gemma\n", "        local: gemma\n        tools: [memroy]\n"))
+    assert_problem(tmp_path, text, "tools: [memroy]", "wizards.merlin.backends[1].tools",
+                   "'memroy'", "memory", "cronjob")
+
+
+def test_profile_must_be_lean_or_full(tmp_path):
+    text = variant(("        local: gemma\n", "        local: gemma\n        profile: tiny\n"))
+    assert_problem(tmp_path, text, "profile: tiny", "wizards.merlin.backends[1].profile",
+                   "lean", "full")

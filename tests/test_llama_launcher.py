@@ -1,8 +1,8 @@
 """deploys/llama/serve.py (the llama-cpp-python units' launcher) as a real process on the real
 Gemma 3 270M GGUF: saved states without the 512 MiB score copies, a cache bounded in bytes,
 lock-free routes during a generation, warm prefixes that give way to real requests, and
-prefixes that survive a restart (asserted from the server's own counters: how many prompt
-tokens a request evaluated, not wall time).
+prefixes that survive a restart (asserted from the server's own counters: each completion's
+`timings`, how many prompt tokens it evaluated and how many it reused, not wall time).
 
 A small n_ctx keeps each start quick; the memory behaviour at n_ctx 65536 is
 bench/llama_engine_bench.py's.
@@ -105,15 +105,15 @@ def test_a_warm_prefix_is_used_by_the_next_turn_and_survives_a_restart(tmp_path)
     ln = Launcher(tmp_path).start()
     try:
         cold = ln.chat(messages("What is a wizard?"))
-        assert ln.status()["last"]["cached"] == 0
+        assert cold["timings"]["cache_n"] == 0
         w = ln.warm("merlin", messages("anything"))
         assert w["ok"] and w["tokens"] > 400, w
         ln.chat(messages("Something else entirely, to move the context away.",
                          system="A different wizard's prompt."))
         warm = ln.chat(messages("What is a wizard?"))
-        last = ln.status()["last"]
+        last = warm["timings"]
         # Only the user's message and the turn's frame are evaluated; the prefix is reused.
-        assert last["cached"] >= w["tokens"] and last["evaluated"] < 40, last
+        assert last["cache_n"] >= w["tokens"] and last["prompt_n"] < 40, last
         # The same answer as from a cold context (greedy sampling): the state is sound.
         assert warm["choices"][0]["message"]["content"] == cold["choices"][0]["message"]["content"]
         assert (ln.prefix_dir / "merlin.prefix").is_file()
@@ -124,8 +124,8 @@ def test_a_warm_prefix_is_used_by_the_next_turn_and_survives_a_restart(tmp_path)
         st = ln.status()
         assert st["restored"] == {"merlin": w["tokens"]}, st
         again = ln.chat(messages("What is a wizard?"))
-        last = ln.status()["last"]
-        assert last["cached"] >= w["tokens"] and last["evaluated"] < 40, last
+        last = again["timings"]
+        assert last["cache_n"] >= w["tokens"] and last["prompt_n"] < 40, last
         assert again["choices"][0]["message"]["content"] == cold["choices"][0]["message"]["content"]
     finally:
         ln.stop()

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pyinfra import host
 from pyinfra.facts.server import Arch
-from pyinfra.operations import apt, files
+from pyinfra.operations import apt, files, server
 
-from deploys.deployer import Deployer
+from deploys.deployer import Deployer, each, system_user
 from neverdark import contract
 
 # uname -m on the hosts neverdark knows, as the inventory spells them
@@ -29,5 +29,11 @@ class BaseDeployer(Deployer):
         # apt.packages only reaches the network when something is missing: offline hosts with
         # these preinstalled converge without an index.
         apt.packages(name="base packages", packages=self.p["base"]["packages"], update=False)
-        for path in (contract.OPT, contract.ETC, contract.VAR):
+        for path in each((contract.OPT, contract.ETC, contract.VAR)):
             files.directory(name=path, path=path, user="root", group="root", mode="0755")
+        if self.p["hermes"]["wizards"]:
+            # Users more than one component names: each wizard's managed dir belongs to the
+            # sidecar's user, so it exists before any component's own install runs.
+            server.group(name="operators group (control socket)", group=contract.OPS_GROUP,
+                         system=True)
+            system_user(contract.SIDECAR_USER)

@@ -13,7 +13,7 @@ from pyinfra.operations import files, server, systemd
 from pyinfra.operations.util import any_changed
 
 from deploys import ops
-from deploys.deployer import Deployer, component_venv, render
+from deploys.deployer import Deployer, component_venv, each, render
 from neverdark import contract
 from neverdark.plan import File
 
@@ -102,10 +102,10 @@ class WizardDeployer(Deployer):
         if not self.enabled:
             return
         w = self.w
-        for f in w["variants"].values():
+        for f in each(w["variants"].values()):
             # Hermes reads the active copy, not these: a variant change is the sidecar's news.
             self.variant_ops.append(self.put(f, effect=None))
-        for stale in ops.listed_names(f"{w['etc']}/backends"):
+        for stale in each(ops.listed_names(f"{w['etc']}/backends")):
             if stale.removesuffix(".yaml") not in w["variants"]:
                 self.variant_ops.append(self.remove(f"{w['etc']}/backends/{stale}"))
         ops.write_if_missing(name=f"{self.name}: seed the active config (primary)",
@@ -124,7 +124,7 @@ class WizardDeployer(Deployer):
         self.base_op = base
         self.put(self.unit_file())
         self.prefix_inputs = [self.soul_op, base, *self.variant_ops,
-                              *[self.put(f, effect=None) for f in self.prefix_files()]]
+                              *[self.put(f, effect=None) for f in each(self.prefix_files())]]
 
     def activate(self) -> None:
         if not self.enabled:
@@ -134,7 +134,8 @@ class WizardDeployer(Deployer):
                                   archive_root=contract.ARCHIVE_DIR, prefix=self.wizard)
             files.directory(name=f"{self.name}: remove config",
                             path=contract.wizard_etc(self.wizard), present=False)
-            for unit in (contract.prefix_timer(self.wizard), contract.prefix_unit(self.wizard)):
+            for unit in each((contract.prefix_timer(self.wizard),
+                              contract.prefix_unit(self.wizard))):
                 if ops.host_has_file(f"{contract.UNIT_DIR}/{unit}"):   # none without a local
                     self.stop_unit(unit)
             return
@@ -146,7 +147,7 @@ class WizardDeployer(Deployer):
         missing), and keep its nightly timer on; a wizard without a local backend has none."""
         pre = self.w["prefix"]
         if not pre["jobs"]:
-            for unit in (pre["timer"], pre["unit"]):
+            for unit in each((pre["timer"], pre["unit"])):
                 if ops.host_has_file(f"{contract.UNIT_DIR}/{unit}"):
                     self.stop_unit(unit)
             return

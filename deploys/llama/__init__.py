@@ -13,7 +13,7 @@ from pathlib import Path
 from pyinfra.operations import files
 
 from deploys import ops
-from deploys.deployer import Deployer, component_venv, render, system_user
+from deploys.deployer import Deployer, component_venv, each, render, system_user
 from neverdark import contract, engines
 from neverdark.plan import File
 
@@ -66,7 +66,7 @@ class LlamaDeployer(Deployer):
         if self.python:
             self.python_ops.append(component_venv("llama", self.p["llama"]["requirements"],
                                                   self.p["pip"]))
-            for f in self.files():
+            for f in each(self.files()):
                 self.python_ops.append(self.put(f))
         else:
             files.directory(name="llama: remove the llama-cpp-python venv (no model uses it)",
@@ -83,7 +83,7 @@ class LlamaDeployer(Deployer):
         d, out = native["dir"], []
         files.directory(name="llama-server: build dir", path=d, user="root", group="root",
                         mode="0755")
-        for f in native["files"]:
+        for f in each(native["files"]):
             final, staged = f"{d}/{f['name']}", f"{d}/{f['name']}.upload"
             files.put(name=f"llama-server: upload {f['name']}", src=f["src"], dest=staged,
                       mode="0600", _if=lambda final=final: not ops.host_has_file(final))
@@ -98,7 +98,7 @@ class LlamaDeployer(Deployer):
         return out
 
     def _remove_native_builds(self, keep: str | None) -> None:
-        for name in ops.listed_names(contract.LLAMA_DIR):
+        for name in each(ops.listed_names(contract.LLAMA_DIR)):
             path = f"{contract.LLAMA_DIR}/{name}"
             if name.startswith(contract.LLAMA_SERVER_BUILD_PREFIX) and path != keep:
                 files.directory(name=f"llama-server: remove old build {name}", path=path,

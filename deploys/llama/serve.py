@@ -25,11 +25,21 @@ measured on the test fleet; docs/FIELD-NOTES.md in the lead's notes):
   chunk at most. The finished prefix is pinned in the cache (real turns' states are evicted
   first) and written to NEVERDARK_PREFIX_DIR, from which a restarted server restores it.
 
+- Where each completion's time went, the way llama.cpp's own llama-server says it: every chat
+  or text completion gets a `timings` object with native llama-server's keys (prompt_n = prompt
+  tokens evaluated, cache_n = prompt tokens reused, prompt_ms, predicted_n, predicted_ms) plus
+  what only this server has: queue_ms (waiting for the single generation lock), cache_save_ms
+  and cache_load_ms (the prompt cache's state copies). It is added to the response (the last
+  chunk when streamed), printed to stderr as one `neverdark-timings {json}` line (the journal),
+  and summed in `GET /metrics` under native llama-server's metric names, so one scraper reads
+  either engine; /metrics takes no lock either.
+
 Everything else is llama-cpp-python's own server, started with the same command line.
 """
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -44,6 +54,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 import llama_cpp
+import llama_cpp.server.__main__ as server_main
+import llama_cpp.server.app as server_app
 import numpy as np
 from llama_cpp import llama as llama_mod
 from llama_cpp.llama_cache import BaseLlamaCache
@@ -232,16 +244,11 @@ class Counters:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.pending = 0                   # generation requests in flight or waiting
-        self.requests = 0
-        self.prompt_tokens = 0             # prompt tokens of every request
-        self.prompt_evaluated = 0          # ... of which evaluated (the rest came from a cache)
-        self.last: dict | None = None
         self.restored: dict[str, int] = {}
         self.warm: dict[str, dict] = {}
 
 
 COUNTERS = Counters()
-_local = threading.local()
 
 
 # --- patches ------------------------------------------------------------------------------
@@ -268,6 +275,7 @@ def _load_state_patched(self, state) -> None:
 _generate = llama_cpp.Llama.generate
 
 
+@functools.wraps(_generate)
 def _generate_patched(self, tokens, *args, **kwargs):
     tokens = list(tokens)
     # The live context is reused only where that is sound (see `reusable`); otherwise the
@@ -276,36 +284,253 @@ def _generate_patched(self, tokens, *args, **kwargs):
     if self.n_tokens and not reusable(self, self.n_tokens, common):
         k, n = CACHE.best(tokens)
         if k is not None and reusable(self, len(k), n):
-            _load_state_patched(self, CACHE.entries[k])
+            self.load_state(CACHE.entries[k])
         else:
             self.reset()
-    _local.request = {"prompt": len(tokens), "evaluated": None}
     yield from _generate(self, tokens, *args, **kwargs)
 
 
 _eval = llama_cpp.Llama.eval
 
 
-def _eval_patched(self, tokens):
-    req = getattr(_local, "request", None)
-    if req is not None and req["evaluated"] is None:
-        req["evaluated"] = len(tokens)
-        _local.request = None
-        with COUNTERS.lock:
-            COUNTERS.requests += 1
-            COUNTERS.prompt_tokens += req["prompt"]
-            COUNTERS.prompt_evaluated += len(tokens)
-            COUNTERS.last = {"prompt_tokens": req["prompt"], "evaluated": len(tokens),
-                             "cached": req["prompt"] - len(tokens), "at": time.time()}
-    return _eval(self, tokens)
-
-
 llama_cpp.Llama.__init__ = _init_patched
 llama_cpp.Llama.save_state = _save_state_patched
 llama_cpp.Llama.load_state = _load_state_patched
 llama_cpp.Llama.generate = _generate_patched
-llama_cpp.Llama.eval = _eval_patched
 
+
+# --- timings (the order matters: these wrap the patches above) ------------------------------
+
+class _Completion:
+    """One completion's timings; requests run one at a time under the server's lock."""
+
+    def __init__(self, queue_ms=0.0):
+        self.queue_ms = queue_ms
+        self.prompt_n = None        # prompt tokens evaluated (the rest came from the context)
+        self.prompt_total = 0
+        self.prompt_ms = 0.0
+        self.predicted_n = 0
+        self.predicted_ms = 0.0
+        self.cache_save_ms = 0.0
+        self.cache_load_ms = 0.0
+        self.content = None         # the answer's text, to count empty ones
+        self.done = False
+
+    def timings(self):
+        evaluated = self.prompt_n or 0
+        return {"prompt_n": evaluated, "cache_n": max(0, self.prompt_total - evaluated),
+                "prompt_ms": round(self.prompt_ms, 3), "predicted_n": self.predicted_n,
+                "predicted_ms": round(self.predicted_ms, 3), "queue_ms": round(self.queue_ms, 3),
+                "cache_save_ms": round(self.cache_save_ms, 3),
+                "cache_load_ms": round(self.cache_load_ms, 3)}
+
+
+class _Stats:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.totals = dict.fromkeys(("prompt_tokens", "prompt_tokens_cached", "prompt_seconds",
+                                     "tokens_predicted", "tokens_predicted_seconds", "requests",
+                                     "queue_seconds", "cache_save_seconds", "empty_completions"), 0)
+        self.processing = 0
+        self.deferred = 0
+        self.current = None
+
+    def finish(self, rec):
+        if rec.done or rec.prompt_n is None:
+            return
+        rec.done = True
+        t = rec.timings()
+        empty = rec.content is not None and not rec.content.strip()
+        with self.lock:
+            add = self.totals
+            add["prompt_tokens"] += t["prompt_n"]
+            add["prompt_tokens_cached"] += t["cache_n"]
+            add["prompt_seconds"] += t["prompt_ms"] / 1000
+            add["tokens_predicted"] += t["predicted_n"]
+            add["tokens_predicted_seconds"] += t["predicted_ms"] / 1000
+            add["requests"] += 1
+            add["queue_seconds"] += t["queue_ms"] / 1000
+            add["cache_save_seconds"] += (t["cache_save_ms"] + t["cache_load_ms"]) / 1000
+            add["empty_completions"] += int(empty)
+        print("neverdark-timings " + json.dumps({**t, "empty": empty}, separators=(",", ":")),
+              file=sys.stderr, flush=True)
+
+    def metrics(self):
+        with self.lock:
+            t = dict(self.totals)
+            gauges = {"requests_processing": self.processing, "requests_deferred": self.deferred}
+        # Native llama-server's names (tools/server: server_task_result_metrics::to_metrics) for
+        # what both engines count; neverdark_engine_* for what only this one does.
+        native = [("prompt_tokens_total", "counter", t["prompt_tokens"]),
+                  ("prompt_tokens_cached_total", "counter", t["prompt_tokens_cached"]),
+                  ("prompt_seconds_total", "counter", t["prompt_seconds"]),
+                  ("tokens_predicted_total", "counter", t["tokens_predicted"]),
+                  ("tokens_predicted_seconds_total", "counter", t["tokens_predicted_seconds"]),
+                  ("requests_processing", "gauge", gauges["requests_processing"]),
+                  ("requests_deferred", "gauge", gauges["requests_deferred"])]
+        own = [("requests_total", t["requests"]), ("queue_seconds_total", t["queue_seconds"]),
+               ("cache_save_seconds_total", t["cache_save_seconds"]),
+               ("empty_completions_total", t["empty_completions"])]
+        lines = []
+        for name, kind, value in native:
+            lines += [f"# TYPE llamacpp:{name} {kind}", f"llamacpp:{name} {value}"]
+        for name, value in own:
+            lines += [f"# TYPE neverdark_engine_{name} counter", f"neverdark_engine_{name} {value}"]
+        return "\n".join(lines) + "\n"
+
+
+STATS = _Stats()
+_get_llama_proxy = server_app.get_llama_proxy
+# The request's own record holder, set by TimingsMiddleware: a response that is not streamed
+# goes through the library's response model, which drops `timings`; the middleware adds it.
+_REQUEST: contextvars.ContextVar[dict | None] = contextvars.ContextVar("neverdark_request",
+                                                                     default=None)
+
+
+async def _timed_llama_proxy():
+    """The server's lock dependency (looked up by name at each completion request), timing the
+    wait for the lock and closing the completion's record when the request ends."""
+    arrived = time.monotonic()
+    with STATS.lock:
+        STATS.deferred += 1
+    locked = False
+    rec = None
+    try:
+        async for proxy in _get_llama_proxy():
+            locked = True
+            rec = _Completion(queue_ms=(time.monotonic() - arrived) * 1000)
+            with STATS.lock:
+                STATS.deferred -= 1
+                STATS.processing += 1
+                STATS.current = rec
+            yield proxy
+    finally:
+        with STATS.lock:
+            if locked:
+                STATS.processing -= 1
+                if STATS.current is rec:
+                    STATS.current = None
+            else:
+                STATS.deferred -= 1
+        if rec is not None:
+            STATS.finish(rec)
+            holder = _REQUEST.get()
+            if holder is not None:
+                holder["timings"] = rec.timings()
+
+
+server_app.get_llama_proxy = _timed_llama_proxy
+
+
+def _record():
+    rec = STATS.current
+    if rec is None or rec.done:   # a completion outside the HTTP routes (none today)
+        rec = _Completion()
+        STATS.current = rec
+    return rec
+
+
+_untimed_generate = llama_cpp.Llama.generate   # ours above: sound prefix reuse
+_untimed_eval = llama_cpp.Llama.eval
+
+
+def _timed_eval(self, tokens):
+    rec = STATS.current
+    if rec is not None and rec.prompt_n is not None and rec.predicted_n == 0:
+        rec.prompt_n += len(tokens)   # the prompt's uncached suffix (before any token is out)
+    return _untimed_eval(self, tokens)
+
+
+@functools.wraps(_untimed_generate)
+def _timed_generate(self, tokens, *args, **kwargs):
+    rec = _record()
+    tokens = list(tokens)
+    rec.prompt_total = len(tokens)
+    rec.prompt_n = 0
+    started = time.monotonic()
+    first = None
+    inner = _untimed_generate(self, tokens, *args, **kwargs)
+    try:
+        sent = None
+        while True:
+            token = inner.send(sent)
+            now = time.monotonic()
+            if first is None:
+                first = now
+                rec.prompt_ms = (now - started) * 1000
+            rec.predicted_n += 1
+            rec.predicted_ms = (now - first) * 1000
+            sent = yield token
+    except StopIteration:
+        return
+    finally:
+        if first is None:
+            rec.prompt_ms = (time.monotonic() - started) * 1000
+        inner.close()
+
+
+llama_cpp.Llama.eval = _timed_eval
+llama_cpp.Llama.generate = _timed_generate
+
+_save_state = llama_cpp.Llama.save_state
+_load_state = llama_cpp.Llama.load_state
+
+
+def _timed(method, field):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        started = time.monotonic()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            rec = STATS.current
+            if rec is not None:
+                setattr(rec, field, getattr(rec, field) + (time.monotonic() - started) * 1000)
+    return wrapper
+
+
+llama_cpp.Llama.save_state = _timed(_save_state, "cache_save_ms")
+llama_cpp.Llama.load_state = _timed(_load_state, "cache_load_ms")
+
+
+def _with_timings(method, text_of):
+    """Add `timings` to a completion (the chunk carrying finish_reason when streamed)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        result = method(self, *args, **kwargs)
+        rec = STATS.current
+        if isinstance(result, dict):
+            if rec is not None:
+                rec.content = text_of(result["choices"][0], False)
+                result["timings"] = rec.timings()
+            return result
+
+        def stream():
+            parts = []
+            for chunk in result:
+                choices = chunk.get("choices") or []
+                if choices:
+                    parts.append(text_of(choices[0], True) or "")
+                    if choices[0].get("finish_reason") and rec is not None:
+                        rec.content = "".join(parts)
+                        chunk["timings"] = rec.timings()
+                yield chunk
+        return stream()
+    return wrapper
+
+
+def _chat_text(choice, streamed):
+    msg = choice.get("delta" if streamed else "message") or {}
+    return msg.get("content") or ""
+
+
+def _text(choice, streamed):
+    return choice.get("text") or ""
+
+
+llama_cpp.Llama.create_chat_completion = _with_timings(llama_cpp.Llama.create_chat_completion,
+                                                       _chat_text)
+llama_cpp.Llama.__call__ = _with_timings(llama_cpp.Llama.__call__, _text)
 
 # --- prompts, warming, persistence ----------------------------------------------------------
 
@@ -362,7 +587,7 @@ def warm_step(llama: llama_cpp.Llama, prefix: list[int], chunk: int) -> tuple[in
         held = 0
     k, n = CACHE.best(prefix)
     if k is not None and n > held and reusable(llama, len(k), n):
-        _load_state_patched(llama, CACHE.entries[k])
+        llama.load_state(CACHE.entries[k])
         held = n
     if held == len(prefix) and llama.n_tokens == held:
         return held, 0
@@ -436,30 +661,65 @@ def restore_all(llama: llama_cpp.Llama) -> None:
 
 # --- routes -------------------------------------------------------------------------------
 
-class PendingMiddleware:
-    """Counts generation requests from arrival (waiting for the lock included) to the end."""
+class TimingsMiddleware:
+    """For each generation request: counts it as pending from arrival (waiting for the lock
+    included) to the end, and puts the completion's `timings` into a response that is not
+    streamed (the library's response model drops every key it does not name)."""
 
     def __init__(self, app) -> None:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope.get("method") == "POST" \
-                and scope.get("path") in GENERATION:
-            with COUNTERS.lock:
-                COUNTERS.pending += 1
-            try:
-                await self.app(scope, receive, send)
-            finally:
-                with COUNTERS.lock:
-                    COUNTERS.pending -= 1
-        else:
+        if not (scope["type"] == "http" and scope.get("method") == "POST"
+                and scope.get("path") in GENERATION):
             await self.app(scope, receive, send)
+            return
+        holder: dict = {}
+        token = _REQUEST.set(holder)
+        start: dict | None = None
+        body: list[bytes] = []
+
+        async def relay(message):
+            nonlocal start
+            if message["type"] == "http.response.start":
+                kind = dict(message.get("headers") or []).get(b"content-type", b"")
+                if kind.startswith(b"application/json"):
+                    start = message          # held until the body is complete
+                    return
+            elif message["type"] == "http.response.body" and start is not None:
+                body.append(message.get("body", b""))
+                if message.get("more_body"):
+                    return
+                data = b"".join(body)
+                try:
+                    doc = json.loads(data)
+                    if isinstance(doc, dict) and "choices" in doc and "timings" not in doc \
+                            and "timings" in holder:
+                        doc["timings"] = holder["timings"]
+                        data = json.dumps(doc).encode()
+                except ValueError:
+                    pass
+                headers = [(k, v) for k, v in start.get("headers", [])
+                           if k.lower() != b"content-length"]
+                headers.append((b"content-length", str(len(data)).encode()))
+                await send({**start, "headers": headers})
+                await send({"type": "http.response.body", "body": data})
+                return
+            await send(message)
+
+        with COUNTERS.lock:
+            COUNTERS.pending += 1
+        try:
+            await self.app(scope, receive, relay)
+        finally:
+            _REQUEST.reset(token)
+            with COUNTERS.lock:
+                COUNTERS.pending -= 1
 
 
 def add_routes(app) -> None:
     from fastapi import Body
     from fastapi.responses import JSONResponse
-    from llama_cpp.server import app as server_app
     from starlette.concurrency import run_in_threadpool
 
     proxy = server_app._llama_proxy
@@ -494,13 +754,15 @@ def add_routes(app) -> None:
 
     def status():
         with COUNTERS.lock:
-            counters = {"pending": COUNTERS.pending, "requests": COUNTERS.requests,
-                        "prompt_tokens": COUNTERS.prompt_tokens,
-                        "prompt_evaluated": COUNTERS.prompt_evaluated, "last": COUNTERS.last,
-                        "restored": dict(COUNTERS.restored), "warm": dict(COUNTERS.warm)}
+            counters = {"pending": COUNTERS.pending, "restored": dict(COUNTERS.restored),
+                        "warm": dict(COUNTERS.warm)}
         return {"engine": "llama-cpp-python", "model": alias, "n_ctx": n_ctx,
                 "swa_full": SWA_FULL, "pid": os.getpid(), "started_at": STARTED,
                 "cache": CACHE.stats(), **counters}
+
+    def metrics():   # no lock: answers while a completion runs
+        from fastapi.responses import PlainTextResponse
+        return PlainTextResponse(STATS.metrics(), media_type="text/plain; version=0.0.4")
 
     async def warm(body: dict = Body(...)):
         """{key, messages, tools?, chunk?}: compute the prefix, a chunk per lock hold."""
@@ -545,17 +807,17 @@ def add_routes(app) -> None:
 
     mine = [("/health", health, ["GET"]), ("/v1/models", models, ["GET"]),
             ("/props", props, ["GET"]), ("/v1/props", props, ["GET"]),
-            ("/neverdark/status", status, ["GET"]), ("/neverdark/warm", warm, ["POST"])]
+            ("/metrics", metrics, ["GET"]), ("/neverdark/status", status, ["GET"]),
+            ("/neverdark/warm", warm, ["POST"])]
     before = len(app.router.routes)
     for path, fn, methods in mine:
         app.add_api_route(path, fn, methods=methods, include_in_schema=False)
     # First match wins: ours go in front of the library's lock-taking /v1/models.
     app.router.routes[:] = app.router.routes[before:] + app.router.routes[:before]
-    app.add_middleware(PendingMiddleware)
+    app.add_middleware(TimingsMiddleware)
 
 
 def main() -> int:
-    from llama_cpp.server import __main__ as server_main
     from llama_cpp.server import model as server_model
 
     create_app = server_main.create_app

@@ -12,7 +12,7 @@ from pyinfra.facts.files import File, Sha256File
 from pyinfra.operations import files
 
 from deploys import ops
-from deploys.deployer import Deployer
+from deploys.deployer import Deployer, each
 from neverdark import contract
 
 
@@ -37,7 +37,7 @@ class ModelsDeployer(Deployer):
     def install(self) -> None:
         files.directory(name="model directory", path=contract.MODELS_DIR, user="root",
                         group="root", mode="0755")
-        for model in self.p["models"]:
+        for model in each(self.p["models"]):
             self.changes[model["name"]] = self._model(model)
 
     def _model(self, model: dict) -> tuple:

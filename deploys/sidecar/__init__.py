@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pyinfra.operations import files, server
+from pyinfra.operations import files
 
 from deploys import ops
-from deploys.deployer import REPO, Deployer, component_venv, render, system_user
+from deploys.deployer import REPO, Deployer, component_venv, each, render, system_user
 from neverdark import contract
 from neverdark.plan import File
 
@@ -43,9 +43,6 @@ class SidecarDeployer(Deployer):
     def install(self) -> None:
         if not self.enabled:
             return
-        server.group(name="operators group (control socket)", group=contract.OPS_GROUP,
-                     system=True)
-        system_user(contract.SIDECAR_USER)
         self.restart_ops.append(component_venv("sidecar", self.p["sidecar"]["requirements"],
                                                      self.p["pip"]))
         self.restart_ops.append(files.sync(
@@ -55,7 +52,7 @@ class SidecarDeployer(Deployer):
         # The contract the sidecar reads its config with, and nothing else of neverdark.
         files.directory(name="sidecar: contract package", path=f"{contract.SIDECAR_LIB}/neverdark",
                         mode="0755")
-        for name in ("__init__.py", "contract.py"):
+        for name in each(("__init__.py", "contract.py")):
             self.restart_ops.append(files.put(
                 name=f"sidecar: neverdark/{name}", src=str(REPO / "neverdark" / name),
                 dest=f"{contract.SIDECAR_LIB}/neverdark/{name}", mode="0644"))
@@ -79,8 +76,8 @@ class SidecarDeployer(Deployer):
     def activate(self) -> None:
         if not self.enabled:
             self.stop_unit(contract.SIDECAR_UNIT)
-            for path in (contract.SIDECAR_SUDOERS, SUDOERS_STAGED, contract.SIDECAR_CONFIG,
-                         contract.SIDECAR_ENV):
+            for path in each((contract.SIDECAR_SUDOERS, SUDOERS_STAGED, contract.SIDECAR_CONFIG,
+                              contract.SIDECAR_ENV)):
                 self.remove(path)
             files.directory(name="sidecar: remove the install", path=contract.SIDECAR_DIR,
                             present=False)

@@ -9,6 +9,7 @@ fleet in CI and against VPS and Pi hosts in production.
 from __future__ import annotations
 
 import os
+import shlex
 
 import pytest
 import testinfra
@@ -42,7 +43,9 @@ def host(fleet, host_name):
     h = fleet.hosts[host_name]
     extra = ["-o BatchMode=yes"]
     if h.ssh.known_hosts:
-        extra += [f"-o UserKnownHostsFile={os.path.expanduser(h.ssh.known_hosts)}",
+        # testinfra runs ssh through a shell: quote what came from the inventory.
+        known = shlex.quote(os.path.expanduser(h.ssh.known_hosts))
+        extra += [f"-o UserKnownHostsFile={known}",
                   "-o StrictHostKeyChecking=yes"]
     kwargs = {"ssh_extra_args": " ".join(extra)}
     if h.ssh.key:
