@@ -256,7 +256,7 @@ DEFAULT_ENGINE = "llama-cpp-python"
 MEMORY_DEFAULTS = {
     "gateway_mb": 230,                 # a Hermes gateway after turns (~200 measured)
     "sidecar_mb": 40,
-    "llama_overhead_mb": 250,          # llama-cpp-python beyond model file, KV and its cache
+    "llama_overhead_mb": 300,          # llama-cpp-python beyond model file, KV and its cache
     "llama_server_overhead_mb": 120,   # llama-server beyond model file, KV and checkpoints
 }
 

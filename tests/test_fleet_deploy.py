@@ -21,9 +21,10 @@ pytestmark = pytest.mark.fleet
 
 
 def pids(bed, host: str) -> dict[str, str]:
-    out = bed.ssh(host, "for u in $(systemctl list-units --plain --no-legend 'neverdark-*' "
-                        "| awk '{print $1}'); do echo $u $(systemctl show -p MainPID --value $u);"
-                        " done")
+    # Services only: a wizard's prefix capture is a oneshot with a timer, neither has a process.
+    out = bed.ssh(host, "for u in $(systemctl list-units --type=service --plain --no-legend "
+                        "'neverdark-*' | awk '$3 != \"inactive\" {print $1}'); do echo $u "
+                        "$(systemctl show -p MainPID --value $u); done")
     return dict(line.split() for line in out.splitlines() if line.strip())
 
 
