@@ -121,7 +121,9 @@ def capacity(bed, engine: str) -> dict:
         # Gemma 3 270M answers empty now and then and Hermes gives up after four tries: a few
         # turns may fail that way, never most of them.
         assert t["answered"] >= 3 and t["answered"] >= 0.7 * t["sent"], (w, t)
-        assert set(t["by_model"]) <= {MODEL, "None"}, (w, t)
+        # The local model answers; where it fails a turn (empty, say) Hermes' own per-turn
+        # fallback may answer it from the wizard's chain, never often.
+        assert t["by_model"].get(MODEL, 0) >= 0.9 * t["answered"], (w, t)
     assert s["peak_rss_mb"][UNIT] <= granted, (s["peak_rss_mb"][UNIT], granted)
     for w in WIZARDS:
         assert s["peak_rss_mb"][contract.wizard_unit(w)] <= fleet.memory.gateway_mb, s
