@@ -93,7 +93,8 @@ def switch_engine(bed, engine: str, **server) -> None:
     assert result.rc == 0, result.output[-6000:]
     again = bed.deploy(path)
     assert again.rc == 0 and again.changed == 0, again.changed_ops
-    assert engine in bed.ssh(HOST, f"systemctl cat {UNIT} | head -1")
+    unit = bed.ssh(HOST, f"systemctl cat {UNIT}")
+    assert f"({MODEL}, {engine})" in unit, unit[:400]
 
 
 def capacity(bed, engine: str) -> dict:
