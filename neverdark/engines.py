@@ -45,6 +45,11 @@ NATIVE_TEMPLATES = frozenset((
     "rwkv-world", "seed_oss", "smolvlm", "vicuna", "vicuna-orca", "yandex", "zephyr"))
 
 
+# llama-cpp-python's chat formats stop at these strings; llama-server only at the model's own
+# end-of-generation tokens unless told.
+TEMPLATE_STOPS = {"chatml": "<|im_end|>"}
+
+
 @dataclass(frozen=True)
 class Context:
     """What a server serves each wizard, and why."""
@@ -84,6 +89,11 @@ def native_argv(s, binary: str = NATIVE_BINARY, model_path: str | None = None,
             # least recently used one. llama.cpp's 0.1 lets any short request (a health ping:
             # 7 of its 25 tokens are the chat template's) take over a wizard's warm slot.
             "--slot-prompt-similarity", "0.5", "--no-webui"]
+    if s.chat_format in TEMPLATE_STOPS:
+        # The template's end-of-turn marker is plain text to a model whose vocabulary lacks it
+        # (Gemma under chatml): llama-server would generate to max_tokens past it, where
+        # llama-cpp-python's chatml format stops there. The same stop for every request.
+        argv += ["--reverse-prompt", TEMPLATE_STOPS[s.chat_format]]
     if s.swa_full:
         argv.append("--swa-full")
     if s.kv_type != "f16":

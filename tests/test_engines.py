@@ -108,6 +108,9 @@ def test_extend_context_serves_n_ctx_with_an_override(tmp_path):
     assert ["--parallel", "2"] == argv[argv.index("--parallel"):][:2]
     assert "--override-kv" in argv and "gemma3.context_length=int:65536" in argv
     assert ["--cache-ram", "0"] == argv[argv.index("--cache-ram"):][:2]
+    # chatml's end marker is text to Gemma's vocabulary: without it every answer runs to
+    # max_tokens (measured on the fleet: 30 s turns)
+    assert ["--reverse-prompt", "<|im_end|>"] == argv[argv.index("--reverse-prompt"):][:2]
     assert (s.slot_of("gandalf"), s.slot_of("merlin")) == (0, 1)
 
 
