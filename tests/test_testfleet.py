@@ -287,7 +287,8 @@ def test_memory_overrun_is_killed_and_the_host_lives_on(fleet):
     # Detached from the SSH session: at the limit, the session's sshd may fail an allocation of
     # its own and drop the connection (seen: ssh exit 255) even though only python3 is killed.
     fleet.ssh("vps1", "rm -f /tmp/oom.rc; nohup sh -c 'python3 /tmp/allocate.py "
-                      f"{VPS1_MEMORY_MB + 200}; echo $? > /tmp/oom.rc' </dev/null >/dev/null 2>&1 &")
+                      f"{VPS1_MEMORY_MB + 200}; echo $? > /tmp/oom.rc' "
+                      "</dev/null >/dev/null 2>&1 &")
     deadline = time.monotonic() + 60
     while not fleet.ssh("vps1", "cat /tmp/oom.rc 2>/dev/null || true").strip():
         assert time.monotonic() < deadline, "the allocation neither finished nor was killed"
@@ -333,7 +334,8 @@ def test_stale_run_of_a_killed_owner_is_cleared(fleet, tmp_path):
         child.wait(10)
     prefix = f"{testfleet.PREFIX}{run_id}-"
     # the child ran in our memory cgroup, so its run's cgroup is beside ours
-    cgroup = testfleet._memory_cgroup_of_runner() / f"{testfleet.CGROUP_PREFIX}{testfleet.PREFIX}{run_id}"
+    cgroup = (testfleet._memory_cgroup_of_runner()
+              / f"{testfleet.CGROUP_PREFIX}{testfleet.PREFIX}{run_id}")
     assert testfleet._nspawn_pids(prefix)            # the killed run's container still runs
     assert (cgroup / "vps9").is_dir()
     cleared = testfleet.clear_stale(log=print)
