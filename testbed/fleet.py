@@ -338,28 +338,55 @@ def ensure_runner_packages(arches: set[str] = frozenset()) -> None:
 
 
 BINFMT = Path("/proc/sys/fs/binfmt_misc")
+BINFMT_FLAGS = "POCF"   # P: keep argv[0]; O+C: credentials from the binary; F: interpreter preopened
+
+
+def _binfmt_entry(arch: str) -> dict[str, str]:
+    entry = BINFMT / f"qemu-{arch}"
+    try:
+        lines = entry.read_text().splitlines()
+    except OSError:
+        return {}
+    fields = {"state": lines[0] if lines else ""}
+    for line in lines[1:]:
+        key, _, value = line.replace(":", " ", 1).partition(" ")
+        fields[key] = value.strip()
+    return fields
 
 
 def ensure_binfmt(arch: str) -> None:
-    """The kernel runs `arch` binaries through qemu-user, in chroots and containers too.
+    """The kernel runs `arch` binaries through qemu-user, in chroots and containers, setuid
+    binaries (sudo) included.
 
-    qemu-user-static registers `qemu-<arch>` with flag F (the interpreter is opened once, at
-    registration, so nothing has to be copied into a root). binfmt_misc may be unmounted, or the
-    entry missing after a reboot or a failed postinst (no systemd to run binfmt-support here).
+    qemu-user-static registers `qemu-<arch>` with flags PF (F: the interpreter is opened once, at
+    registration, so nothing has to be copied into a root). Without C the kernel takes the
+    credentials of the interpreter, not of a setuid binary, and sudo on a pi host fails ("effective
+    uid is not 0"): the entry is registered again, same magic and interpreter, flags POCF.
+    binfmt_misc may be unmounted, or the entry missing after a reboot or a failed postinst (no
+    systemd to run binfmt-support here).
     """
     if arch == NATIVE_ARCH:
         return
     entry = BINFMT / f"qemu-{arch}"
     if not (BINFMT / "register").exists():
         sh(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)])
-    if not entry.exists() or "enabled" not in entry.read_text().splitlines()[:1]:
+    if _binfmt_entry(arch).get("state") != "enabled":
         sh(["update-binfmts", "--enable", f"qemu-{arch}"], check=False)
-    state = entry.read_text() if entry.exists() else ""
-    flags = next((ln.split(":", 1)[1] for ln in state.splitlines() if ln.startswith("flags:")), "")
-    if not state.startswith("enabled") or "F" not in flags:
-        raise FleetError(f"{arch} hosts need binfmt_misc entry {entry} enabled with flag F "
-                         f"(apt-get install {' '.join(EMULATION_PACKAGES)}; "
-                         f"update-binfmts --enable qemu-{arch}); found: {state.strip()!r}")
+    fields = _binfmt_entry(arch)
+    if fields.get("state") == "enabled" and set(BINFMT_FLAGS) - set(fields.get("flags", "")):
+        def escaped(hexed: str) -> str:
+            return "".join(f"\\x{hexed[i:i + 2]}" for i in range(0, len(hexed), 2))
+        rule = (f":qemu-{arch}:M:{fields.get('offset', '0')}:{escaped(fields['magic'])}:"
+                f"{escaped(fields['mask'])}:{fields['interpreter']}:{BINFMT_FLAGS}")
+        with _locked(CACHE / "locks" / "binfmt.lock", timeout=60):
+            if set(BINFMT_FLAGS) - set(_binfmt_entry(arch).get("flags", "")):
+                entry.write_text("-1")                       # unregister, then register again
+                (BINFMT / "register").write_text(rule)
+        fields = _binfmt_entry(arch)
+    if fields.get("state") != "enabled" or set(BINFMT_FLAGS) - set(fields.get("flags", "")):
+        raise FleetError(f"{arch} hosts need binfmt_misc entry {entry} enabled with flags "
+                         f"{BINFMT_FLAGS} (apt-get install {' '.join(EMULATION_PACKAGES)}); "
+                         f"found: {fields or 'none'}")
 
 
 def _remove_tree(path: Path) -> None:
