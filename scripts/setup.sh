@@ -4,8 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# mmdebstrap builds the test hosts' images; qemu-user-static + binfmt-support run the aarch64
+# (Raspberry Pi) test hosts on an x86_64 runner.
 need_apt=()
-for pkg in debootstrap systemd-container iproute2 openssh-client sudo; do
+for pkg in mmdebstrap systemd-container iproute2 openssh-client sudo qemu-user-static \
+           binfmt-support; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
