@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from types import SimpleNamespace
 import testinfra
 
 from neverdark import versions
@@ -62,7 +63,8 @@ def _bed_without_fleet(tmp_path, hosts):
     bed = testbed.Testbed(tmp_path, hosts=hosts)
     for spec in bed.host_specs:
         for kind in ("anthropic", "openai", "google"):
-            bed.mocks[f"{spec.name}/{kind}"] = testbed.LLMock("10.213.9.1", 9, tmp_path / "x.log")
+            bed.mocks[f"{spec.name}/{kind}"] = SimpleNamespace(host="10.213.9.1", port=9,
+                                                               url="http://10.213.9.1:9")
     bed.telegram = type("T", (), {"url": "http://10.213.9.1:9/bot"})()
     return bed
 
@@ -71,7 +73,7 @@ def test_default_hosts_keep_the_default_wizards(tmp_path):
     wizards = _bed_without_fleet(tmp_path, testbed.HOSTS).default_wizards()
     assert {w: wz["host"] for w, wz in wizards.items()} == {
         "merlin": "vps1", "gandalf": "vps1", "radagast": "pi1"}
-    assert [b.get("name") for b in wizards["gandalf"]["backends"]] == ["claude", "gpt", "local"]
+    assert [b.get("name") for b in wizards["gandalf"]["backends"]] == ["claude", "gpt-4.1", "local"]
 
 
 def test_any_host_list_gets_one_wizard_per_host(tmp_path):
