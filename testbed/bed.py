@@ -401,7 +401,7 @@ class Testbed:
             return self._tunnels[key]
         local = free_port()
         argv = self.fleet.ssh_argv(host)  # the fleet's ssh config: key, user, strict host keys
-        argv[-1:-1] = ["-N", "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=5",
+        argv[-2:-2] = ["-N", "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=5",
                        "-L", f"127.0.0.1:{local}:127.0.0.1:{port}"]
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

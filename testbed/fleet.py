@@ -1120,7 +1120,7 @@ class FleetContext:
         argv = ["ssh", "-F", str(self.ssh_config), "-o", f"ConnectTimeout={connect_timeout}"]
         if tty:
             argv.append("-t")
-        argv.append(name)
+        argv += ["--", name]   # the host name is never read as an option
         if command is not None:
             argv.append(command)
         return argv
