@@ -45,7 +45,7 @@ def main() -> int:
     artifacts.build_env()
     print(f"build env (scikit-build-core venv): {time.monotonic() - t:.1f} s (0 if cached)")
     print(f"{'arch':8} {'mode':9} {'wheel s':>8} {'server s':>9} {'total s':>8} "
-          f"{'wheel MB':>9} {'server MB':>10}  load before/after")
+          f"{'CPU s w/s':>11} {'wheel MB':>9} {'server MB':>10}  load before/after")
     for arch in args.arch or ["x86_64"]:
         for mode in args.mode or ["combined"]:
             with tempfile.TemporaryDirectory(prefix="neverdark-artifacts-bench-") as tmp:
@@ -58,8 +58,10 @@ def main() -> int:
                 wheel_mb = files[stamp["wheel"]]["bytes"] / 1e6
                 server_mb = sum(r["bytes"] for n, r in files.items()
                                 if n.startswith("llama-server/")) / 1e6
+                c = stamp["cpu_seconds"]
                 print(f"{arch:8} {mode:9} {s['wheel']:8.0f} {s['server']:9.0f} "
-                      f"{s['total']:8.0f} {wheel_mb:9.1f} {server_mb:10.1f}  "
+                      f"{s['total']:8.0f} {c['wheel']:5.0f}/{c['server']:<5.0f} "
+                      f"{wheel_mb:9.1f} {server_mb:10.1f}  "
                       f"{load:.2f}/{os.getloadavg()[0]:.2f}", flush=True)
                 if args.keep:
                     shutil.copytree(work / "out", args.keep / f"{arch}-{mode}")

@@ -46,9 +46,9 @@ def main() -> int:
                          str(args.parallel), "-t", threads, timeout=300) as (url, proc):
         print(f"llama-server -c {args.ctx} -np {args.parallel} -t {threads}: ready in "
               f"{time.monotonic() - t:.1f} s, RSS {rss_mb(proc.pid):.0f} MB")
-        # ~1.3 tokens per word of this filler with the Gemma vocab; the answer reports the count
-        words = int(args.prompt_tokens / 1.3)
-        prompt = " ".join(f"item{i % 997} is filed under shelf {i % 31}." for i in range(words // 6))
+        # ~11.5 Gemma tokens per filler sentence; the answer reports the real count
+        prompt = " ".join(f"item{i % 997} is filed under shelf {i % 31}."
+                          for i in range(int(args.prompt_tokens / 11.5)))
         result = {}
 
         def complete():

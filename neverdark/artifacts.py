@@ -65,6 +65,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import struct
 import subprocess
@@ -610,13 +611,21 @@ def build_into(arch: str, out: Path, work: Path, log: Path, mode: str = "combine
     jobs = jobs or os.cpu_count() or 2
     rec = recipe(arch, mode)
     started = time.monotonic()
-    seconds = {}
+    seconds, cpu = {}, {}
+
+    def cpu_now():   # CPU seconds of finished child processes (compilers included)
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    cpu0, load0 = cpu_now(), os.getloadavg()[0]
     src = _unpack(sdist(log), work / "src")
     t = time.monotonic()
     seconds["unpack"] = round(t - started, 1)
+    c = cpu_now()
     wheel = build_wheel(spec, src, work / "build", work / "wheel", log, jobs)
     seconds["wheel"] = round(time.monotonic() - t, 1)
-    t = time.monotonic()
+    cpu["wheel"] = round(cpu_now() - c, 1)
+    t, c = time.monotonic(), cpu_now()
     if mode == "combined":
         server = build_server_in_tree(spec, src, work / "build", log, jobs)
         server_build = work / "build"
@@ -626,6 +635,7 @@ def build_into(arch: str, out: Path, work: Path, log: Path, mode: str = "combine
     else:
         raise ArtifactError(f"unknown mode {mode!r}")
     seconds["server"] = round(time.monotonic() - t, 1)
+    cpu["server"] = round(cpu_now() - c, 1)
     out.mkdir(parents=True)
     shutil.copy2(wheel, out / wheel.name)
     bundle_server(server, server_build, out / "llama-server", log)
@@ -635,10 +645,12 @@ def build_into(arch: str, out: Path, work: Path, log: Path, mode: str = "combine
     if not spec.cross:
         _run([out / "llama-server" / "llama-server", "--version"], log)
     seconds["total"] = round(time.monotonic() - started, 1)
+    cpu["total"] = round(cpu_now() - cpu0, 1)
     files = {wheel.name: _file_record(out / wheel.name)}
     for f in sorted((out / "llama-server").iterdir()):
         files[f"llama-server/{f.name}"] = _file_record(f)
-    stamp = {**rec, "key": _key(rec), "wheel": wheel.name, "seconds": seconds, "jobs": jobs,
+    stamp = {**rec, "key": _key(rec), "wheel": wheel.name, "seconds": seconds,
+             "cpu_seconds": cpu, "load_at_start": round(load0, 2), "jobs": jobs,
              "cpus": os.cpu_count(), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
              "max_glibc": max((v for v in (max_symbol_version(out / n) for n in files
                                            if not n.endswith(".whl")) if v),
@@ -671,6 +683,9 @@ def ensure(arch: str, *, quiet: bool = False) -> Artifacts:
                   f"llama-server for {arch}{' (cross-compiled)' if spec.cross else ''}: about "
                   f"{minutes:.0f} minutes on {os.cpu_count()} cores; log {log}",
                   file=sys.stderr, flush=True)
+        with open(log, "a") as f:
+            f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} build {final.name}: "
+                    f"{json.dumps(rec, sort_keys=True)}\n")
         work = root / f".build-{final.name}"
         shutil.rmtree(work, ignore_errors=True)     # a killed build's leftovers
         work.mkdir(parents=True)
@@ -947,7 +962,10 @@ def wheelhouse_complete(dest: Path, arch: str, digest: str | None = None) -> boo
 # --- CLI -----------------------------------------------------------------------------------------
 
 def _show(arch: str) -> str:
-    a = cached(arch)
+    try:
+        a = cached(arch)
+    except ArtifactError as e:     # e.g. no cross compiler here to name the recipe by
+        return f"{arch}: cannot tell ({e})"
     if a is None:
         return f"{arch}: not built (python -m neverdark.artifacts build --arch {arch})"
     s = a.stamp
@@ -955,7 +973,8 @@ def _show(arch: str) -> str:
     return (f"{arch}: {a.dir}\n  wheel  {a.wheel.name} ({s['files'][a.wheel.name]['bytes'] / 1e6:.1f} MB)\n"
             f"  server {a.server} (bundle {size / 1e6:.1f} MB)\n"
             f"  built {s['built_at']} in {s['seconds']['total']:.0f} s "
-            f"(wheel {s['seconds']['wheel']:.0f} s, server {s['seconds']['server']:.0f} s) "
+            f"(wheel {s['seconds']['wheel']:.0f} s, server {s['seconds']['server']:.0f} s; "
+            f"CPU {s.get('cpu_seconds', {}).get('total', 0):.0f} s) "
             f"on {s['cpus']} cores; needs up to {s['max_glibc']}\n"
             f"  flags {' '.join(s['cmake_args'])}")
 
