@@ -63,8 +63,7 @@ def main() -> None:
         image, built = testfleet.ensure_image(arch)
         print(f"base image {arch:8} {'cached' if built is None else f'{built:7.1f} s (built)'}"
               f"  {image}")
-    cached = wheelhouse._complete(wheelhouse.CACHE / "wheels",
-                                  wheelhouse._digest(wheelhouse.REQUIREMENTS))
+    cached = wheelhouse.is_complete()
     t = time.monotonic()
     wheels = wheelhouse.ensure_default_wheelhouse()
     print(f"wheelhouse:            {'cached' if cached else f'{time.monotonic() - t:7.1f} s'}"
