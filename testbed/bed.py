@@ -347,10 +347,13 @@ class Testbed:
         return path
 
     # -- running the deploy exactly as an operator does ------------------------------------------
-    def deploy(self, inventory: Path | None = None, timeout: float = 1200) -> DeployResult:
+    def deploy(self, inventory: Path | None = None, timeout: float = 1200,
+               extra: tuple[str, ...] = ()) -> DeployResult:
+        """`pyinfra inventory deploys/fleet.py`, exactly (`extra`: pyinfra options such as
+        --debug, or --data verify_models=true)."""
         env = dict(os.environ, NEVERDARK_INVENTORY=str(inventory or self.inventory_path))
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-        proc = subprocess.run(["pyinfra", "-y", "inventory", "deploys/fleet.py"], cwd=REPO,
+        proc = subprocess.run(["pyinfra", "-y", *extra, "inventory", "deploys/fleet.py"], cwd=REPO,
                               env=env, capture_output=True, text=True, timeout=timeout)
         out = proc.stdout + proc.stderr
         changed, errors, unchanged, ops = parse_results(out)
