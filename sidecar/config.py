@@ -8,6 +8,7 @@ file and kept out of every repr.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import stat
@@ -41,6 +42,7 @@ class ProbeSettings:
     damping_base: float = 30.0   # Envoy base ejection time 30 s, times n
     damping_cap: float = 300.0   # Envoy max ejection time 300 s
     paid_probe: bool = False
+    max_hold: float = 3600.0     # s: the longest a provider's Retry-After/reset hint holds a backend
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,10 @@ def _probe(r: _Reader, raw: Any, where: str, base: ProbeSettings) -> ProbeSettin
             values[key] = r.number(value, at, minimum=1, integer=True)
         elif key in ("interval", "timeout"):
             values[key] = float(r.number(value, at, minimum=0.01))
+        elif key == "max_hold":
+            if isinstance(value, float) and not math.isfinite(value):
+                raise r.fail(at, f"must be a finite number of seconds, got {value}")
+            values[key] = float(r.number(value, at, minimum=1))
         else:
             values[key] = float(r.number(value, at, minimum=0))
     if values["damping_cap"] < values["damping_base"]:
