@@ -88,6 +88,7 @@ class WizardRunner:
         self.wake = asyncio.Event()
         self.switching = False     # a switch or the check after a restart: bounded by their timeouts
         self.confirming = False    # the pre-switch deep probe: bounded by its timeout
+        self.recovering = False    # finishing a switch found interrupted at start
         self.retiring = False      # removed by a reload: stop after the switch in flight
         self.pending: WizardConfig | None = None  # a reloaded config, applied between rounds
         self.last_tick = time.monotonic()
@@ -131,8 +132,16 @@ class WizardRunner:
                 self._apply(self.pending)
             try:
                 if self.policy.needs_check:
-                    await self._recover()
-                await self.tick()
+                    # Finished only once the wizard is on a backend that answered: the round
+                    # after a failed check moves it, so it counts as part of the switch.
+                    self.recovering = True
+                    try:
+                        await self._recover()
+                        await self.tick()
+                    finally:
+                        self.recovering = False
+                else:
+                    await self.tick()
             except Exception:  # noqa: BLE001 -- log and keep watching; the watchdog sees stalls
                 log.exception("wizard tick failed", extra={"wizard": self.w.name})
             self.last_tick = time.monotonic()
@@ -388,7 +397,7 @@ class WizardRunner:
                     "error": f"still not on {target} after {timeout:.0f}s; the request stays queued"}
 
     def healthy(self) -> bool:
-        if self.switching or self.confirming:
+        if self.switching or self.confirming or self.recovering:
             return True  # bounded by the switch's, the check's or the probe's own timeouts
         stall = 3 * self.w.probe.interval + 2 * self.w.probe.timeout + 30
         return time.monotonic() - self.last_tick < stall
@@ -396,7 +405,7 @@ class WizardRunner:
     def status(self) -> dict:
         view = self.policy.describe(self.d.clock(), self.d.wall())
         view["since_iso"] = iso(view["since"])
-        view["switching"] = self.switching
+        view["switching"] = self.switching or self.recovering
         view["retiring"] = self.retiring
         for t in view["transitions"]:
             t["at_iso"] = iso(t.get("at"))

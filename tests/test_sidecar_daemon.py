@@ -184,11 +184,17 @@ def notify_socket(tmp_path, monkeypatch):
 @pytest.fixture
 def json_logs():
     buf = io.StringIO()
+    # jsonlog.setup quiets httpx and sets the root level: both go back afterwards, or later
+    # tests in the session (tests/test_hooks.py reads httpx's INFO lines) see them changed.
+    loggers = [logging.getLogger(n) for n in ("", "httpx", "httpcore")]
+    levels = [lg.level for lg in loggers]
     yield buf
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "stream", None) is buf:
             root.removeHandler(h)
+    for lg, level in zip(loggers, levels):
+        lg.setLevel(level)
 
 
 def test_outage_fails_over_and_back(site, mocks, notify_socket, json_logs):
