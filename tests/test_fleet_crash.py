@@ -12,8 +12,9 @@ trusting it, and move gandalf to a healthy backend when that check fails. The op
 `neverdark failover`, whose connection the kill cut, must report where gandalf ended up.
 
 gandalf (vps1: claude -> gpt -> local) is switched to gpt: gpt is an LLMock on the runner, so
-its verify turn can be held (a delay on requests carrying tools: Hermes' turns do, the sidecar's
-probes do not). Probe settings (testbed.bed): interval 2 s, fall 2, rise 2, min_dwell 10 s.
+its verify turn can be held: a delay on its next two completions, the sidecar's confirming deep
+probe (well inside that probe's 15 s timeout) and then the switch's verify turn through Hermes.
+Probe settings (testbed.bed): interval 2 s, fall 2, rise 2, min_dwell 10 s.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ pytestmark = [pytest.mark.fleet, pytest.mark.e2e]
 
 HOST, WIZARD = "vps1", "gandalf"
 UNIT = "neverdark-sidecar"
-TOOLS = {"tools": True}
+COMPLETIONS = {"path": "/v1/chat/completions"}   # not the listings the probes send every 2 s
 
 KILL_AT = r"""
 import json, os, signal, subprocess, sys, time
@@ -164,9 +165,11 @@ def interrupted_switch(bed, point: str, target: str = "gpt"):
     return t0, killer, w, rec, op
 
 
-def hold_verify(bed) -> None:
-    """gpt's next turn (the switch's verify) waits 8 s, so the kill lands before the commit."""
-    bed.mocks["vps1/openai"].fault({"type": "delay", "seconds": 8, "times": 1, "match": TOOLS})
+def hold_verify(bed, seconds: float = 6.0) -> None:
+    """gpt's next two completions (the deep probe, then the verify turn) wait: the kill lands
+    before the switch commits."""
+    bed.mocks["vps1/openai"].fault({"type": "delay", "seconds": seconds, "times": 2,
+                                    "match": COMPLETIONS})
 
 
 def test_kill_after_the_intent(calm):
@@ -206,17 +209,17 @@ def test_kill_during_verify_then_the_check_fails(calm):
     the restarted sidecar's check fails and it moves gandalf to claude, a healthy backend."""
     bed = calm
     gpt = bed.mocks["vps1/openai"]
-    gpt.fault({"type": "delay", "seconds": 30, "times": 1, "match": TOOLS})
+    hold_verify(bed, seconds=8.0)
     t0, nrestarts = time.monotonic(), restarts(bed)
     killed: dict = {}
 
     def kill_then_break_gpt():
         killed.update(kill_at(bed, "verify", "gpt"))
-        # gpt fails every turn from now on, before the restarted sidecar checks it.
-        gpt.fault({"type": "fail", "status": 401, "times": None, "match": TOOLS})
+        # gpt refuses everything from now on, before the restarted sidecar checks it.
+        gpt.fault({"type": "fail", "status": 401, "times": None})
     killer_t = threading.Thread(target=kill_then_break_gpt, daemon=True)
     killer_t.start()
-    time.sleep(1.0)
+    time.sleep(1.0)   # the watcher is polling before the switch begins
     op = Failover(bed, "gpt")
     op.start()
     killer_t.join(300)
@@ -227,8 +230,10 @@ def test_kill_during_verify_then_the_check_fails(calm):
         recs = [t for t in st["transitions"] if t["at"] >= killed["killed_wall"] - 1]
         return (st, recs) if st["active"] == "claude" and not st["switching"] and len(recs) >= 2 else None
     st, recs = wait_for(moved, 600, "the check to fail and gandalf to move to claude")
+    seen = [(r["path"], r["status"], r.get("fault")) for r in gpt.requests()
+            if r["started_at"] >= t0 and r["method"] == "POST"]
     assert [(t.get("recovered"), t["to"], t["ok"]) for t in recs] == [
-        ("completed after a sidecar restart", "gpt", False), (None, "claude", True)], recs
+        ("completed after a sidecar restart", "gpt", False), (None, "claude", True)], (recs, seen)
     assert recs[0]["check"] == {"backend": "gpt", "ok": False}
     assert recs[1]["kind"] == "failover"
     assert restarts(bed) == nrestarts + 1
