@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.fleet, pytest.mark.e2e]
 
 HOST, WIZARD = "vps1", "gandalf"
 UNIT = "neverdark-sidecar"
+LLAMA_UNIT = "neverdark-llama-gemma3-270m.service"
 COMPLETIONS = {"path": "/v1/chat/completions"}   # not the listings the probes send every 2 s
 
 KILL_AT = r"""
@@ -122,6 +123,7 @@ def calm(bed, first_deploy):
             if mock.proc is None or mock.proc.poll() is not None:
                 mock.start()
             mock.recover()
+        bed.ssh(HOST, f"systemctl start {LLAMA_UNIT}")
         for wizard in (WIZARD, "merlin"):
             bed.wait_active(HOST, wizard, "claude", timeout=300)
         wait_for(lambda: all(b["healthy"] for b in status(bed)[WIZARD]["backends"].values()),
@@ -205,10 +207,18 @@ def test_kill_after_the_flip(calm):
 
 
 def test_kill_during_verify_then_the_check_fails(calm):
-    """The verify turn is held in gpt's API when the sidecar dies; gpt then fails every turn:
-    the restarted sidecar's check fails and it moves gandalf to claude, a healthy backend."""
+    """The verify turn is held in gpt's API when the sidecar dies; gpt then refuses every call:
+    the restarted sidecar's check fails and it moves gandalf to claude, a healthy backend.
+
+    The local llama server is stopped first: Hermes' own per-turn fallback (gpt -> local) would
+    otherwise answer the check turn, and the session record would still name gpt's model (seen
+    on this fleet: `verify` cannot tell such an answer from gpt's).
+    """
     bed = calm
     gpt = bed.mocks["vps1/openai"]
+    bed.ssh(HOST, f"systemctl stop {LLAMA_UNIT}")
+    wait_for(lambda: status(bed)[WIZARD]["backends"]["local"]["healthy"] is False, 60,
+             "local down")
     hold_verify(bed, seconds=8.0)
     t0, nrestarts = time.monotonic(), restarts(bed)
     killed: dict = {}
