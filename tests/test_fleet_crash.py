@@ -20,6 +20,7 @@ Probe settings (testbed.bed): interval 2 s, fall 2, rise 2, min_dwell 10 s.
 from __future__ import annotations
 
 import json
+import shlex
 import threading
 import time
 
@@ -29,12 +30,12 @@ pytestmark = [pytest.mark.fleet, pytest.mark.e2e]
 
 HOST, WIZARD = "vps1", "gandalf"
 UNIT = "neverdark-sidecar"
-LLAMA_UNIT = "neverdark-llama-gemma3-270m.service"
 COMPLETIONS = {"path": "/v1/chat/completions"}   # not the listings the probes send every 2 s
 
 KILL_AT = r"""
-import json, os, signal, subprocess, sys, time
+import json, os, signal, subprocess, sys, time, urllib.request
 point, wizard, target = sys.argv[1:4]
+then = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None   # an LLMock scenario to set
 state = f"/var/lib/neverdark/sidecar/state/{wizard}.json"
 active = f"/var/lib/neverdark/wizards/{wizard}/managed/config.yaml"
 variant = open(f"/etc/neverdark/wizards/{wizard}/backends/{target}.yaml", "rb").read()
@@ -66,6 +67,12 @@ pid = int(subprocess.check_output(["systemctl", "show", "-p", "MainPID", "--valu
 os.kill(pid, signal.SIGKILL)
 while os.path.exists(f"/proc/{pid}"):
     time.sleep(0.01)
+if then:   # at once, long before systemd's RestartSec=2 brings the sidecar back
+    url = then["url"] + "/_llmock/scenario"
+    urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=5)
+    urllib.request.urlopen(urllib.request.Request(
+        url, data=json.dumps({"behaviors": then["behaviors"]}).encode(),
+        headers={"Content-Type": "application/json"}), timeout=5)
 doc = saved()
 print(json.dumps({"point": point, "pid": pid, "flipped": flipped(), "intent": doc.get("intent"),
                   "transitions": len(doc.get("transitions") or []), "killed_wall": time.time()}))
@@ -123,7 +130,6 @@ def calm(bed, first_deploy):
             if mock.proc is None or mock.proc.poll() is not None:
                 mock.start()
             mock.recover()
-        bed.ssh(HOST, f"systemctl start {LLAMA_UNIT}")
         for wizard in (WIZARD, "merlin"):
             bed.wait_active(HOST, wizard, "claude", timeout=300)
         wait_for(lambda: all(b["healthy"] for b in status(bed)[WIZARD]["backends"].values()),
@@ -133,8 +139,10 @@ def calm(bed, first_deploy):
     settle()
 
 
-def kill_at(bed, point: str, target: str) -> dict:
-    out = bed.fleet.ssh(HOST, f"python3 - {point} {WIZARD} {target}", input=KILL_AT, timeout=300)
+def kill_at(bed, point: str, target: str, then: dict | None = None) -> dict:
+    args = [point, WIZARD, target] + ([json.dumps(then)] if then else [])
+    out = bed.fleet.ssh(HOST, "python3 - " + " ".join(shlex.quote(a) for a in args),
+                        input=KILL_AT, timeout=300)
     report = json.loads(out.strip().splitlines()[-1])
     assert "error" not in report, report
     return report
@@ -207,26 +215,22 @@ def test_kill_after_the_flip(calm):
 
 
 def test_kill_during_verify_then_the_check_fails(calm):
-    """The verify turn is held in gpt's API when the sidecar dies; gpt then refuses every call:
-    the restarted sidecar's check fails and it moves gandalf to claude, a healthy backend.
-
-    The local llama server is stopped first: Hermes' own per-turn fallback (gpt -> local) would
-    otherwise answer the check turn, and the session record would still name gpt's model (seen
-    on this fleet: `verify` cannot tell such an answer from gpt's).
-    """
+    """The verify turn is held in gpt's API when the sidecar dies; from that instant gpt refuses
+    every call: the restarted sidecar's check turn fails (whether Hermes' own per-turn fallback
+    answers it or not: its session then names another model) and the sidecar moves gandalf to
+    claude, a healthy backend."""
     bed = calm
     gpt = bed.mocks["vps1/openai"]
-    bed.ssh(HOST, f"systemctl stop {LLAMA_UNIT}")
-    wait_for(lambda: status(bed)[WIZARD]["backends"]["local"]["healthy"] is False, 60,
-             "local down")
     hold_verify(bed, seconds=8.0)
     t0, nrestarts = time.monotonic(), restarts(bed)
     killed: dict = {}
 
     def kill_then_break_gpt():
-        killed.update(kill_at(bed, "verify", "gpt"))
-        # gpt refuses everything from now on, before the restarted sidecar checks it.
-        gpt.fault({"type": "fail", "status": 401, "times": None})
+        # gpt refuses everything from the kill on (set by the kill script on the host, at once).
+        refuse = {"url": gpt.url, "behaviors": [
+            {"type": "fail", "status": 401, "times": None},
+            {"type": "reply", "text": f"Plain answer from {gpt.name}.", "times": None}]}
+        killed.update(kill_at(bed, "verify", "gpt", then=refuse))
     killer_t = threading.Thread(target=kill_then_break_gpt, daemon=True)
     killer_t.start()
     time.sleep(1.0)   # the watcher is polling before the switch begins
