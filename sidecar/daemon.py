@@ -272,8 +272,19 @@ class WizardRunner:
             if name not in {b.name for b in self.w.backends}:
                 result = SwitchResult(False, False, "the active config matches no configured backend", {})
             else:
+                await self._hermes_failures(name)  # logged before the check: not the check's
                 result = await self.d.check_fn(self.w, self.w.backend(name), self.d.client,
                                                self.d.systemctl)
+                # Hermes' own per-turn fallback can answer a turn whose call to `name` failed,
+                # and its session record may still name `name`'s model (seen on the test fleet:
+                # the failed call was counted first, so the fallback's usage never became the
+                # session's route). What Hermes logged meanwhile is the second witness.
+                failed = await self._hermes_failures(name) if result.ok else []
+                if failed:
+                    result = SwitchResult(False, False, (
+                        f"the turn was answered, but not by {name}: Hermes logged a failed call "
+                        f"to it ({failed[-1].detail}) and its own fallback answered"),
+                        result.timings)
         except Exception as exc:  # noqa: BLE001 -- a crashed check is a failed check
             log.exception("check crashed", extra={"wizard": self.w.name})
             result = SwitchResult(False, False, f"check crashed: {type(exc).__name__}: {exc}", {})
@@ -298,6 +309,16 @@ class WizardRunner:
                      "check": record["check"], "detail": record["detail"],
                      "timings": record["timings"], "at": iso(record["at"])})
         self._flush_alerts()
+
+    async def _hermes_failures(self, backend: str) -> list[ProbeResult]:
+        """Read what the gateway logged since the last look (fed to the policy as every round
+        does) and return its failed calls to `backend`."""
+        results = await asyncio.to_thread(self.watcher.poll)
+        for r in results:
+            if r.backend:
+                self.d.metrics.probe(self.w.name, r)
+                self.policy.observe_result(r, self.d.clock())
+        return [r for r in results if r.backend == backend and not r.ok]
 
     def _flush_alerts(self) -> None:
         for alert in self.policy.drain_events():

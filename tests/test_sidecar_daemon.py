@@ -704,3 +704,32 @@ def test_a_stop_mid_switch_keeps_the_intent_for_the_next_start(site, mocks):
     assert saved["intent"]["to"] == "local" and saved["transitions"] == []
     transitions, active, _ = recover(cfg)
     assert transitions[-1]["recovered"] == "completed after a sidecar restart" and active == "local"
+
+
+def test_a_check_answered_by_hermes_own_fallback_counts_as_failed(site, mocks):
+    """On the test fleet a check turn whose call to the checked backend failed (HTTP 401) was
+    answered by Hermes' own per-turn fallback, and the session record still named the checked
+    backend's model, so verify passed. The gateway's log is the second witness: a passing check
+    during which Hermes logged a failed call to that backend counts as failed."""
+    cfg = config.load(site)
+    leave_intent(cfg, on="local")
+    w = cfg.wizards["merlin"]
+    log = w.home / "logs" / "errors.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("")
+    local = w.backend("local")
+
+    async def answered_by_the_fallback(wizard, backend, client, systemctl):
+        # Hermes' line for the failed call (format of hermes-agent 0.19.0, tests/test_passive.py)
+        with open(log, "a") as f:
+            f.write("2026-11-29 23:22:58,515 WARNING [api-e576ac7499f9ae31] agent.conversation_"
+                    "loop: API call failed (attempt 1/3) error_type=AuthenticationError "
+                    f"thread=asyncio_0:1 provider=custom base_url={local.base_url}/ "
+                    f"model={local.model} summary=HTTP 401: Unauthorized.\n")
+        return SwitchResult(True, False, f"{backend.name} answered", {"check_turn": 0.5})
+
+    transitions, active, _ = recover(cfg, check_fn=answered_by_the_fallback, until_kinds=2)
+    check, failover = transitions[-2:]
+    assert check["check"] == {"backend": "local", "ok": False} and not check["ok"]
+    assert "Hermes logged a failed call to it (AuthenticationError: HTTP 401" in check["detail"]
+    assert failover["kind"] == "failover" and failover["to"] == "claude" and active == "claude"
