@@ -108,7 +108,22 @@ class WizardRunner:
         log.info("wizard loaded", extra={"wizard": wizard.name, "active": self.policy.active,
                                          "pinned": self.policy.pinned,
                                          "check_pending": self.policy.needs_check})
+        self.refresh_active()
         self.save(force=True)
+
+    def refresh_active(self) -> None:
+        """A deploy rewrote the variant the wizard is on (the active config is an older copy):
+        bring the active config up to date, same backend, so the change reaches the gateway now
+        rather than at the next switch. Never during a switch, which installs a variant itself."""
+        if self.switching or self.policy.active is None:
+            return
+        try:
+            if flip.refresh(self.w.active_config, self.w, self.policy.active):
+                log.warning("variant changed by a deploy: active config refreshed",
+                            extra={"wizard": self.w.name, "backend": self.policy.active})
+        except (OSError, ValueError, KeyError) as exc:
+            log.error("cannot refresh the active config", extra={
+                "wizard": self.w.name, "error": f"{type(exc).__name__}: {exc}"})
 
     @staticmethod
     def _new_policy(wizard: WizardConfig, now: float) -> Policy:
@@ -612,6 +627,9 @@ class Daemon:
                 log.exception("cannot start wizard after reload", extra={"wizard": name})
                 continue
             self._start_runner(name, runner)
+        for name, runner in self.runners.items():
+            if name not in added and not runner.retiring:
+                runner.refresh_active()
         log.warning("config reloaded", extra={
             "added": added, "removed": removed, "changed": changed,
             "unchanged": [n for n in new.wizards if n not in added and n not in changed]})

@@ -336,7 +336,7 @@ def test_cli_check_and_bad_config(site, tmp_path):
     assert ok.returncode == 0 and "valid (1 wizards: merlin)" in ok.stdout
     bad = tmp_path / "bad.yaml"
     doc = yaml.safe_load(site.read_text())
-    doc["wizards"]["merlin"]["backends"][1]["kind"] = "ollama"
+    doc["wizards"]["merlin"]["backends"][1]["kind"] = "bedrock"
     bad.write_text(yaml.safe_dump(doc))
     out = subprocess.run([sys.executable, "-m", "sidecar", "--config", str(bad)],
                          capture_output=True, text=True, cwd=repo, timeout=60)
@@ -733,3 +733,31 @@ def test_a_check_answered_by_hermes_own_fallback_counts_as_failed(site, mocks):
     assert check["check"] == {"backend": "local", "ok": False} and not check["ok"]
     assert "Hermes logged a failed call to it (AuthenticationError: HTTP 401" in check["detail"]
     assert failover["kind"] == "failover" and failover["to"] == "claude" and active == "claude"
+
+
+def test_a_variant_a_deploy_changed_reaches_the_active_config_on_reload(site, mocks):
+    """A deploy rewrites the variant the wizard is on (new notice, profile or model settings) and
+    reloads the sidecar: the active config becomes the new variant, same backend, no switch."""
+    cfg = config.load(site)
+    w = cfg.wizards["merlin"]
+
+    async def scenario():
+        d = Daemon(cfg, switch_fn=flip_only, systemctl=["/bin/false"])
+        await d.start()
+        runner = d.runners["merlin"]
+        try:
+            claude = w.backend("claude").variant
+            doc = yaml.safe_load(claude.read_text())
+            doc["agent"] = {"environment_hint": "deploy v2"}
+            claude.write_text(yaml.safe_dump(doc))
+            assert flip.read_active_backend(w.active_config, w) is None   # now stale
+            before = len(runner.policy.transitions)
+            assert await d.reload()
+            assert yaml.safe_load(w.active_config.read_text()) == doc
+            assert flip.read_active_backend(w.active_config, w) == "claude"
+            assert runner.policy.active == "claude"
+            assert len(runner.policy.transitions) == before
+        finally:
+            await d.close()
+
+    asyncio.run(scenario())

@@ -34,6 +34,7 @@ import pytest
 import yaml
 
 from sidecar import flip
+from sidecar.gateway import CHECK_WORDS
 from testbed.llmock import LLMock, SupervisedGateway, free_port, variant
 
 REPO = Path(__file__).resolve().parent.parent
@@ -147,7 +148,9 @@ def ctl_answer(proc: subprocess.Popen) -> tuple[int, dict]:
 def bench(tmp_path_factory):
     """Two LLMocks and a Hermes gateway whose managed config the sidecar flips."""
     root = tmp_path_factory.mktemp("process")
-    mocks = [LLMock(root), LLMock(root)]
+    # The second plays the local model: its answer repeats any check word, as Gemma does when the
+    # check turn asks it to (sidecar.gateway.verify requires that of a local backend).
+    mocks = [LLMock(root), LLMock(root, answer="Plain answer: " + " ".join(CHECK_WORDS))]
     gw = None
     try:
         claude_mock, local_mock = mocks
@@ -339,7 +342,7 @@ def test_killed_after_the_flip_during_the_restart(site, bench, sidecars):
 
     sc = sidecars(site)
     status, rec = recovered(sc)
-    assert rec["recovered"] == "completed after a sidecar restart" and rec["ok"] is True
+    assert rec["recovered"] == "completed after a sidecar restart" and rec["ok"] is True, json.dumps(rec)
     assert rec["from"] == "claude" and rec["to"] == "local" and rec["kind"] == "manual"
     assert rec["check"] == {"backend": "local", "ok": True}
     assert status["active"] == "local"
@@ -437,7 +440,7 @@ def test_sighup_applies_a_new_config_and_keeps_the_running_state(site, bench, si
     assert (line["added"], line["removed"], line["changed"]) == (["nimue"], ["vivien"], ["morgana"])
 
     # An invalid config is refused, logged with file and field, and the running one kept.
-    site.doc["wizards"]["nimue"]["backends"][0]["kind"] = "ollama"
+    site.doc["wizards"]["nimue"]["backends"][0]["kind"] = "bedrock"
     site.write()
     sc.proc.send_signal(signal.SIGHUP)
     refused = until(lambda: [d for d in sc.logs() if d["msg"].startswith("reload refused")],
