@@ -11,7 +11,7 @@ the webhook), run the check turn through gandalf's gateway on the backend it fou
 trusting it, and move gandalf to a healthy backend when that check fails. The operator's
 `neverdark failover`, whose connection the kill cut, must report where gandalf ended up.
 
-gandalf (vps1: claude -> gpt -> local) is switched to gpt: gpt is an LLMock on the runner, so
+gandalf (vps1: claude -> gpt-4.1 -> local) is switched to gpt-4.1: gpt is an LLMock on the runner, so
 its verify turn can be held: a delay on its next two completions, the sidecar's confirming deep
 probe (well inside that probe's 15 s timeout) and then the switch's verify turn through Hermes.
 Probe settings (testbed.bed): interval 2 s, fall 2, rise 2, min_dwell 10 s.
@@ -28,7 +28,7 @@ import pytest
 
 pytestmark = [pytest.mark.fleet, pytest.mark.e2e]
 
-HOST, WIZARD = "vps1", "gandalf"
+HOST, WIZARD, GPT = "vps1", "gandalf", "gpt-4.1"   # GPT: gandalf's OpenAI backend
 UNIT = "neverdark-sidecar"
 COMPLETIONS = {"path": "/v1/chat/completions"}   # not the listings the probes send every 2 s
 
@@ -108,7 +108,7 @@ def restarts(bed) -> int:
 
 
 class Failover(threading.Thread):
-    """`neverdark failover gandalf --to gpt`, as the operator runs it, in the background."""
+    """`neverdark failover gandalf --to gpt-4.1`, as the operator runs it, in the background."""
 
     def __init__(self, bed, to: str) -> None:
         super().__init__(daemon=True)
@@ -148,7 +148,7 @@ def kill_at(bed, point: str, target: str, then: dict | None = None) -> dict:
     return report
 
 
-def interrupted_switch(bed, point: str, target: str = "gpt"):
+def interrupted_switch(bed, point: str, target: str = GPT):
     """Start a failover, kill the sidecar at `point`, wait for the restarted sidecar's record."""
     t0, nrestarts = time.monotonic(), restarts(bed)
     merlin_before = status(bed)["merlin"]["transitions"]
@@ -188,14 +188,14 @@ def test_kill_after_the_intent(calm):
     t0, killer, w, rec, op = interrupted_switch(bed, "intent")
     outcome = ("completed after a sidecar restart" if killer["flipped"]
                else "interrupted; rolled back")
-    where = "gpt" if killer["flipped"] else "claude"
-    assert rec["recovered"] == outcome and rec["from"] == "claude" and rec["to"] == "gpt"
+    where = GPT if killer["flipped"] else "claude"
+    assert rec["recovered"] == outcome and rec["from"] == "claude" and rec["to"] == GPT
     assert rec["check"] == {"backend": where, "ok": True}, rec
     assert w["active"] == where
     _assert_told(bed, t0, outcome, where)
     rc, answer, err = op.answer()
     assert answer["interrupted"] and answer["active"] == where, answer
-    assert rc == (0 if where == "gpt" else 1) and f"{WIZARD} is now on {where}" in err
+    assert rc == (0 if where == GPT else 1) and f"{WIZARD} is now on {where}" in err
 
 
 def test_kill_after_the_flip(calm):
@@ -204,14 +204,14 @@ def test_kill_after_the_flip(calm):
     t0, killer, w, rec, op = interrupted_switch(bed, "flip")
     assert killer["flipped"]
     assert rec["recovered"] == "completed after a sidecar restart" and rec["ok"], rec
-    assert rec["check"] == {"backend": "gpt", "ok": True}
-    assert w["active"] == "gpt"
+    assert rec["check"] == {"backend": GPT, "ok": True}
+    assert w["active"] == GPT
     # The check turn went through gandalf's gateway to gpt's API after the restart.
     assert [r for r in bed.mocks["vps1/openai"].chats(since=killer["after_kill"])
             if r["status"] == 200]
-    _assert_told(bed, t0, "completed after a sidecar restart", "gpt")
+    _assert_told(bed, t0, "completed after a sidecar restart", GPT)
     rc, answer, _ = op.answer()
-    assert rc == 0 and answer["ok"] and answer["interrupted"] and answer["active"] == "gpt"
+    assert rc == 0 and answer["ok"] and answer["interrupted"] and answer["active"] == GPT
 
 
 def test_kill_during_verify_then_the_check_fails(calm):
@@ -230,14 +230,14 @@ def test_kill_during_verify_then_the_check_fails(calm):
         refuse = {"url": gpt.url, "behaviors": [
             {"type": "fail", "status": 401, "times": None},
             {"type": "reply", "text": f"Plain answer from {gpt.name}.", "times": None}]}
-        killed.update(kill_at(bed, "verify", "gpt", then=refuse))
+        killed.update(kill_at(bed, "verify", GPT, then=refuse))
     killer_t = threading.Thread(target=kill_then_break_gpt, daemon=True)
     killer_t.start()
     time.sleep(1.0)   # the watcher is polling before the switch begins
-    op = Failover(bed, "gpt")
+    op = Failover(bed, GPT)
     op.start()
     killer_t.join(300)
-    assert killed["flipped"] and killed["intent"]["to"] == "gpt", killed
+    assert killed["flipped"] and killed["intent"]["to"] == GPT, killed
 
     def moved():
         st = status(bed)[WIZARD]
@@ -247,8 +247,8 @@ def test_kill_during_verify_then_the_check_fails(calm):
     seen = [(r["path"], r["status"], r.get("fault")) for r in gpt.requests()
             if r["started_at"] >= t0 and r["method"] == "POST"]
     assert [(t.get("recovered"), t["to"], t["ok"]) for t in recs] == [
-        ("completed after a sidecar restart", "gpt", False), (None, "claude", True)], (recs, seen)
-    assert recs[0]["check"] == {"backend": "gpt", "ok": False}
+        ("completed after a sidecar restart", GPT, False), (None, "claude", True)], (recs, seen)
+    assert recs[0]["check"] == {"backend": GPT, "ok": False}
     assert recs[1]["kind"] == "failover"
     assert restarts(bed) == nrestarts + 1
     assert [r for r in gpt.chats(since=t0) if r["status"] == 401]      # the failed check turn
