@@ -1,12 +1,16 @@
 """Test fleet benchmark: prints figures for the README (not a timed test).
 
-    .venv/bin/python bench/testfleet_bench.py [--hosts vps1:vps,pi1:pi] [--pip]
+    .venv/bin/python bench/testfleet_bench.py [--hosts vps1:vps,pi1:pi:aarch64:2048] [--pip]
+                                              [--cold]
 
-- base image: debootstrap build time, or "cached";
+- base image per architecture: build time, or "cached"; with --cold, a fresh build into a
+  temporary directory (downloads included, the cache untouched) for each architecture;
 - wheelhouse: build time, or "cached";
-- N-host up (overlay roots, boot to `running`, sshd answering with the run's keys);
-- with --pip: offline `pip install hermes-agent[anthropic,messaging]` inside a host from the
-  runner's file server;
+- N-host up (overlay roots, boot to `running`, sshd answering with the run's keys), and each
+  host's boot-to-SSH time (an aarch64 host runs under qemu-user);
+- each host's memory: use after boot, peak, limit (its memory_mb), OOM kills;
+- with --pip: offline `pip install hermes-agent[anthropic,messaging]` inside the first host from
+  the runner's file server;
 - down (clean poweroff of every host) and destroy.
 """
 
@@ -20,23 +24,46 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from neverdark import versions
+from neverdark import versions  # noqa: E402
 from testbed import fleet as testfleet, wheelhouse  # noqa: E402
+
+MiB = 2**20
+
+
+def cold_build(arch: str) -> None:
+    """One image build from nothing (apt downloads included), timed, then thrown away."""
+    testfleet.ensure_runner_packages({arch})
+    testfleet.ensure_binfmt(arch)
+    with tempfile.TemporaryDirectory(prefix="neverdark-image-bench-", dir="/var/tmp") as tmp:
+        target = Path(tmp) / "root"
+        t = time.monotonic()
+        testfleet.build_image(arch, target, Path(tmp) / "build.log")
+        took = time.monotonic() - t
+        size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()
+                   and not f.is_symlink())
+        print(f"cold image {arch:8} {took:7.1f} s  ({size / MiB:.0f} MB, mmdebstrap "
+              f"{'under qemu-user' if arch != testfleet.NATIVE_ARCH else 'native'})")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--hosts", default="vps1:vps,pi1:pi")
+    ap.add_argument("--hosts", default="vps1:vps,pi1:pi",
+                    help="NAME[:PROFILE[:ARCH]][:MEMORY_MB],... (ARCH x86_64 or aarch64)")
     ap.add_argument("--pip", action="store_true", help="also time an offline Hermes install")
+    ap.add_argument("--cold", action="store_true",
+                    help="also time a cold image build for each architecture in --hosts")
     args = ap.parse_args()
-    specs = [tuple(h.split(":")) for h in args.hosts.split(",")]
+    specs = [testfleet.HostSpec.parse(h) for h in args.hosts.split(",")]
+    arches = sorted({s.arch for s in specs})
 
-    t = time.monotonic()
-    image, built = testfleet.ensure_image()
-    print(f"base image:            {'cached' if built is None else f'{built:7.1f} s (built)'}"
-          f"  {image}")
-    cached = wheelhouse._complete(wheelhouse.CACHE / "wheels",
-                                  wheelhouse._digest(wheelhouse.REQUIREMENTS))
+    if args.cold:
+        for arch in arches:
+            cold_build(arch)
+    for arch in arches:
+        image, built = testfleet.ensure_image(arch)
+        print(f"base image {arch:8} {'cached' if built is None else f'{built:7.1f} s (built)'}"
+              f"  {image}")
+    cached = wheelhouse.is_complete()
     t = time.monotonic()
     wheels = wheelhouse.ensure_default_wheelhouse()
     print(f"wheelhouse:            {'cached' if cached else f'{time.monotonic() - t:7.1f} s'}"
@@ -49,16 +76,24 @@ def main() -> None:
             print(f"{len(specs)}-host up:             {fleet.timings['up_s']:7.1f} s "
                   f"({', '.join(n + '=' + h['system_state'] for n, h in fleet.hosts.items())}; "
                   f"roots: {next(iter(fleet.hosts.values()))['root_mode']})")
+            for s in specs:
+                print(f"  {s.name:10} {s.arch:8} boot to SSH "
+                      f"{fleet.timings[f'ready_s:{s.name}']:6.1f} s; memory "
+                      f"{fleet.memory_usage(s.name) / MiB:6.0f} MB now, "
+                      f"{fleet.memory_peak(s.name) / MiB:6.0f} MB peak of "
+                      f"{fleet.memory_limit(s.name) / MiB:.0f} MB")
             if args.pip:
-                name = specs[0][0]
+                name = specs[0].name
                 h = fleet.hosts[name]
                 t = time.monotonic()
                 fleet.ssh(name, "python3 -m venv /tmp/bench-hermes && /tmp/bench-hermes/bin/pip "
                                 f"install -q --no-index --trusted-host {h['runner_address']} "
                                 f"--find-links {fleet.files_url(name)}/wheels/ "
-                                f"'{versions.HERMES_REQUIREMENTS[0]}'", timeout=900)
+                                f"'{versions.HERMES_REQUIREMENTS[0]}'", timeout=1800)
                 print(f"pip install hermes:    {time.monotonic() - t:7.1f} s (inside {name}, "
-                      "offline, from the runner's file server)")
+                      f"{h['arch']}, offline, from the runner's file server; peak "
+                      f"{fleet.memory_peak(name) / MiB:.0f} MB, "
+                      f"OOM kills {fleet.oom_events(name)['oom_kill']})")
             t = time.monotonic()
             fleet.down()
             print(f"down (poweroff):       {time.monotonic() - t:7.1f} s")

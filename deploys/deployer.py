@@ -118,19 +118,20 @@ class Deployer:
             systemd.daemon_reload(name=f"{self.name}: daemon-reload",
                                   _if=any_changed(*self.unit_ops))
 
-    def run_unit(self, unit: str, also_restart_on=()) -> None:
-        """daemon-reload if a unit changed, restart if an input changed, then keep it running
-        and enabled (restart also starts a stopped unit, so a fresh one starts once)."""
+    def run_unit(self, unit: str, also_restart_on=(), also_reload_on=()) -> None:
+        """daemon-reload if a unit changed, restart if an input changed (else reload if only
+        what the service re-reads changed), then keep it running and enabled (restart also
+        starts a stopped unit, so a fresh one starts once)."""
         self.daemon_reload()
         inputs = [*self.restart_ops, *also_restart_on]
+        reloads = [*self.reload_ops, *also_reload_on]
         if inputs:
             systemd.service(name=f"{self.name}: restart {unit} (its inputs changed)",
                             service=unit, restarted=True, _if=any_changed(*inputs))
-        if self.reload_ops:
+        if reloads:
             systemd.service(name=f"{self.name}: reload {unit} (its config changed)",
                             service=unit, reloaded=True,
-                            _if=lambda: any_changed(*self.reload_ops)()
-                            and not any_changed(*inputs)())
+                            _if=lambda: any_changed(*reloads)() and not any_changed(*inputs)())
         systemd.service(name=f"{self.name}: run {unit}", service=unit, running=True,
                         enabled=True)
 

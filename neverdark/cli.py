@@ -215,7 +215,10 @@ def _control(op: str, wizard: str, to: str | None, inventory) -> None:
     fleet = _fleet(inventory)
     host = _host_of(fleet, wizard)
     args = [op, wizard] + (["--to", to] if to else [])
-    proc, why = _remote(fleet, host, lambda: remote.sidecar_ctl(fleet, host, *args))
+    # The host's ctl waits up to 600 s for the switch, then (if the sidecar restarted
+    # mid-request) up to 420 s for its verdict: sidecar/ctl.py.
+    proc, why = _remote(fleet, host, lambda: remote.sidecar_ctl(fleet, host, *args,
+                                                                timeout=1200))
     try:
         answer = _last_json(proc) if proc is not None else None
     except ValueError:
@@ -223,6 +226,10 @@ def _control(op: str, wizard: str, to: str | None, inventory) -> None:
     if answer is None:
         click.echo(f"{host}: {why or _why_no_answer(proc)}", err=True)
         sys.exit(EXIT_PROBLEMS)
+    if answer.get("interrupted"):
+        # The sidecar restarted mid-request; sidecar.ctl reconnected and says where it ended up.
+        click.echo(f"{host}: the sidecar restarted during the {op}; {wizard} is now on "
+                   f"{answer.get('active') or 'an unknown backend'}", err=True)
     click.echo(json.dumps(answer, indent=2))
     sys.exit(EXIT_OK if answer.get("ok") else EXIT_PROBLEMS)
 

@@ -148,8 +148,11 @@ def wizard_plan(fleet: Fleet, name: str) -> dict:
         "backends": [b.name for b in wz.backends],
         "base_config": File(contract.wizard_base_config(name),
                             hermes_config.render_base_config(spec), "0640", "root", user),
+        # Only the sidecar reads these (it copies one into the managed dir, whose setgid group
+        # makes the copy the wizard's); so a new wizard needs no new group for the sidecar.
         "variants": {b.name: File(contract.variant_path(name, b.name),
-                                  hermes_config.render_variant(spec, b.name), "0640", "root", user)
+                                  hermes_config.render_variant(spec, b.name), "0640", "root",
+                                  contract.SIDECAR_USER)
                      for b in wz.backends},
         "env": File(f"{contract.wizard_home(name)}/.env", hermes_config.render_env(spec, secrets),
                     "0600", user, user, secret=True),
@@ -251,11 +254,12 @@ def sidecar_plan(fleet: Fleet, host: str, wizards: list[dict]) -> dict:
         "config": File(contract.SIDECAR_CONFIG, text, "0640", "root", user),
         "env": File(contract.SIDECAR_ENV, env, "0600", user, user, secret=True),
         "units": [w["unit"] for w in wizards],
-        # Wizard groups let it read each wizard's variants, never its .env (0600); the ops group
-        # lets it hand its control socket to the operators; systemd-journal lets it read the
-        # gateways' logged provider errors (Hermes keeps its own log directory 0700).
-        "groups": [w["user"] for w in wizards] + [contract.OPS_GROUP, "systemd-journal"]
-        # ... and the model servers' group lets it read what each server is (server.json).
+        # The ops group lets it hand its control socket to the operators; systemd-journal lets
+        # it read the gateways' logged provider errors (Hermes keeps its own log directory
+        # 0700); the model servers' group, what each server is (server.json). No wizard's group:
+        # it never reads a wizard's files (a wizard added or removed is a reload, not a restart
+        # for new group membership; its prefix captures are the sidecar's group's).
+        "groups": [contract.OPS_GROUP, "systemd-journal"]
         + ([contract.LLAMA_USER] if topology.llama_servers(fleet, host) else []),
         "watchdog_sec": WATCHDOG_SEC,
     }

@@ -277,6 +277,12 @@ class CloudBackend(Strict):
             raise ValueError("must be an http:// or https:// URL")
         return v.rstrip("/")
 
+    @model_validator(mode="after")
+    def _default_profile(self) -> CloudBackend:
+        if self.profile is None:
+            self.profile = "lean" if self.provider == "ollama" else "full"
+        return self
+
     @field_validator("api_key")
     @classmethod
     def _key_where_needed(cls, v: SecretRef | None, info: ValidationInfo) -> SecretRef | None:

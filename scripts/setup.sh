@@ -4,8 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# mmdebstrap builds the test hosts' images; qemu-user-static + binfmt-support run the aarch64
+# (Raspberry Pi) test hosts on an x86_64 runner; cmake, ninja and the compilers build the host
+# artifacts (neverdark.artifacts: the llama-cpp-python wheel and llama-server, x86_64 and
+# cross-compiled aarch64).
 need_apt=()
-for pkg in debootstrap systemd-container iproute2 openssh-client sudo; do
+for pkg in mmdebstrap systemd-container iproute2 openssh-client sudo qemu-user-static \
+           binfmt-support cmake ninja-build g++ gcc-aarch64-linux-gnu g++-aarch64-linux-gnu; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -25,19 +30,19 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 
-# llama-cpp-python has no wheel on PyPI and compiles for ~7 minutes on 2 cores: build it once
-# into the cache, which the test hosts' wheelhouse reuses too.
-cache=${NEVERDARK_CACHE:-/var/cache/neverdark}
-mkdir -p "$cache/wheels"
-llama_req='llama-cpp-python==0.3.36'
-if ! ls "$cache"/wheels/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
-    echo "setup: building the llama-cpp-python wheel (about 7 minutes on 2 cores)"
-    .venv/bin/pip wheel -q --disable-pip-version-check --no-deps -w "$cache/wheels" "$llama_req"
-fi
-if ! .venv/bin/python -c 'import llama_cpp.server' 2>/dev/null; then
-    echo "setup: installing llama-cpp-python[server] into .venv"
-    .venv/bin/pip install -q --disable-pip-version-check --find-links "$cache/wheels" \
-        "llama-cpp-python[server]==0.3.36"
+# llama-cpp-python has no wheel on PyPI and no host has a compiler: build the host artifacts
+# (wheel + llama-server per arch, ~6 min x86_64 and ~14 min aarch64 on a busy 2-core
+# machine, cold) once into $NEVERDARK_CACHE/artifacts; the test hosts' wheelhouse and the tests
+# reuse them.
+.venv/bin/python -m neverdark.artifacts build --arch x86_64 --arch aarch64 >/dev/null
+llama_wheel=$(.venv/bin/python -c 'from neverdark import artifacts; print(artifacts.ensure("x86_64").wheel)')
+llama_stamp=.venv/.neverdark-llama
+if [ "$(cat "$llama_stamp" 2>/dev/null)" != "$llama_wheel" ] \
+        || ! .venv/bin/python -c 'import llama_cpp.server' 2>/dev/null; then
+    echo "setup: installing llama-cpp-python[server] into .venv from $llama_wheel"
+    .venv/bin/pip install -q --disable-pip-version-check --force-reinstall --no-deps "$llama_wheel"
+    .venv/bin/pip install -q --disable-pip-version-check "$llama_wheel[server]"
+    echo "$llama_wheel" > "$llama_stamp"
 fi
 
 # The real Hermes gateway, in a venv of its own, for the sidecar's and config tests.

@@ -12,6 +12,7 @@ file and kept out of every repr.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import stat
 from dataclasses import dataclass, field, fields
@@ -172,6 +173,9 @@ class _Reader:
         if isinstance(value, bool) or not isinstance(value, ok_types):
             want = "an integer" if integer else "a number"
             raise self.fail(where, f"must be {want}, got {_typename(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            # .inf or .nan would make /status (strict JSON) unanswerable
+            raise self.fail(where, f"must be a finite number, got {value}")
         if value < minimum:
             raise self.fail(where, f"must be >= {minimum}, got {value}")
         return value
@@ -228,6 +232,8 @@ def _probe(r: _Reader, raw: Any, where: str, base: ProbeSettings) -> ProbeSettin
             values[key] = r.number(value, at, minimum=1, integer=True)
         elif key in ("interval", "timeout"):
             values[key] = float(r.number(value, at, minimum=0.01))
+        elif key == "max_hold":
+            values[key] = float(r.number(value, at, minimum=1))
         else:
             values[key] = float(r.number(value, at, minimum=0))
     if values["damping_cap"] < values["damping_base"]:

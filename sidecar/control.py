@@ -34,6 +34,11 @@ class ControlError(RuntimeError):
     pass
 
 
+class ControlInterrupted(ControlError):
+    """The sidecar closed the connection without a whole reply: it stopped or was killed while
+    handling the request (what it did with it can be asked once it is back)."""
+
+
 def _ops_group() -> grp.struct_group | None:
     try:
         return grp.getgrnam(OPS_GROUP)
@@ -102,7 +107,12 @@ async def _read_request(reader: asyncio.StreamReader) -> bytes:
 
 
 async def _respond(writer: asyncio.StreamWriter, reply: dict) -> None:
-    writer.write((json.dumps(reply, default=str) + "\n").encode())
+    try:
+        text = json.dumps(reply, default=str, allow_nan=False)
+    except ValueError as exc:   # NaN/Infinity: strict JSON or an error, never a broken document
+        log.error("control reply is not strict JSON: %s", exc)
+        text = json.dumps({"ok": False, "error": f"internal error: reply not representable as JSON ({exc})"})
+    writer.write((text + "\n").encode())
     await writer.drain()
 
 
@@ -168,10 +178,18 @@ def control_request(socket_path: str | os.PathLike, payload: dict, timeout: floa
             raise ControlError(f"{socket_path}: no sidecar listening (is neverdark-sidecar running?)") from None
         except PermissionError:
             raise ControlError(f"{socket_path}: permission denied (root or group {OPS_GROUP} only)") from None
+        except (ConnectionResetError, BrokenPipeError):
+            raise ControlInterrupted(f"{socket_path}: the sidecar closed the connection before "
+                                     "replying (stopped or killed mid-request)") from None
         except OSError as exc:
             raise ControlError(f"{socket_path}: {exc}") from None
+    data = b"".join(chunks)
+    if not data.endswith(b"\n"):
+        # Every reply ends with a newline: anything less was cut off by the sidecar's end.
+        raise ControlInterrupted(f"{socket_path}: the sidecar closed the connection before "
+                                 "replying (stopped or killed mid-request)")
     try:
-        reply = json.loads(b"".join(chunks))
+        reply = json.loads(data)
     except ValueError:
         raise ControlError(f"{socket_path}: the sidecar's reply is not JSON") from None
     if not isinstance(reply, dict):

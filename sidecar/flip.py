@@ -66,8 +66,9 @@ def _target_owner(variant: Path, dest: Path) -> tuple[int, int, int]:
         st = dest.stat()
         return st.st_uid, st.st_gid, st.st_mode & 0o7777
     except FileNotFoundError:
-        # A new active config: readable by the wizard's group (the variant's), nobody else.
-        return os.geteuid(), variant.stat().st_gid, 0o640
+        # A new active config: readable by the wizard's group (its directory's: the deploy
+        # makes it setgid), nobody else.
+        return os.geteuid(), dest.parent.stat().st_gid, 0o640
 
 
 def atomic_install(variant: Path, dest: Path) -> None:
@@ -83,6 +84,18 @@ def _parse(path: Path):
         return yaml.load(Path(path).read_bytes(), Loader=_Loader)
     except (OSError, yaml.YAMLError):
         return None
+
+
+def refresh(active_config: Path, wizard, backend: str) -> bool:
+    """Re-install `backend`'s variant when the active config is an older copy of it (a deploy
+    changed the variant: new notice, profile, model settings). True when it rewrote the file.
+
+    Only where the active config matches no current variant: a wizard on another backend's
+    current variant is left alone."""
+    if read_active_backend(active_config, wizard) is not None:
+        return False
+    atomic_install(wizard.backend(backend).variant, active_config)
+    return True
 
 
 def read_active_backend(active_config: Path, wizard) -> str | None:

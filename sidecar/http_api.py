@@ -31,7 +31,10 @@ class HttpApi:
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"only GET\n"
         if path == "/status":
-            return 200, "application/json", (json.dumps(self.status(), default=str) + "\n").encode()
+            # Strict JSON: a NaN or Infinity that slipped through is an error here, not a
+            # document that strict parsers (jq, Go, JavaScript) refuse.
+            body = json.dumps(self.status(), default=str, allow_nan=False)
+            return 200, "application/json", (body + "\n").encode()
         if path == "/metrics":
             return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics().encode()
         ok = self.healthy()

@@ -22,6 +22,11 @@ class JsonFormatter(logging.Formatter):
         self._secrets = sorted({v for v in (secrets or {}).values() if v and len(v) >= 4},
                                key=len, reverse=True)
 
+    def add_secrets(self, secrets: dict[str, str]) -> None:
+        """Scrub these too (a reloaded config's secrets file); old values stay scrubbed."""
+        values = set(self._secrets) | {v for v in secrets.values() if v and len(v) >= 4}
+        self._secrets = sorted(values, key=len, reverse=True)
+
     def scrub(self, text: str) -> str:
         for value in self._secrets:
             text = text.replace(value, "***")
@@ -54,3 +59,10 @@ def setup(secrets: dict[str, str] | None = None, level: int = logging.INFO, stre
     # httpx logs every request line at INFO: noise in the journal every probe interval.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+def add_secrets(secrets: dict[str, str]) -> None:
+    """Add values to every JSON handler's scrub list (the daemon calls this on reload)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler.formatter, JsonFormatter):
+            handler.formatter.add_secrets(secrets)

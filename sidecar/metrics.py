@@ -24,6 +24,7 @@ def _labels(**labels) -> str:
 class Metrics:
     def __init__(self) -> None:
         self.transitions: Counter[tuple[str, str]] = Counter()
+        self.recovered: Counter[tuple[str, str]] = Counter()
         self.failures: Counter[tuple[str, str, str]] = Counter()
         # (wizard, backend) -> [per-bucket counts..., +Inf count], sum
         self._hist: dict[tuple[str, str], list[int]] = {}
@@ -65,6 +66,10 @@ class Metrics:
             if breakdown.get(k) is not None:
                 c[k] += breakdown[k]
 
+    def recovery(self, wizard: str, outcome: str) -> None:
+        """A switch found unfinished at start: 'completed' or 'rolled_back' (or 'interrupted')."""
+        self.recovered[(wizard, outcome)] += 1
+
     def render(self, wizards: dict) -> str:
         """`wizards`: name -> (backend names in order, active backend or None, dark)."""
         out = ["# HELP neverdark_active_backend 1 for the backend each wizard is on.",
@@ -80,6 +85,11 @@ class Metrics:
                 "# TYPE neverdark_transitions_total counter"]
         for (w, kind), n in sorted(self.transitions.items()):
             out.append(f"neverdark_transitions_total{_labels(wizard=w, kind=kind)} {n}")
+        out += ["# HELP neverdark_interrupted_switches_total Switches a sidecar stop or crash cut short, "
+                "by how a restarted sidecar found them.",
+                "# TYPE neverdark_interrupted_switches_total counter"]
+        for (w, outcome), n in sorted(self.recovered.items()):
+            out.append(f"neverdark_interrupted_switches_total{_labels(wizard=w, outcome=outcome)} {n}")
         out += ["# HELP neverdark_probe_failures_total Failed probes and passive errors by reason.",
                 "# TYPE neverdark_probe_failures_total counter"]
         for (w, b, reason), n in sorted(self.failures.items()):

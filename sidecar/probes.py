@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import errno
 import json
+import math
 import re
 import socket
 import time
@@ -46,6 +47,7 @@ class ProbeResult:
     detail: str
     # Local backends: the engine's counters at probe time (None: it exports none).
     engine: engine.EngineTotals | None = None
+    deep: bool = False   # a real generation (the pre-switch confirmation), not a listing
 
 
 def _request(backend, deep: bool) -> tuple[str, str, dict, dict | None]:
@@ -100,10 +102,13 @@ def _shape_ok(kind: str, deep: bool, data) -> bool:
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
 
 
-def _seconds_until(when: datetime, now: datetime) -> float:
+def _seconds_until(when: datetime, now: datetime) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - now).total_seconds())
+    try:
+        return max(0.0, (when - now).total_seconds())   # a date in the past: retry now
+    except OverflowError:   # beyond datetime's range once converted: not a usable stamp
+        return None
 
 
 def _rfc3339(value: str) -> datetime | None:
@@ -113,31 +118,46 @@ def _rfc3339(value: str) -> datetime | None:
         return None
 
 
+def _seconds(text: str, scale: float = 1.0) -> float | None:
+    """A header's number of seconds; None unless finite and >= 0 ('inf', 'nan', '1e309', '-5')."""
+    try:
+        value = float(text) / scale
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
 def parse_retry_after(headers: httpx.Headers, body: bytes, now: datetime | None = None) -> float | None:
-    """Seconds the provider asked us to wait, from whichever signal it sent; None if none."""
+    """Seconds the provider asked us to wait, from whichever usable signal it sent; None if none.
+
+    Only finite values >= 0 count; an absurd but finite one (a year) is returned as asked: the
+    policy caps it at max_hold and says so. `now` is the wall clock, which HTTP-dates and
+    Anthropic's reset stamps are read against: the only use the sidecar makes of wall time for
+    holds.
+    """
     now = now or datetime.now(timezone.utc)
     # The millisecond header is the more precise twin of Retry-After where both are sent.
     ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
+    if ms and (value := _seconds(ms, 1000.0)) is not None:
+        return value
     ra = headers.get("retry-after")
     if ra:
+        value = _seconds(ra)
+        if value is not None:
+            return value
         try:
-            return max(0.0, float(ra))
-        except ValueError:
-            try:
-                return _seconds_until(parsedate_to_datetime(ra), now)
-            except (TypeError, ValueError, IndexError):
-                pass
+            value = _seconds_until(parsedate_to_datetime(ra), now)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            value = None
+        if value is not None:
+            return value
     resets: dict[str, float] = {}
     for kind in ("requests", "tokens", "input-tokens", "output-tokens"):
         raw = headers.get(f"anthropic-ratelimit-{kind}-reset")
         when = _rfc3339(raw) if raw else None
-        if when is not None:
-            resets[kind] = _seconds_until(when, now)
+        seconds = _seconds_until(when, now) if when is not None else None
+        if seconds is not None:
+            resets[kind] = seconds
     if resets:
         # The exhausted bucket is the one that decides; unknown exhaustion -> earliest reset.
         spent = [s for k, s in resets.items()
@@ -158,8 +178,8 @@ def _gemini_retry_delay(body: bytes) -> float | None:
     for item in details:
         if isinstance(item, dict) and isinstance(item.get("retryDelay"), str):
             m = _DURATION.match(item["retryDelay"])
-            if m:
-                return float(m.group(1))
+            if m and (value := _seconds(m.group(1))) is not None:
+                return value
     return None
 
 
@@ -211,7 +231,7 @@ async def probe(backend, client: httpx.AsyncClient, timeout: float, deep: bool =
 
     def result(ok: bool, reason: str, status=None, retry_after=None, detail="") -> ProbeResult:
         return ProbeResult(backend.name, ok, reason, status, retry_after,
-                           time.monotonic() - started, _redact(detail, backend))
+                           time.monotonic() - started, _redact(detail, backend), deep=deep)
 
     if backend.kind == "local" and not deep:
         # Liveness of the local server is its /health, which both engines answer without

@@ -1,14 +1,17 @@
 """Per-wizard sidecar state on disk: state_dir/<wizard>.json, written atomically, mode 0600.
 
-The file is a record of what the sidecar did and the policy's memory (health, holds, damping,
-pins) across restarts. It is never the authority on where a wizard is: that is the active config,
-which `reconcile` lets win.
+The file is the policy's memory across restarts (health, holds, damping, pins, the restart budget,
+transitions) and the intent of a switch in flight, written before the switch touches the active
+config. Instants are wall time plus the clock readings of the save (Policy.snapshot). It is never
+the authority on where a wizard is: that is the active config, which Policy.reconcile lets win.
+Strict JSON both ways: NaN or Infinity is never written, and a file holding one is unreadable.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 from sidecar.atomic import write_atomic
@@ -16,6 +19,17 @@ from sidecar.atomic import write_atomic
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):   # 1e999 is valid JSON syntax but no number a state can hold
+        raise ValueError(f"{text} is out of range")
+    return value
 
 
 def path_for(state_dir: Path, wizard: str) -> Path:
@@ -28,7 +42,7 @@ def save(state_dir: Path, wizard: str, snapshot: dict) -> Path:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     doc = {"format": FORMAT, "wizard": wizard, **snapshot}
     dest = path_for(state_dir, wizard)
-    write_atomic(dest, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+    write_atomic(dest, (json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n").encode())
     return dest
 
 
@@ -37,7 +51,8 @@ def load(state_dir: Path, wizard: str) -> dict | None:
     the state is a memory, and the active config still says where the wizard is)."""
     path = path_for(state_dir, wizard)
     try:
-        doc = json.loads(path.read_bytes())
+        doc = json.loads(path.read_bytes(), parse_constant=_no_constants,
+                         parse_float=_finite)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
@@ -47,25 +62,3 @@ def load(state_dir: Path, wizard: str) -> dict | None:
         log.warning("ignoring state file %s: not a format-%d state for %s", path, FORMAT, wizard)
         return None
     return doc
-
-
-def reconcile(saved: dict | None, actual: str | None, now: float) -> tuple[dict, str | None]:
-    """Merge the saved snapshot with where the active config says the wizard is.
-
-    Returns (snapshot to restore, a note for the log or None). The active config wins; when it
-    matches no backend, the saved active is kept if there is one.
-    """
-    snap = dict(saved or {})
-    saved_active = snap.get("active")
-    if actual is not None and actual != saved_active:
-        note = (f"active config says {actual}, state file said {saved_active}"
-                if saved_active else f"found on {actual} (no saved state)")
-        snap.update(active=actual, since=now, why=f"found on start: {note}")
-        # A pin or a forced switch meant for the other backend is no longer meaningful.
-        snap["forced"] = None
-        return snap, note
-    if actual is None:
-        if saved_active:
-            return snap, f"active config matches no backend; keeping saved {saved_active}"
-        return snap, "active config matches no backend and there is no saved state"
-    return snap, None

@@ -1,12 +1,17 @@
-"""Move one wizard to another backend: install its variant, restart, verify, or roll back."""
+"""Move one wizard to another backend: install its variant, restart, verify, or roll back.
+
+Whether a gateway may be restarted is the policy's to say (its restart budget, kept with the
+wizard's state): the daemon hands `switch` a `restart_permit` that asks it. `check` is the turn a
+restarted sidecar runs on the backend a wizard was found on after a switch was interrupted.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections import defaultdict, deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import httpx
 
@@ -15,28 +20,12 @@ from sidecar.gateway import GatewayControl, SystemdControl, verify, wait_ready
 
 log = logging.getLogger(__name__)
 
-# Hermes sleeps with backoff after more than 5 starts in 120 s (gateway.respawn_storm), and
-# systemd's default StartLimitBurst is 5 per 10 s: keep every unit at 4 restarts per window.
-STORM_WINDOW = 120.0
-STORM_MAX = 4
-
-_restarts: dict[str, deque[float]] = defaultdict(deque)
+# Counts a restart about to happen and returns None, or returns why it may not happen.
+RestartPermit = Callable[[], "str | None"]
 
 
-def restart_wait(wizard, now: float | None = None) -> float:
-    """Seconds before a switch of `wizard` could restart its gateway (0: now, or never needed)."""
-    if not getattr(wizard, "restart", True):
-        return 0.0
-    now = time.monotonic() if now is None else now
-    times = _restarts[wizard.unit]
-    while times and now - times[0] >= STORM_WINDOW:
-        times.popleft()
-    return 0.0 if len(times) < STORM_MAX else times[0] + STORM_WINDOW - now
-
-
-def _storm_refusal(wizard) -> str:
-    return (f"{wizard.unit} already restarted {STORM_MAX} times in {STORM_WINDOW:.0f}s "
-            "(Hermes' respawn-storm brake and systemd's start limit)")
+def _always() -> str | None:
+    return None
 
 
 @dataclass
@@ -58,15 +47,13 @@ def _backend(wizard, ref):
 
 async def _restart_and_verify(wizard, target, control: GatewayControl, client: httpx.AsyncClient,
                               timings: dict, prefix: str, ready_timeout: float,
-                              verify_timeout: float) -> tuple[bool, str]:
+                              verify_timeout: float, refusal: str | None = None) -> tuple[bool, str]:
     # By default (restart false) the gateway is not restarted: Hermes re-reads the config per
     # API request and rebuilds a Telegram chat's agent when the model changes, so the flip is
     # already live; a restart would refuse API turns and drop queued Telegram updates.
     if getattr(wizard, "restart", True):
-        now = time.monotonic()
-        if restart_wait(wizard, now) > 0:
-            return False, f"restart refused: {_storm_refusal(wizard)}"
-        _restarts[wizard.unit].append(now)
+        if refusal is not None:
+            return False, f"restart refused: {refusal}"
         t = time.monotonic()
         try:
             await control.restart()
@@ -85,21 +72,23 @@ async def _restart_and_verify(wizard, target, control: GatewayControl, client: h
 
 
 async def switch(wizard, to, previous, client: httpx.AsyncClient, systemctl: list[str], *,
-                 control: GatewayControl | None = None, ready_timeout: float = 60.0,
-                 verify_timeout: float = 300.0) -> SwitchResult:
+                 control: GatewayControl | None = None, restart_permit: RestartPermit | None = None,
+                 ready_timeout: float = 60.0, verify_timeout: float = 300.0) -> SwitchResult:
     """`to`/`previous` are backends or their names; `previous` None means nothing to roll back to.
 
-    `control` replaces systemd (tests drive a real supervisor); `verify_timeout` must cover a
-    local model's cold first turn (minutes on a Pi).
+    `control` replaces systemd (tests drive a real supervisor); `restart_permit` is asked before
+    each gateway restart (default: always allowed); `verify_timeout` must cover a local model's
+    cold first turn (minutes on a Pi).
     """
     to, previous = _backend(wizard, to), _backend(wizard, previous)
     control = control or SystemdControl(systemctl, wizard.unit)
+    permit = restart_permit or _always
+    restarts = getattr(wizard, "restart", True)
     timings: dict[str, float] = {}
     started = time.monotonic()
-    # Refuse before touching the file: a switch that cannot restart must not half-happen.
-    if restart_wait(wizard, started) > 0:
-        return SwitchResult(False, False, f"switch to {to.name} refused: {_storm_refusal(wizard)}",
-                            timings)
+    # Ask before touching the file: a switch that cannot restart must not half-happen.
+    if restarts and (refusal := permit()) is not None:
+        return SwitchResult(False, False, f"switch to {to.name} refused: {refusal}", timings)
     try:
         await asyncio.to_thread(flip.atomic_install, to.variant, wizard.active_config)
     except (OSError, ValueError) as exc:
@@ -122,8 +111,34 @@ async def switch(wizard, to, previous, client: httpx.AsyncClient, systemctl: lis
         return SwitchResult(False, False, f"{detail}; rollback install failed: {exc}", timings)
     # Hermes re-reads the managed config per request, so the restored file already steers new
     # API turns even if the restart below is refused; the restart drops cached messaging agents.
+    refusal = permit() if restarts else None
     rb_ok, rb_detail = await _restart_and_verify(wizard, previous, control, client, timings,
-                                                 "rollback_", ready_timeout, verify_timeout)
+                                                 "rollback_", ready_timeout, verify_timeout,
+                                                 refusal)
     timings["total"] = time.monotonic() - started
     state = "rolled back" if rb_ok else f"rollback unverified ({rb_detail})"
     return SwitchResult(False, True, f"{detail}; {state} to {previous.name}", timings)
+
+
+async def check(wizard, backend, client: httpx.AsyncClient, systemctl: list[str], *,
+                control: GatewayControl | None = None, ready_timeout: float = 60.0,
+                verify_timeout: float = 300.0) -> SwitchResult:
+    """The check turn: the gateway serves, and a real turn through it is answered by `backend`.
+
+    Run by a sidecar that started and found a switch unfinished (its intent in the state file,
+    or an active config other than the saved one), before it trusts that backend. No restart:
+    the gateway may be mid-restart already (systemd carries out a restart it was asked for), and
+    Hermes re-reads the active config per request.
+    """
+    backend = _backend(wizard, backend)
+    control = control or SystemdControl(systemctl, wizard.unit)
+    timings: dict[str, float] = {}
+    t = time.monotonic()
+    try:
+        await wait_ready(control, wizard.api_port, client, ready_timeout)
+    except TimeoutError as exc:
+        return SwitchResult(False, False, str(exc), timings)
+    timings["ready"] = time.monotonic() - t
+    verdict = await verify(wizard, backend, client, verify_timeout)
+    timings["check_turn"] = verdict.latency
+    return SwitchResult(verdict.ok, False, verdict.detail, timings)

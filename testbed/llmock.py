@@ -44,11 +44,14 @@ class LLMock:
 
     `host` defaults to loopback (the test bed binds each host's runner-side address); `name`
     set: every completion answers plain text naming it ("Plain answer from NAME."), so Hermes
-    runs no tools and a log shows who answered; unset, LLMock's static style without tools."""
+    runs no tools and a log shows who answered; `answer`: that text instead (a stand-in for a
+    local model must pass the sidecar's check turn: sidecar.gateway.CHECK_WORDS); neither:
+    LLMock's static style without tools."""
 
     def __init__(self, log_dir: Path, extra_args: tuple[str, ...] = (), host: str = "127.0.0.1",
-                 name: str | None = None) -> None:
+                 name: str | None = None, answer: str | None = None) -> None:
         self.host, self.name = host, name
+        self.answer = answer or (f"Plain answer from {name}." if name else None)
         self.port = free_port()
         self.root = f"http://{host}:{self.port}"
         label = (name or "mock").replace("/", "-")
@@ -101,9 +104,8 @@ class LLMock:
                    timeout=5).raise_for_status()
 
     def plain_answers(self) -> None:
-        if self.name:
-            self.scenario([{"type": "reply", "text": f"Plain answer from {self.name}.",
-                            "times": None}])
+        if self.answer:
+            self.scenario([{"type": "reply", "text": self.answer, "times": None}])
 
     def fault(self, *behaviors: dict) -> None:
         """An outage: exactly these faults (until recover() or reset()), in front of the plain

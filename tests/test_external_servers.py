@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from neverdark import contract, memory_fit
+from neverdark import memory_fit
 from neverdark.inventory import InventoryError, validate
 from neverdark.plan import hermes_spec, sidecar_config_for
 from sidecar.config import BackendConfig

@@ -93,11 +93,12 @@ def test_adding_a_wizard_touches_only_that_wizard(bed, first_deploy):
         assert result.changed > 0
         after = {h: pids(bed, h) for h in ("vps1", "pi1")}
         assert "neverdark-wizard-morgana.service" in after["vps1"]
+        # Nothing restarts, the sidecar included: it learns the new wizard by a reload.
         for host in before:
             for unit, pid in before[host].items():
-                if unit == "neverdark-sidecar.service" and host == "vps1":
-                    continue  # it must learn the new wizard: its config changed, it restarts
                 assert after[host].get(unit) == pid, f"{host} {unit} restarted"
+        status = bed.sidecar_status("vps1")["wizards"]
+        assert "morgana" in status and {"merlin", "gandalf"} <= set(status)
         unrelated = [op for op in result.changed_ops if "morgana" not in op
                      and "sidecar" not in op.lower()]
         assert not unrelated, f"ops outside morgana changed: {unrelated}"

@@ -139,14 +139,18 @@ def test_owner_group_mode_are_kept(tmp_path):
     assert dest.read_bytes() == b.read_bytes()
 
 
-def test_new_dest_gets_variant_group_and_0640(tmp_path):
+def test_new_dest_gets_its_directorys_group_and_0640(tmp_path):
+    """The managed dir's group is the wizard's (setgid, set by the deploy); the variant's is the
+    sidecar's own: a new active config must be the wizard's to read."""
     a = write_variant(tmp_path / "a.yaml", "alpha")
     os.chown(a, 0, 5555)
     dest = tmp_path / "new" / "config.yaml"
     dest.parent.mkdir()
+    os.chown(dest.parent, 0, 6666)
+    os.chmod(dest.parent, 0o2750)
     atomic_install(a, dest)
     st = dest.stat()
-    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (os.geteuid(), 5555, 0o640)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (os.geteuid(), 6666, 0o640)
 
 
 @pytest.mark.parametrize("text", ["just a string\n", "model: not-a-mapping\n", "a: [unclosed\n",

@@ -569,7 +569,7 @@ def test_toolset_names_are_hermes_own():
 
 # --- the sidecar's check turn through the real gateway ----------------------------------------
 
-def _verify(gateway, backend: str, kind: str, model: str, check):
+def _verify(gateway, backend: str, kind: str, model: str, check, attempts: int = 1):
     import asyncio
     from types import SimpleNamespace
     from sidecar.gateway import verify
@@ -579,7 +579,8 @@ def _verify(gateway, backend: str, kind: str, model: str, check):
 
     async def run():
         async with httpx.AsyncClient() as client:
-            return await verify(wizard, target, client, CHAT_TIMEOUT, check=check)
+            return await verify(wizard, target, client, CHAT_TIMEOUT, check=check,
+                                attempts=attempts)
     return asyncio.run(run())
 
 
@@ -620,6 +621,29 @@ def test_check_turn_refuses_an_empty_answer(live):
     assert "empty" in v.detail or "answered nothing" in v.detail or "error" in v.detail, v
     # Hermes resent the empty answer's request: every resend hit the same small prompt.
     assert len(backends["local"].posts()) >= 2
+
+
+def test_check_turn_retries_a_wrong_answer_and_not_a_wrong_model(live):
+    """A small model misses a check now and then: another check (a new conversation) follows,
+    up to three; another model answering is not retried."""
+    from sidecar.gateway import CHECK_WORDS, check_turn
+    gateway, backends = live
+    gateway.activate("local")
+    backends["local"].mock.fault({"type": "reply", "text": "maddox", "times": None})
+    v = _verify(gateway, "local", "local", "gemma3-270m", check_turn(), attempts=3)
+    assert not v.ok and "(check 3 of 3)" in v.detail, v
+    per_check = len(backends["local"].posts()) // 3
+    backends["local"].mock.reset()
+    # Only chat completions count down (Hermes sends a local server a few GETs before a turn).
+    backends["local"].mock.fault({"type": "reply", "text": "maddox", "times": per_check,
+                                  "match": {"path": "/v1/chat/completions"}},
+                                 {"type": "reply", "text": " ".join(CHECK_WORDS), "times": None})
+    v = _verify(gateway, "local", "local", "gemma3-270m", check_turn(), attempts=3)
+    assert v.ok and v.recognised and "(check 2 of 3)" in v.detail, (v, per_check)
+    posts = len(backends["local"].posts())
+    v = _verify(gateway, "local", "local", "not-the-model", check_turn(), attempts=3)
+    assert not v.ok and "not local's" in v.detail and "check" not in v.detail.split(":")[0], v
+    assert len(backends["local"].posts()) - posts == 1
 
 
 def test_check_turn_on_a_cloud_target_reports_an_unrecognised_answer(live):

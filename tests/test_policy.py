@@ -394,6 +394,14 @@ def test_pin_defaults_to_active_and_refuses_unhealthy():
 
 # --- persistence -------------------------------------------------------------------------------
 
+WALL0 = 1_700_000_000.0   # the wall clock's reading when the Sim's monotonic clock reads 0
+BOOT = "boot-a"
+
+
+def through_json(doc):
+    return json.loads(json.dumps(doc, allow_nan=False))
+
+
 def test_snapshot_restore_round_trip_through_json():
     sim = Sim()
     healthy_all(sim)
@@ -401,10 +409,11 @@ def test_snapshot_restore_round_trip_through_json():
         sim.tick(claude="http_5xx", gpt=True, local=True)
     sim.see("local", False, "rate_limited", retry_after=99)
     sim.p.pin("gpt", sim.now)
-    snap = json.loads(json.dumps(sim.p.snapshot()))
+    snap = through_json(sim.p.snapshot(sim.now, WALL0 + sim.now, BOOT))
+    assert snap["health"]["local"]["held_until"] == WALL0 + sim.now + 99   # wall time on disk
     other = Policy(CHAIN, S, "claude", 0.0)
-    other.restore(snap)
-    assert other.snapshot() == sim.p.snapshot()
+    other.restore(snap, sim.now, WALL0 + sim.now, BOOT)
+    assert other.snapshot(sim.now, WALL0 + sim.now, BOOT) == sim.p.snapshot(sim.now, WALL0 + sim.now, BOOT)
     assert other.decide(sim.now) == sim.p.decide(sim.now)
 
 
@@ -413,8 +422,61 @@ def test_restore_drops_backends_no_longer_configured():
     healthy_all(sim)
     sim.p.pin("local", sim.now)
     other = Policy(("claude", "gpt"), S, "claude", 0.0)
-    other.restore(sim.p.snapshot())
+    other.restore(sim.p.snapshot(sim.now, WALL0, BOOT), sim.now, WALL0, BOOT)
     assert other.pinned is None and set(other.health) == {"claude", "gpt"}
+
+
+def test_same_boot_restore_is_exact_whatever_the_wall_clock_did():
+    """A sidecar restart (same boot): the monotonic clock ran on, so the saved pair of clock
+    readings brings every instant back exactly, even if the wall clock was stepped meanwhile."""
+    sim = Sim()
+    healthy_all(sim)
+    sim.see("claude", False, "rate_limited", retry_after=500)
+    snap = through_json(sim.p.snapshot(sim.now, WALL0 + sim.now, BOOT))
+    later = sim.now + 30
+    for step in (-3600.0, 0.0, 86400.0):
+        other = Policy(CHAIN, S, "claude", later)
+        other.restore(snap, later, WALL0 + later + step, BOOT)
+        assert other.health["claude"].held_until == sim.now + 500
+        assert other.since == sim.p.since and other.health["gpt"].last_at == sim.p.health["gpt"].last_at
+
+
+def test_restore_after_a_reboot_clamps_implausible_instants():
+    """Another boot: the wall clock is all there is. A hold further ahead than max_hold is cut to
+    it, a past instant that lies in the future (the clock went back) counts from now, an
+    observation of unknown age is stale, and a hold that ended is gone."""
+    s = ProbeSettings(interval=10, timeout=5, max_hold=600)
+    p = Policy(CHAIN, s, "claude", 100.0)
+    p.observe("gpt", True, "ok", 100.0)
+    doc = through_json(p.snapshot(100.0, WALL0, BOOT))
+    doc["health"]["claude"]["held_until"] = WALL0 + 10 * 86400     # ten days ahead
+    doc["health"]["local"]["held_until"] = WALL0 - 5                # over
+    doc["health"]["local"]["hold_note"] = "provider asked 7 s"
+    doc["since"] = WALL0 + 3600                                      # "in the future"
+    doc["restarts"] = [WALL0 + 3600, WALL0 - 10 * 86400]
+    doc["health"]["gpt"]["last_at"] = WALL0 + 3600
+    boot_now, wall_now = 12.0, WALL0 + 60                           # rebooted a minute later
+    q = Policy(CHAIN, s, None, boot_now, gateway="u")
+    q.restore(doc, boot_now, wall_now, "boot-b")
+    assert q.health["claude"].held_until == boot_now + 600
+    assert not q.held("local", boot_now) and q.health["local"].hold_note == ""
+    assert q.since == boot_now
+    assert list(q.restarts) == [boot_now]       # the old one dropped, the odd one counted as now
+    assert not q.eligible("gpt", boot_now)      # stale: a fresh probe comes first
+    assert q.restart_wait(boot_now) == 0
+
+
+def test_restore_ignores_non_finite_and_wrong_types():
+    p = Policy(CHAIN, S, "claude", 0.0)
+    doc = through_json(p.snapshot(0.0, WALL0, BOOT))
+    doc["since"] = "yesterday"
+    doc["streak"] = True
+    doc["restarts"] = ["x", None]
+    doc["clock"] = {"wall": "x", "monotonic": None, "boot": BOOT}
+    q = Policy(CHAIN, S, None, 50.0)
+    q.restore(doc, 50.0, WALL0 + 50, BOOT)
+    assert q.active == "claude" and q.since == 50.0 and q.streak == 0 and not q.restarts
+    json.dumps(q.describe(50.0, WALL0 + 50), allow_nan=False)
 
 
 def test_constructor_rejects_unconfigured_active():
@@ -505,3 +567,348 @@ def test_flapping_primary_transitions_are_bounded(pattern, step):
     assert kinds == ["failover", "failback"] * (len(kinds) // 2) + ["failover"] * (len(kinds) % 2)
     failback_gaps = [t - prev for prev, t, k in zip(times, times[1:], kinds[1:]) if k == "failback"]
     assert all(g >= s.min_dwell for g in failback_gaps)
+
+
+# --- provider hints are bounded -----------------------------------------------------------------
+
+HINTS = ProbeSettings(cooldown_429=60, max_hold=3600, min_dwell=0, damping_base=0, damping_cap=0)
+
+
+@pytest.mark.parametrize("asked", [float("inf"), float("nan"), float("-inf"), -5, "30", True])
+def test_unusable_retry_after_falls_back_to_the_cooldown(asked):
+    sim = Sim(settings=HINTS)
+    healthy_all(sim)
+    sim.see("claude", False, "rate_limited", status=429, retry_after=asked)
+    h = sim.p.health["claude"]
+    assert h.held_until == sim.now + 60 and "cooldown_429" in h.hold_note
+    json.dumps(sim.p.describe(sim.now, WALL0 + sim.now), allow_nan=False)
+
+
+def test_a_huge_retry_after_is_capped_at_max_hold_and_says_so():
+    sim = Sim(settings=HINTS)
+    healthy_all(sim)
+    sim.alerts()
+    sim.see("claude", False, "rate_limited", status=429, retry_after=999999999)
+    [alert] = sim.p.drain_events()
+    assert alert.kind == "rate_limited"
+    assert alert.detail == "held 3600 s (provider asked 999999999 s; capped by max_hold)"
+    view = sim.p.describe(sim.now, WALL0 + sim.now)["backends"]["claude"]
+    assert view["held_for"] == 3600
+    assert view["hold_note"] == "provider asked 999999999 s; capped by max_hold"
+    # A longer hint later cannot stretch the hold past max_hold either.
+    sim.now += 100
+    sim.see("claude", False, "rate_limited", status=429, retry_after=1e9)
+    assert sim.p.health["claude"].held_until == sim.now + 3600
+
+
+def test_a_modest_retry_after_is_kept_as_asked():
+    sim = Sim(settings=HINTS)
+    healthy_all(sim)
+    sim.alerts()
+    sim.see("claude", False, "rate_limited", status=429, retry_after=7.25)
+    assert [a.detail for a in sim.p.drain_events()] == ["held 7.25 s (provider asked 7.25 s)"]
+
+
+def test_cooldown_longer_than_max_hold_is_capped():
+    sim = Sim(settings=ProbeSettings(cooldown_429=7200, max_hold=600))
+    healthy_all(sim)
+    sim.see("claude", False, "rate_limited", status=429)
+    assert sim.p.health["claude"].held_until == sim.now + 600
+    assert sim.p.health["claude"].hold_note == "no usable Retry-After: cooldown_429; capped by max_hold"
+
+
+# --- plan: the restart budget and the pre-switch confirmation -----------------------------------
+
+def failing_primary(sim, rounds=3):
+    for _ in range(rounds):
+        sim.now += 10
+        sim.see("claude", False, "http_5xx")
+        sim.see("gpt")
+
+
+def test_plan_confirms_the_target_with_a_deep_probe_before_switching():
+    sim = Sim()
+    healthy_all(sim)
+    failing_primary(sim)
+    plan = sim.p.plan(sim.now)
+    assert plan.action == "confirm" and plan.decision.target == "gpt"
+    sim.see("gpt")                           # a listing is no confirmation
+    assert sim.p.plan(sim.now).action == "confirm"
+    sim.p.observe("gpt", True, "ok", sim.now, deep=True)
+    assert sim.p.plan(sim.now).action == "switch"
+    sim.now += S.interval + 1                # from an earlier probe round: confirm again
+    sim.see("gpt")
+    assert sim.p.plan(sim.now).action == "confirm"
+    sim.p.observe("gpt", False, "timeout", sim.now, deep=True)
+    assert sim.p.plan(sim.now).decision.target == "local" if sim.p.plan(sim.now) else True
+
+
+def test_plan_defers_while_the_restart_budget_is_spent():
+    sim = Sim()
+    sim.p = Policy(CHAIN, S, "claude", sim.now, gateway="neverdark-wizard-merlin.service")
+    healthy_all(sim)
+    for i in range(4):
+        assert sim.p.take_restart(sim.now + i) is None
+    refusal = sim.p.take_restart(sim.now + 5)
+    assert refusal == ("neverdark-wizard-merlin.service already restarted 4 times in 120s "
+                       "(Hermes' respawn-storm brake and systemd's start limit)")
+    failing_primary(sim)                     # now = start + 30
+    sim.p.observe("gpt", True, "ok", sim.now, deep=True)
+    plan = sim.p.plan(sim.now)
+    assert plan.action == "defer" and plan.decision.target == "gpt"
+    assert plan.wait == pytest.approx(120 - 30)
+    assert sim.p.deferred == "gpt"
+    assert sim.p.describe(sim.now, WALL0)["restart_budget"]["free_in"] == pytest.approx(90, abs=0.1)
+    sim.now += plan.wait
+    sim.see("claude", False, "http_5xx")
+    sim.p.observe("gpt", True, "ok", sim.now, deep=True)
+    assert sim.p.plan(sim.now).action == "switch" and sim.p.deferred is None
+
+
+def test_the_restart_budget_survives_a_sidecar_restart():
+    p = Policy(CHAIN, S, "claude", 1000.0, gateway="u")
+    for i in range(4):
+        p.take_restart(1000.0 + i)
+    doc = through_json(p.snapshot(1010.0, WALL0 + 1010, BOOT))
+    q = Policy(CHAIN, S, None, 1020.0, gateway="u")
+    q.restore(doc, 1020.0, WALL0 + 1020 - 3600, BOOT)   # and the wall clock went back an hour
+    assert q.restart_wait(1020.0) == pytest.approx(100.0)
+    assert q.take_restart(1020.0) is not None
+
+
+def test_no_budget_when_switches_restart_nothing():
+    p = Policy(CHAIN, S, "claude", 0.0)
+    for i in range(10):
+        assert p.take_restart(float(i)) is None
+    assert p.restart_wait(10.0) == 0 and p.describe(10.0, WALL0)["restart_budget"] is None
+
+
+def test_commit_keeps_its_record_to_itself():
+    sim = Sim()
+    healthy_all(sim)
+    failing_primary(sim)
+    d = sim.p.decide(sim.now)
+    sim.p.begin(d, WALL0 + sim.now)
+    assert sim.p.intent["to"] == "gpt" and sim.p.decide(sim.now) is None  # one switch at a time
+    rec = sim.p.commit(d, sim.now, True, "ok", wall=WALL0 + sim.now,
+                       timings={"install": 0.0123, "first_turn": 1.5, "bad": float("inf")})
+    assert rec["timings"] == {"install": 0.01, "first_turn": 1.5} and rec["at"] == WALL0 + sim.now
+    assert sim.p.intent is None
+    rec["timings"]["x"] = 1
+    rec["ok"] = False
+    assert sim.p.transitions[-1]["ok"] is True and "x" not in sim.p.transitions[-1]["timings"]
+    view = sim.p.describe(sim.now, WALL0 + sim.now)
+    view["transitions"][-1]["at_iso"] = "added by a reader"
+    assert "at_iso" not in sim.p.transitions[-1]
+
+
+# --- a switch interrupted by a sidecar restart ------------------------------------------------
+
+def interrupted(actual, saved_active="claude", intent=True):
+    """A policy saved mid-switch claude -> local, restored in a new process; then reconciled."""
+    p = Policy(CHAIN, S, saved_active, 100.0)
+    for b in CHAIN:
+        p.observe(b, True, "ok", 99.0)
+        p.observe(b, True, "ok", 100.0)
+    p.force("local", 100.0)
+    if intent:
+        p.begin(Decision("local", "switch to local requested by operator", "manual"), WALL0 + 100)
+    doc = through_json(p.snapshot(100.0, WALL0 + 100, BOOT))
+    q = Policy(CHAIN, S, None, 103.0)
+    q.restore(doc, 103.0, WALL0 + 103, BOOT)
+    note = q.reconcile(actual, 103.0, WALL0 + 103)
+    return q, note
+
+
+def test_an_intent_found_on_the_target_completes_after_the_check():
+    p, note = interrupted("local")
+    assert "was in flight" in note and p.needs_check and p.active == "local"
+    assert p.intent["outcome"] == "completed after a sidecar restart" and p.intent["check"] == "local"
+    assert p.forced is None and p.plan(103.0) is None      # nothing moves until the check
+    rec = p.recovered(110.0, WALL0 + 110, True, "local answered", {"check_turn": 2.0})
+    assert rec["ok"] and rec["from"] == "claude" and rec["to"] == "local" and rec["kind"] == "manual"
+    assert rec["reason"] == "switch to local requested by operator; completed after a sidecar restart"
+    assert rec["recovered"] == "completed after a sidecar restart" and rec["at"] == WALL0 + 110
+    assert rec["detail"] == "check turn on local: local answered"
+    assert not p.needs_check and p.intent is None and p.active == "local"
+    assert p.last_switch_at == 110.0 and p.transitions[-1] == rec
+
+
+def test_an_intent_found_on_the_origin_was_rolled_back():
+    p, _ = interrupted("claude")
+    assert p.active == "claude" and p.intent["outcome"] == "interrupted; rolled back"
+    rec = p.recovered(110.0, WALL0 + 110, True, "claude answered")
+    assert not rec["ok"] and rec["recovered"] == "interrupted; rolled back"
+    assert rec["check"] == {"backend": "claude", "ok": True}
+    # An interrupted switch does not count against its target, and the drill is not retried.
+    assert p.health["local"].healthy is True and p.forced is None
+
+
+def test_a_failed_check_moves_the_wizard_to_a_healthy_backend():
+    p, _ = interrupted("local")
+    rec = p.recovered(110.0, WALL0 + 110, False, "verify answered HTTP 500")
+    assert not rec["ok"] and p.health["local"].healthy is False
+    assert p.health["local"].last_reason == "check_failed"
+    p.observe("claude", True, "ok", 111.0)
+    p.observe("gpt", True, "ok", 111.0)
+    plan = p.plan(111.0)
+    assert plan.decision.kind == "failover" and plan.decision.target == "claude"
+
+
+def test_an_active_config_other_than_the_saved_one_is_checked_too():
+    p, note = interrupted("gpt", intent=False)
+    assert p.needs_check and p.active == "gpt" and p.intent["kind"] == "recovered"
+    assert "the active config says gpt, the state file said claude" in p.why
+    rec = p.recovered(110.0, WALL0 + 110, True, "gpt answered")
+    assert rec["ok"] and rec["from"] == "claude" and rec["to"] == "gpt"
+
+
+def test_agreeing_start_needs_no_check():
+    p, note = interrupted("claude", intent=False)
+    assert note is None and not p.needs_check and p.forced == "local"
+
+
+def test_first_start_trusts_the_active_config():
+    p = Policy(CHAIN, S, None, 0.0)
+    assert p.reconcile("gpt", 0.0, WALL0) == "found on gpt (no saved state)"
+    assert p.active == "gpt" and not p.needs_check
+    q = Policy(CHAIN, S, None, 0.0)
+    assert "no saved state" in q.reconcile(None, 0.0, WALL0) and q.active is None
+
+
+# --- clock steps: the wall clock moves, no timer does ---------------------------------------
+
+class Driver:
+    """The daemon's loop around the policy, with both clocks injected: a probe round (held
+    backends are not probed), plan, the confirming deep probe, the switch. `step` moves only the
+    wall clock; `restart` saves and restores through JSON as a restarted sidecar does."""
+
+    def __init__(self, settings, active="claude", chain=("claude", "local")):
+        self.mono = 5000.0
+        self.wall_base = WALL0
+        self.boot = BOOT
+        self.start = self.mono
+        self.p = Policy(chain, settings, active, self.mono)
+        self.log: list[tuple[float, str, str]] = []
+
+    @property
+    def wall(self) -> float:
+        return self.wall_base + self.mono
+
+    def step(self, seconds: float) -> None:
+        self.wall_base += seconds
+
+    def restart(self, boot: str | None = None, mono: float | None = None, step: float = 0.0) -> None:
+        """Save, (reboot: the monotonic clock begins again at `mono`), step the wall clock,
+        restore."""
+        doc = through_json(self.p.snapshot(self.mono, self.wall, self.boot))
+        self.step(step)
+        if boot is not None:
+            self.wall_base += self.mono - mono
+            self.start += mono - self.mono
+            self.mono, self.boot = mono, boot
+        p = Policy(self.p.order, self.p.s, None, self.mono)
+        p.restore(doc, self.mono, self.wall, self.boot)
+        p.reconcile(doc["active"], self.mono, self.wall)
+        self.p = p
+
+    def round(self, seconds=10.0, **state):
+        self.mono += seconds
+        for b, s in state.items():
+            if self.p.held(b, self.mono):
+                continue
+            if s is True:
+                self.p.observe(b, True, "ok", self.mono)
+            elif isinstance(s, tuple):
+                self.p.observe(b, False, "rate_limited", self.mono, status=429, retry_after=s[1])
+            else:
+                self.p.observe(b, False, s, self.mono)
+        plan = self.p.plan(self.mono)
+        if plan is not None and plan.action == "confirm":
+            self.p.observe(plan.decision.target, True, "ok", self.mono, deep=True)
+            plan = self.p.plan(self.mono)
+        if plan is not None and plan.action == "switch":
+            self.p.begin(plan.decision, self.wall)
+            self.p.commit(plan.decision, self.mono, True, wall=self.wall)
+            self.log.append((self.mono - self.start, plan.decision.kind, plan.decision.target))
+
+
+CLOCK = ProbeSettings(interval=10, timeout=5, fall=2, rise=2, min_dwell=60, cooldown_429=60,
+                      damping_base=30, damping_cap=300, max_hold=3600)
+STEPS = {"none": 0.0, "back an hour": -3600.0, "forward a day": 86400.0}
+
+
+def dwell_run(step: float, restart: bool) -> list:
+    """Primary down 20 s: failover; it recovers at once; the step comes 30 s into the dwell."""
+    d = Driver(CLOCK)
+    d.round(claude=True, local=True)
+    d.round(claude=True, local=True)
+    d.round(claude="http_5xx", local=True)
+    d.round(claude="http_5xx", local=True)          # fall 2: failover at 40 s
+    for i in range(20):
+        if i == 3:   # the step while running, or between the save and the restore
+            d.restart(step=step) if restart else d.step(step)
+        d.round(claude=True, local=True)
+    return d.log
+
+
+def hold_run(step: float, restart: bool) -> list:
+    """A 429 asking for 300 s: failover at once; the step comes 100 s into the hold."""
+    d = Driver(CLOCK)
+    d.round(claude=True, local=True)
+    d.round(claude=True, local=True)
+    d.round(claude=("rate_limited", 300), local=True)   # held until 330 s
+    for i in range(50):
+        if i == 10:
+            d.restart(step=step) if restart else d.step(step)
+        d.round(claude=True, local=True)
+    return d.log
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["running", "sidecar restarted"])
+@pytest.mark.parametrize("step", list(STEPS), ids=list(STEPS))
+def test_a_wall_clock_step_mid_dwell_changes_no_decision(step, restart):
+    baseline = dwell_run(0.0, restart=False)
+    assert baseline == [(40.0, "failover", "local"), (100.0, "failback", "claude")]
+    assert dwell_run(STEPS[step], restart) == baseline
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["running", "sidecar restarted"])
+@pytest.mark.parametrize("step", list(STEPS), ids=list(STEPS))
+def test_a_wall_clock_step_mid_429_hold_changes_no_decision(step, restart):
+    baseline = hold_run(0.0, restart=False)
+    # Held until 330 s: probed again at 330 and 340 (rise 2), failback at 340.
+    assert baseline == [(30.0, "failover", "local"), (340.0, "failback", "claude")]
+    assert hold_run(STEPS[step], restart) == baseline
+
+
+def test_a_reboot_with_the_clock_behind_holds_no_longer_than_max_hold():
+    """A Pi reboots mid-hold with its clock an hour behind (no RTC; NTP not synced yet): the
+    saved hold looks an hour longer than it is, and is cut to max_hold."""
+    s = ProbeSettings(**{**vars(CLOCK), "max_hold": 600})
+    d = Driver(s)
+    d.round(claude=True, local=True)
+    d.round(claude=True, local=True)
+    d.round(claude=("rate_limited", 300), local=True)   # held until 330 s
+    d.round(100.0, local=True)                          # 130 s
+    d.restart(boot="boot-b", mono=20.0, step=-3600)
+    assert d.p.health["claude"].held_until == d.mono + 600
+    for _ in range(80):
+        d.round(claude=True, local=True)
+    failback = [t for t, kind, _ in d.log if kind == "failback"]
+    assert failback and 130 + 600 <= failback[0] <= 130 + 600 + 2 * CLOCK.interval
+
+
+def test_a_reboot_with_the_clock_ahead_shortens_nothing_it_can_know():
+    """A reboot with the clock a day ahead: the saved hold looks over. That is the one case the
+    sidecar cannot tell from a long power cut; it probes before it trusts anything again."""
+    d = Driver(CLOCK)
+    d.round(claude=True, local=True)
+    d.round(claude=True, local=True)
+    d.round(claude=("rate_limited", 300), local=True)
+    d.round(100.0, local=True)
+    d.restart(boot="boot-b", mono=20.0, step=86400)
+    assert not d.p.held("claude", d.mono)
+    assert not d.p.eligible("claude", d.mono)     # nothing carried over counts as fresh
+    d.round(claude=True, local=True)
+    assert d.p.active == "local"                  # rise 2: one pass is not enough

@@ -68,7 +68,7 @@ def test_healthy_listing_is_ok_and_sends_the_key_in_a_header(llmock, kind):
 @pytest.mark.parametrize("kind", ["openai", "anthropic", "google"])
 def test_deep_probe_asks_for_one_token(llmock, kind):
     r = run_probe(kinds(llmock)[kind], deep=True)
-    assert (r.ok, r.reason) == (True, "ok")
+    assert (r.ok, r.reason, r.deep) == (True, "ok", True)
     [req] = llmock.requests()
     assert req["method"] == "POST"
     body = req["body"]
@@ -247,8 +247,39 @@ def test_dns_failure(tmp_path):
 def test_retry_after_parser_priorities():
     h = httpx.Headers({"retry-after": "9", "retry-after-ms": "8500"})
     assert parse_retry_after(h, b"") == 8.5
-    assert parse_retry_after(httpx.Headers({"retry-after": "-3"}), b"") == 0.0
+    assert parse_retry_after(httpx.Headers({"retry-after": "-3"}), b"") is None
     assert parse_retry_after(httpx.Headers({}), b"not json") is None
+    # An unusable millisecond header gives way to the seconds one.
+    assert parse_retry_after(httpx.Headers({"retry-after-ms": "inf", "retry-after": "4"}), b"") == 4.0
+
+
+def _gemini_429(delay: str) -> bytes:
+    return json.dumps({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "details": [
+        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}]}}).encode()
+
+
+@pytest.mark.parametrize("headers,body,expected", [
+    ({"Retry-After": "inf"}, b"{}", None),
+    ({"Retry-After": "nan"}, b"{}", None),
+    ({"Retry-After": "1e309"}, b"{}", None),
+    ({"Retry-After": "-5"}, b"{}", None),
+    ({"retry-after-ms": "-Infinity"}, b"{}", None),
+    ({"Retry-After": "1e9"}, b"{}", 1e9),                         # finite: the policy caps it
+    ({"Retry-After": "inf"}, _gemini_429("17s"), 17.0),           # the next usable signal wins
+    ({}, _gemini_429("999999999s"), 999999999.0),
+    ({}, _gemini_429("9" * 400 + "s"), None),                     # overflows to inf
+    ({"Retry-After": "Fri, 31 Dec 9999 23:59:59 GMT"}, b"{}", "far"),
+    ({"anthropic-ratelimit-requests-reset": "9999-12-31T23:59:59-12:00"}, b"{}", "far"),
+    ({"anthropic-ratelimit-requests-reset": "not a time"}, b"{}", None),
+])
+def test_unusable_provider_hints_are_ignored(canned, headers, body, expected):
+    """Through real HTTP: what a provider (or a broken proxy) may send in a 429."""
+    r = run_probe(backend("google", canned(429, body, headers)))
+    assert r.reason == "rate_limited"
+    if expected == "far":
+        assert r.retry_after > 200 * 365 * 86400 and r.retry_after != float("inf")
+    else:
+        assert r.retry_after == expected
 
 
 # --- local llama server -----------------------------------------------------------------------

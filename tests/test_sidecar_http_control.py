@@ -7,8 +7,11 @@ import asyncio
 import multiprocessing
 import os
 import shutil
+import socket
 import stat
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -182,3 +185,96 @@ def test_peer_allowed_rules():
 def test_control_request_without_sidecar(tmp_path):
     with pytest.raises(control.ControlError, match="no sidecar listening"):
         control.control_request(tmp_path / "none.sock", {"op": "status"})
+
+
+def test_status_and_control_replies_are_strict_json(tmp_path):
+    """A NaN or Infinity reaching /status or a control reply is an error there, never a document
+    that strict JSON parsers refuse."""
+    api = HttpApi(lambda: {"held_for": float("inf")}, lambda: "", lambda: True)
+    r = run_with_http(api, lambda base: httpx.get(f"{base}/status"))
+    assert r.status_code == 503 and b"Infinity" not in r.content
+
+    async def handler(request, uid):
+        return {"ok": True, "held_for": float("nan")}
+
+    reply = with_control(tmp_path, handler,
+                         lambda path: control.control_request(path, {"op": "status"}))
+    assert reply["ok"] is False and "not representable as JSON" in reply["error"]
+
+
+def _one_shot_server(path: Path, answer: bytes) -> threading.Thread:
+    """A stand-in for a sidecar that dies mid-request: reads the request, writes `answer`
+    (nothing, or part of a reply), and closes."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(1)
+
+    def serve():
+        conn, _ = srv.accept()
+        conn.recv(65536)
+        conn.sendall(answer)
+        conn.close()
+        srv.close()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("answer", [b"", b'{"ok": true, "wizard": "mer'],
+                         ids=["nothing", "half a reply"])
+def test_a_connection_closed_before_the_reply_is_an_interruption(tmp_path, answer):
+    path = tmp_path / "c.sock"
+    t = _one_shot_server(path, answer)
+    with pytest.raises(control.ControlInterrupted, match="closed the connection before replying"):
+        control.control_request(path, {"op": "failover", "wizard": "merlin"}, timeout=10)
+    t.join(5)
+
+
+def test_ctl_reconnects_after_an_interruption_and_reports_where_the_wizard_is(tmp_path):
+    """sidecar.ctl against a socket that dies mid-request and a 'restarted' sidecar (a real
+    control server) that is still checking the wizard for a while, then reports it on local."""
+    from sidecar import ctl
+    path = tmp_path / "c.sock"
+    polls = []
+    record = {"kind": "manual", "from": "claude", "to": "local", "ok": True,
+              "reason": "switch to local requested by operator; completed after a sidecar restart"}
+
+    async def restarted(request, uid):
+        polls.append(request["op"])
+        busy = len(polls) < 3
+        return {"ok": True, "status": {"wizards": {"merlin": {
+            "active": "local", "pinned": None, "forced": None, "switching": busy,
+            "intent": {"to": "local"} if busy else None,
+            "transitions": [] if busy else [record]}}}}
+
+    async def main():
+        t = _one_shot_server(path, b"")
+        with pytest.raises(control.ControlInterrupted):
+            await asyncio.to_thread(control.control_request, path,
+                                    {"op": "failover", "wizard": "merlin", "to": "local"})
+        t.join(5)
+        ctl_run = asyncio.get_running_loop().run_in_executor(None, lambda: ctl.after_restart(
+            str(path), {"op": "failover", "wizard": "merlin", "to": "local"},
+            {"active": "claude"}, reconnect_for=30, sleep=lambda s: time.sleep(0.1)))
+        await asyncio.sleep(0.5)   # the sidecar "restarts": nobody listens for a moment
+        path.unlink()
+        server = await control.serve(path, restarted)
+        try:
+            return await ctl_run
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    reply = asyncio.run(main())
+    assert reply["ok"] and reply["interrupted"] and reply["active"] == "local"
+    assert reply["transition"] == record and "now on local" in reply["note"]
+    assert polls.count("status") >= 3
+
+
+def test_ctl_gives_up_after_its_bound(tmp_path):
+    from sidecar import ctl
+    started = time.monotonic()
+    reply = ctl.after_restart(str(tmp_path / "gone.sock"), {"op": "pin", "wizard": "merlin"},
+                              None, reconnect_for=1.0, sleep=lambda s: time.sleep(0.1))
+    assert not reply["ok"] and reply["interrupted"] and "within 1s" in reply["error"]
+    assert time.monotonic() - started < 5

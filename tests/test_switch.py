@@ -10,16 +10,18 @@ answered is checked independently through each LLMock's request journal.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import pytest
 
-from sidecar import switch as switch_mod
+from sidecar.config import ProbeSettings
 from sidecar.flip import atomic_install, read_active_backend
 from sidecar.gateway import verify
-from sidecar.switch import switch
+from sidecar.policy import Policy
+from sidecar.switch import check, switch
 from testbed.llmock import LLMock, SupervisedGateway, variant
 
 
@@ -67,10 +69,24 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def do_switch(fleet, w, to, previous):
+async def do_switch(fleet, w, to, previous, permit=None):
     async with httpx.AsyncClient() as client:
         return await switch(w, to, previous, client, ["systemctl"], control=fleet.gw,
-                            ready_timeout=90, verify_timeout=120)
+                            restart_permit=permit, ready_timeout=90, verify_timeout=120)
+
+
+class Permits:
+    """The daemon's restart permit: the wizard's policy and its restart budget, on the real
+    monotonic clock; `asked` counts the questions."""
+
+    def __init__(self, w):
+        self.policy = Policy([b.name for b in w.backends], ProbeSettings(), None, time.monotonic(),
+                             gateway=w.unit)
+        self.asked = 0
+
+    def __call__(self):
+        self.asked += 1
+        return self.policy.take_restart(time.monotonic())
 
 
 def test_switch_openai_to_anthropic_and_back(fleet):
@@ -105,13 +121,14 @@ def test_api_only_gateway_switches_without_a_restart(fleet):
     for m in fleet.mocks:
         m.reset()
     before = fleet.gw.gateway_pid()
-    r = run(do_switch(fleet, w, "claude", "gpt"))
+    permits = Permits(w)
+    r = run(do_switch(fleet, w, "claude", "gpt", permits))
     assert r.ok, r.detail
     assert fleet.gw.gateway_pid() == before
     assert "restart" not in r.timings and {"install", "ready", "first_turn"} <= set(r.timings)
     assert any(q["path"] == "/anthropic/v1/messages" and q["status"] == 200 for q in chats(claude_mock))
     assert chats(gpt_mock) == []
-    assert "u-norestart" not in switch_mod._restarts
+    assert permits.asked == 0  # no restart, so nothing taken from the budget
     atomic_install(fleet.backends[0].variant, fleet.active)
 
 
@@ -166,15 +183,17 @@ def test_fifth_restart_in_window_is_refused(fresh_gateway):
     for m in fleet.mocks:
         m.reset()
     names = ["claude", "gpt", "claude", "gpt"]
+    permits = Permits(w)
     for i, name in enumerate(names):
-        r = run(do_switch(fleet, w, name, names[i - 1] if i else "gpt"))
+        r = run(do_switch(fleet, w, name, names[i - 1] if i else "gpt", permits))
         assert r.ok, r.detail
         # Well inside the window, and no Hermes back-off slowed any of them down.
         assert r.timings["ready"] < 9, r.timings
     pid = fleet.gw.gateway_pid()
-    r = run(do_switch(fleet, w, "claude", "gpt"))
+    r = run(do_switch(fleet, w, "claude", "gpt", permits))
     assert not r.ok and not r.rolled_back
-    assert "refused" in r.detail and "120" in r.detail
+    assert r.detail == ("switch to claude refused: u-storm already restarted 4 times in 120s "
+                        "(Hermes' respawn-storm brake and systemd's start limit)")
     assert fleet.gw.gateway_pid() == pid  # no restart happened
     assert read_active_backend(fleet.active, w) == "gpt"  # and the file was left alone
 
@@ -197,7 +216,6 @@ def test_restart_command_failure_rolls_back_the_file(tmp_path):
     assert not r.ok and r.rolled_back
     assert "restart failed: systemctl restart u-false failed" in r.detail
     assert active.read_bytes() == a.read_bytes()
-    switch_mod._restarts.pop("u-false", None)
 
 
 def test_invalid_target_variant_touches_nothing(tmp_path):
@@ -217,4 +235,50 @@ def test_invalid_target_variant_touches_nothing(tmp_path):
     r = run(go())
     assert not r.ok and not r.rolled_back and "install of b failed" in r.detail
     assert active.read_bytes() == good.read_bytes()
-    assert "u-bad" not in switch_mod._restarts or not switch_mod._restarts["u-bad"]
+
+
+@pytest.fixture
+def own_gateway(fleet, tmp_path):
+    """A gateway with a HERMES_HOME of its own (Hermes' start counting is per home)."""
+    atomic_install(fleet.backends[0].variant, fleet.active)
+    gw = SupervisedGateway(tmp_path / "gw", fleet.active)
+    try:
+        yield SimpleNamespace(**{**vars(fleet), "gw": gw})
+    finally:
+        gw.stop()
+        atomic_install(fleet.backends[0].variant, fleet.active)
+
+
+def test_rollback_whose_restart_is_refused_still_restores_the_file(own_gateway):
+    """One slot left: the switch's restart takes it, the rollback's is refused; the old variant
+    is back in place anyway (Hermes re-reads it per request) and the detail says so."""
+    fleet = own_gateway
+    gpt_mock, claude_mock = fleet.mocks
+    w = wizard(fleet, "u-one-slot")
+    permits = Permits(w)
+    now = time.monotonic()
+    permits.policy.restarts.extend([now - 1, now - 1, now - 1])
+    claude_mock.fault({"type": "fail", "status": 401, "times": None})
+    try:
+        r = run(do_switch(fleet, w, "claude", "gpt", permits))
+    finally:
+        claude_mock.reset()
+    assert not r.ok and r.rolled_back and permits.asked == 2
+    assert "rollback unverified (restart refused: u-one-slot already restarted 4 times" in r.detail
+    assert read_active_backend(fleet.active, w) == "gpt"
+    assert "rollback_restart" not in r.timings
+
+
+def test_check_turn_confirms_only_the_backend_that_answers(fleet):
+    """The check a restarted sidecar runs: ready, then a real turn, judged by the session's model."""
+    w = wizard(fleet, "u-check")
+    atomic_install(fleet.backends[0].variant, fleet.active)   # gpt
+
+    async def go():
+        async with httpx.AsyncClient() as client:
+            good = await check(w, "gpt", client, ["systemctl"], control=fleet.gw, verify_timeout=120)
+            bad = await check(w, "claude", client, ["systemctl"], control=fleet.gw, verify_timeout=120)
+        return good, bad
+    good, bad = run(go())
+    assert good.ok and {"ready", "check_turn"} <= set(good.timings), good.detail
+    assert not bad.ok and "answered by model 'mock-gpt'" in bad.detail

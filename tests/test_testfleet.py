@@ -2,8 +2,11 @@
 
 Two hosts (a `vps` reached as root, a `pi` reached as `pi` with sudo), SSH with the run's keys and
 strict host keys, pyinfra and testinfra through the generated files, the runner's file server
-seen from inside a host, an offline pip install of Hermes from the served wheelhouse, stale-state
-clearing after a killed run, and a destroy that leaves nothing behind.
+seen from inside a host, an offline pip install of Hermes from the served wheelhouse, each host
+held to its memory_mb (an overrun is killed, the host lives on), stale-state clearing after a
+killed run, and a destroy that leaves nothing behind. Then an aarch64 host under qemu-user: boots,
+answers SSH as `pi` with sudo, runs python3, and goes away without a trace. Host specs and the
+test bed's wizards for any host list are checked without booting anything.
 """
 
 from __future__ import annotations
@@ -19,15 +22,72 @@ import time
 from pathlib import Path
 
 import pytest
+from types import SimpleNamespace
 import testinfra
 
 from neverdark import versions
-from testbed import fleet as testfleet, wheelhouse
+from testbed import bed as testbed, fleet as testfleet, wheelhouse
 
-pytestmark = pytest.mark.fleet
-
-HOSTS = [("vps1", "vps"), ("pi1", "pi")]
+VPS1_MEMORY_MB = 1024   # small enough to overrun quickly; the default hosts have 4096
+HOSTS = [testfleet.HostSpec("vps1", "vps", memory_mb=VPS1_MEMORY_MB), ("pi1", "pi")]
 REPO = Path(__file__).resolve().parent.parent
+MiB = 2**20
+
+
+# -- without booting -----------------------------------------------------------------------------
+
+def test_host_specs_parse_with_arch_and_memory():
+    native = testfleet.NATIVE_ARCH
+    assert testfleet.HostSpec.parse("vps1:vps") == testfleet.HostSpec("vps1", "vps", native, 4096)
+    assert testfleet.HostSpec.parse("pi1:pi:aarch64:2048") == testfleet.HostSpec(
+        "pi1", "pi", "aarch64", 2048)
+    assert testfleet.HostSpec.parse("vps2:vps:512").memory_mb == 512
+    assert testfleet.HostSpec.of(("pi1", "pi")).arch == native
+    assert testfleet.HostSpec.of({"name": "a1", "arch": "aarch64"}).emulated == (
+        native != "aarch64")
+    for bad, why in [("pi1:pi:arm64", "neither an arch"), ("Pi1:pi", "name"),
+                     ("pi1:rpi", "profile"), ("pi1:pi:aarch64:32", "memory_mb"),
+                     ("pi1:pi:aarch64:x86_64", "neither an arch")]:
+        with pytest.raises(testfleet.FleetError, match=why):
+            testfleet.HostSpec.parse(bad)
+
+
+def test_image_cache_is_keyed_by_arch():
+    assert testfleet.image_dir("aarch64") != testfleet.image_dir("x86_64")
+    assert "-arm64-" in testfleet.image_dir("aarch64").name
+    assert "-amd64-" in testfleet.image_dir("x86_64").name
+
+
+def _bed_without_fleet(tmp_path, hosts):
+    """A Testbed's wizard builder with LLMock records (not started: only URLs are needed)."""
+    bed = testbed.Testbed(tmp_path, hosts=hosts)
+    for spec in bed.host_specs:
+        for kind in ("anthropic", "openai", "google"):
+            bed.mocks[f"{spec.name}/{kind}"] = SimpleNamespace(host="10.213.9.1", port=9,
+                                                               url="http://10.213.9.1:9")
+    bed.telegram = type("T", (), {"url": "http://10.213.9.1:9/bot"})()
+    return bed
+
+
+def test_default_hosts_keep_the_default_wizards(tmp_path):
+    wizards = _bed_without_fleet(tmp_path, testbed.HOSTS).default_wizards()
+    assert {w: wz["host"] for w, wz in wizards.items()} == {
+        "merlin": "vps1", "gandalf": "vps1", "radagast": "pi1"}
+    assert [b.get("name") for b in wizards["gandalf"]["backends"]] == ["claude", "gpt-4.1", "local"]
+
+
+def test_any_host_list_gets_one_wizard_per_host(tmp_path):
+    hosts = [f"vps{i}:vps:2048" for i in range(1, 6)] + ["pi9:pi:aarch64"]
+    bed = _bed_without_fleet(tmp_path, hosts)
+    wizards = bed.default_wizards()
+    assert {w: wz["host"] for w, wz in wizards.items()} == {
+        s.name: s.name for s in bed.host_specs}
+    assert [b["name"] for b in wizards["vps3"]["backends"]] == ["claude", "local"]
+    assert [b["name"] for b in wizards["pi9"]["backends"]] == ["local", "gemini"]
+    assert bed.host_specs[-1] == testfleet.HostSpec("pi9", "pi", "aarch64", 4096)
+
+
+# -- the fleet -----------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +104,7 @@ def fleet(tmp_path_factory, wheels):
         yield fleet
 
 
+@pytest.mark.fleet
 def test_two_hosts_up_with_outputs(fleet):
     assert fleet.timings["up_s"] < 120
     assert set(fleet.hosts) == {"vps1", "pi1"}
@@ -64,23 +125,26 @@ def test_two_hosts_up_with_outputs(fleet):
     saved = json.loads((fleet.run_dir / "hosts.json").read_text())
     for name, h in saved.items():
         for field in ("address", "runner_address", "user", "port", "key", "profile", "pid",
-                      "known_hosts", "files_url"):
+                      "known_hosts", "files_url", "arch", "memory_mb", "cgroup"):
             assert field in h, (name, field)
     assert stat.S_IMODE(os.stat(fleet.hosts["vps1"]["key"]).st_mode) == 0o600
     config = fleet.ssh_config.read_text()
     assert "StrictHostKeyChecking yes" in config and "UserKnownHostsFile" in config
 
 
+@pytest.mark.fleet
 def test_ssh_as_root_on_vps(fleet):
     assert fleet.ssh("vps1", "id -un", as_root=False).strip() == "root"
 
 
+@pytest.mark.fleet
 def test_ssh_as_pi_with_passwordless_sudo(fleet):
     assert fleet.ssh("pi1", "id -un", as_root=False).strip() == "pi"
     assert fleet.ssh("pi1", "sudo -n id -u", as_root=False).strip() == "0"
     assert fleet.ssh("pi1", "id -u").strip() == "0"   # default: as root through sudo
 
 
+@pytest.mark.fleet
 def test_ssh_rejects_a_wrong_host_key(fleet, tmp_path):
     h = fleet.hosts["vps1"]
     bad = tmp_path / "known_hosts"
@@ -92,6 +156,7 @@ def test_ssh_rejects_a_wrong_host_key(fleet, tmp_path):
     assert proc.returncode != 0
 
 
+@pytest.mark.fleet
 def test_testinfra_sees_sshd_running(fleet):
     for name in fleet.hosts:
         host = testinfra.get_host(fleet.testinfra_url(name))
@@ -101,6 +166,7 @@ def test_testinfra_sees_sshd_running(fleet):
         assert host.user().name == "root"       # sudo=true on the pi host
 
 
+@pytest.mark.fleet
 def test_pyinfra_runs_against_both_hosts(fleet):
     inventory = fleet.pyinfra_inventory_file()
     pyinfra = Path(sys.executable).with_name("pyinfra")
@@ -112,6 +178,7 @@ def test_pyinfra_runs_against_both_hosts(fleet):
     assert "WHO=root@vps1" in out and "WHO=root@pi1" in out, out[-3000:]
 
 
+@pytest.mark.fleet
 def test_pyinfra_python_api_fact(fleet):
     from pyinfra.api import Config, Inventory, State
     from pyinfra.api.connect import connect_all
@@ -131,6 +198,7 @@ def test_pyinfra_python_api_fact(fleet):
             host.disconnect()
 
 
+@pytest.mark.fleet
 def test_hosts_reach_the_runner_file_server(fleet):
     marker = fleet.served_dir("wheels") / "marker.txt"
     marker.write_text("served to the hosts\n")
@@ -153,12 +221,14 @@ def test_hosts_reach_the_runner_file_server(fleet):
         pass
 
 
+@pytest.mark.fleet
 def test_hosts_have_no_route_out(fleet):
     out = fleet.exec("vps1", "python3 -c 'import socket;s=socket.socket();s.settimeout(3);"
                              "print(s.connect_ex((\"1.1.1.1\", 80)))'").strip()
     assert out != "0"
 
 
+@pytest.mark.fleet
 def test_offline_pip_install_of_hermes_and_llama(fleet, record_property):
     """The deploy's real installs, from the served wheelhouse only (no index, no internet)."""
     host = fleet.hosts["pi1"]
@@ -184,6 +254,66 @@ def test_offline_pip_install_of_hermes_and_llama(fleet, record_property):
                             "print(llama_cpp.__version__)'").strip() == versions.LLAMA_VERSION
 
 
+# Touches every page (b"x" * n writes n bytes), so all of it is really charged.
+ALLOCATE = "import sys; b = b'x' * (int(sys.argv[1]) * 2**20); print(len(b))\n"
+
+
+def allocate(fleet, name: str, mb: int) -> str:
+    """Allocate `mb` MB in a python3 on the host, over SSH as root; its output."""
+    fleet.ssh(name, "cat > /tmp/allocate.py", input=ALLOCATE)
+    return fleet.ssh(name, f"python3 /tmp/allocate.py {mb}").strip()
+
+
+@pytest.mark.fleet
+def test_memory_peak_is_real(fleet):
+    """A 300 MB allocation inside the host shows in the host's peak, not in another host's."""
+    assert fleet.memory_limit("vps1") == VPS1_MEMORY_MB * MiB
+    assert fleet.memory_limit("pi1") == testfleet.DEFAULT_MEMORY_MB * MiB
+    base = fleet.memory_usage("vps1")
+    assert 5 * MiB < base < 600 * MiB, base          # systemd, journald, sshd, dbus, caches
+    fleet.reset_memory_peak("vps1")
+    fleet.reset_memory_peak("pi1")
+    pi_peak = fleet.memory_peak("pi1")
+    assert allocate(fleet, "vps1", 300) == str(300 * MiB)
+    peak = fleet.memory_peak("vps1")
+    assert base + 290 * MiB < peak < fleet.memory_limit("vps1"), (base, peak)
+    assert fleet.memory_usage("vps1") < peak - 250 * MiB    # freed when the process exited
+    assert fleet.memory_peak("pi1") < pi_peak + 100 * MiB
+    assert fleet.oom_events("vps1")["oom_kill"] == 0
+
+
+@pytest.mark.fleet
+def test_memory_overrun_is_killed_and_the_host_lives_on(fleet):
+    before = fleet.oom_events("vps1")
+    allocate(fleet, "vps1", 1)
+    # Detached from the SSH session: at the limit, the session's sshd may fail an allocation of
+    # its own and drop the connection (seen: ssh exit 255) even though only python3 is killed.
+    fleet.ssh("vps1", "rm -f /tmp/oom.rc; nohup sh -c 'python3 /tmp/allocate.py "
+                      f"{VPS1_MEMORY_MB + 200}; echo $? > /tmp/oom.rc' "
+                      "</dev/null >/dev/null 2>&1 &")
+    deadline = time.monotonic() + 60
+    while not fleet.ssh("vps1", "cat /tmp/oom.rc 2>/dev/null || true").strip():
+        assert time.monotonic() < deadline, "the allocation neither finished nor was killed"
+        time.sleep(0.5)
+    assert fleet.ssh("vps1", "cat /tmp/oom.rc").strip() == str(128 + signal.SIGKILL)
+    after = fleet.oom_events("vps1")
+    assert after["oom_kill"] == before["oom_kill"] + 1, after
+    assert after["under_oom"] == 0
+    assert fleet.memory_peak("vps1") > fleet.memory_limit("vps1") - 64 * MiB
+    # the host is fine: systemd and sshd alive, a new allocation within the limit works
+    assert fleet.is_alive("vps1")
+    assert fleet.ssh("vps1", "systemctl is-active ssh").strip() == "active"
+    assert fleet.ssh("vps1", "systemctl is-system-running || true").strip() in (
+        "running", "degraded")
+    assert allocate(fleet, "vps1", 100) == str(100 * MiB)
+    assert fleet.oom_events("pi1")["oom_kill"] == 0
+    # what runs through nsenter is charged to the host too
+    with pytest.raises(testfleet.FleetError):
+        fleet.exec("vps1", f"python3 /tmp/allocate.py {VPS1_MEMORY_MB + 200}", timeout=120)
+    assert fleet.oom_events("vps1")["oom_kill"] == before["oom_kill"] + 2
+
+
+@pytest.mark.fleet
 def test_stale_run_of_a_killed_owner_is_cleared(fleet, tmp_path):
     """A run whose owner died (SIGKILL: no cleanup) is cleared by the next harness start, and
     the live fleet of this module is left alone."""
@@ -205,10 +335,15 @@ def test_stale_run_of_a_killed_owner_is_cleared(fleet, tmp_path):
         os.killpg(child.pid, signal.SIGKILL)
         child.wait(10)
     prefix = f"{testfleet.PREFIX}{run_id}-"
+    # the child ran in our memory cgroup, so its run's cgroup is beside ours
+    cgroup = (testfleet._memory_cgroup_of_runner()
+              / f"{testfleet.CGROUP_PREFIX}{testfleet.PREFIX}{run_id}")
     assert testfleet._nspawn_pids(prefix)            # the killed run's container still runs
+    assert (cgroup / "vps9").is_dir()
     cleared = testfleet.clear_stale(log=print)
     assert run_id in cleared
     assert not testfleet._nspawn_pids(prefix)
+    assert not cgroup.exists()
     assert not [ln for ln in testfleet._links() if ln.startswith(f"ve-{prefix}")]
     assert not testfleet._mounts_under(tmp_path / "stale")
     assert not (tmp_path / "stale" / "hosts").exists()
@@ -217,14 +352,75 @@ def test_stale_run_of_a_killed_owner_is_cleared(fleet, tmp_path):
     assert fleet.ssh("vps1", "true") == ""
 
 
+@pytest.mark.fleet
 def test_destroy_leaves_nothing_of_the_run(fleet):
     prefix = fleet.machine_prefix
     links = [h["link"] for h in fleet.hosts.values()]
     t = time.monotonic()
     fleet.destroy()
     print(f"\ndestroy (poweroff + cleanup) of 2 hosts: {time.monotonic() - t:.1f} s")
-    assert fleet.leftovers() == {"links": [], "mounts": [], "processes": [], "roots": []}
+    assert fleet.leftovers() == {"links": [], "mounts": [], "processes": [], "roots": [],
+                                 "cgroups": []}
     assert not set(links) & set(testfleet._links())
     assert not testfleet._nspawn_pids(prefix)
     assert not (testfleet.REGISTRY / f"{fleet.run_id}.json").exists()
     assert not (fleet.run_dir / "id_ed25519").exists()
+
+
+# -- an aarch64 host (qemu-user) -----------------------------------------------------------------
+
+ARM_MEMORY_MB = 1536
+
+
+@pytest.fixture(scope="module")
+def arm(tmp_path_factory):
+    """One emulated Raspberry Pi: aarch64 Debian 12, the `pi` user with sudo (after the x86
+    fleet of this module is destroyed: the two never run at once)."""
+    with testfleet.fleet_context(hosts=[f"arm1:pi:aarch64:{ARM_MEMORY_MB}"],
+                                 run_dir=tmp_path_factory.mktemp("arm")) as fleet:
+        t = fleet.timings
+        print(f"\ntestfleet aarch64: image "
+              f"{'cached' if t['image_cached'] else 'built in %.1f s' % t['image_build_s']}, "
+              f"up in {t['up_s']:.1f} s, boot to SSH {t['ready_s:arm1']:.1f} s")
+        yield fleet
+
+
+@pytest.mark.fleet
+def test_aarch64_host_boots_and_answers_as_pi(arm):
+    h = arm.hosts["arm1"]
+    assert h["arch"] == "aarch64" and h["emulated"] == (testfleet.NATIVE_ARCH != "aarch64")
+    assert arm.ssh("arm1", "uname -m", as_root=False).strip() == "aarch64"
+    assert arm.ssh("arm1", "id -un", as_root=False).strip() == "pi"
+    assert arm.ssh("arm1", "sudo -n id -u", as_root=False).strip() == "0"
+    assert arm.ssh("arm1", "python3 -c 'import platform, sys; "
+                           "print(platform.machine(), sys.version_info[:2])'",
+                   as_root=False).strip() == "aarch64 (3, 11)"
+    # the credential units run (drop-ins), so nothing failed
+    assert arm.ssh("arm1", "systemctl is-system-running || systemctl --failed --plain"
+                   ).strip() == "running"
+    assert arm.ssh("arm1", "dpkg --print-architecture").strip() == "arm64"
+
+
+@pytest.mark.fleet
+def test_aarch64_host_is_held_to_its_memory(arm):
+    assert arm.memory_limit("arm1") == ARM_MEMORY_MB * MiB
+    base = arm.memory_usage("arm1")
+    assert 5 * MiB < base < ARM_MEMORY_MB * MiB
+    arm.reset_memory_peak("arm1")
+    assert allocate(arm, "arm1", 200) == str(200 * MiB)             # an emulated python3
+    assert arm.memory_peak("arm1") > base + 190 * MiB
+
+
+@pytest.mark.fleet
+def test_aarch64_teardown_leaves_nothing(arm, capsys):
+    pid1, cgroup = arm.hosts["arm1"]["pid1"], Path(arm.hosts["arm1"]["cgroup"])
+    t = time.monotonic()
+    arm.destroy()
+    took = time.monotonic() - t
+    # powered off from inside, in time: not killed (a SIGTERM would have sent it to rescue mode)
+    assert "killing it" not in capsys.readouterr().err
+    print(f"\ndestroy of an aarch64 host: {took:.1f} s")
+    assert arm.leftovers() == {"links": [], "mounts": [], "processes": [], "roots": [],
+                               "cgroups": []}
+    assert not cgroup.exists() and not Path(f"/proc/{pid1}").exists()
+    assert not (testfleet.REGISTRY / f"{arm.run_id}.json").exists()

@@ -84,19 +84,22 @@ class WizardDeployer(Deployer):
         server.user(name=f"{user} user", user=user, group=user, system=True, home=w["home"],
                     create_home=False, ensure_home=False, shell="/usr/sbin/nologin")
         files.directory(name=f"{self.name}: etc", path=f"{w['etc']}/backends", user="root",
-                        group=user, mode="0750")
+                        group=contract.SIDECAR_USER, mode="0750")
         files.directory(name=f"{self.name}: var", path=w["var"], user="root", group="root",
                         mode="0755")
         # 0700, as Hermes itself sets it at every start (a looser mode would be undone and never
         # converge); the sidecar reads the gateway's errors from the journal instead.
         files.directory(name=f"{self.name}: home", path=w["home"], user=user, group=user,
                         mode="0700")
+        # setgid: the active config the sidecar writes here is the wizard's group's to read,
+        # without the sidecar being a member of it.
         files.directory(name=f"{self.name}: managed dir", path=w["managed_dir"],
-                        user=contract.SIDECAR_USER, group=user, mode="0750")
+                        user=contract.SIDECAR_USER, group=user, mode="2750")
         if w["prefix"]["jobs"]:
-            # Written by the wizard's user, read by the sidecar (a member of its group).
+            # Written by the wizard's user, read by the sidecar's warmer: the sidecar's group's
+            # (setgid, so each capture file is too), never the wizard's group's.
             files.directory(name=f"{self.name}: prefix dir", path=w["prefix"]["dir"], user=user,
-                            group=user, mode="0750")
+                            group=contract.SIDECAR_USER, mode="2750")
 
     def configure(self) -> None:
         if not self.enabled:

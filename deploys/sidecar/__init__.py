@@ -65,12 +65,16 @@ class SidecarDeployer(Deployer):
                                             label="sidecar reads wizard variants"))
         files.directory(name="sidecar: state", path=contract.SIDECAR_STATE_DIR,
                         user=contract.SIDECAR_USER, group=contract.SIDECAR_USER, mode="0700")
-        self.put(p["config"], effect="restart")
-        self.put(p["env"])
+        # What the sidecar re-reads on SIGHUP (its config and secrets, and the variants) needs
+        # a reload, which keeps every wizard's state and probes in flight; its code, venv, unit,
+        # groups and sudo rule need a restart.
+        self.put(p["config"], effect="reload")
+        self.put(p["env"], effect="reload")
         self.put(self.sudoers(), effect=None)
-        self.restart_ops.append(ops.install_if_valid(
-            name="sidecar: may restart its gateways only", source=SUDOERS_STAGED,
-            dest=contract.SIDECAR_SUDOERS, check="visudo -cqf", mode="0440"))
+        # sudo reads its rules at every call: nothing to restart.
+        ops.install_if_valid(name="sidecar: may restart its gateways only",
+                             source=SUDOERS_STAGED, dest=contract.SIDECAR_SUDOERS,
+                             check="visudo -cqf", mode="0440")
         self.put(self.unit_file())
 
     def activate(self) -> None:
@@ -83,4 +87,4 @@ class SidecarDeployer(Deployer):
                             present=False)
             return
         variants = [op for w in self.wizards for op in w.variant_ops]
-        self.run_unit(contract.SIDECAR_UNIT, also_restart_on=variants)
+        self.run_unit(contract.SIDECAR_UNIT, also_reload_on=variants)

@@ -70,7 +70,10 @@ def test_owners_and_modes(host, fleet, host_name):
         assert (env.user, env.mode) == (user, 0o600)
         for b in fleet.wizards[w].backends:
             variant = host.file(contract.variant_path(w, b.name))
-            assert (variant.user, variant.group, variant.mode) == ("root", user, 0o640)
+            assert (variant.user, variant.group, variant.mode) == (
+                "root", contract.SIDECAR_USER, 0o640)
+        managed = host.file(contract.wizard_managed_dir(w))
+        assert (managed.user, managed.group, managed.mode) == (contract.SIDECAR_USER, user, 0o2750)
         active = host.file(contract.active_config(w))
         assert (active.user, active.group, active.mode) == (contract.SIDECAR_USER, user, 0o640)
     if fleet.wizards_on(host_name):
