@@ -1,6 +1,7 @@
 """The local control channel: a unix socket, one JSON request and one JSON reply per connection.
 
-Requests: {"op": "failover"|"pin"|"release"|"status", "wizard": W, "to": BACKEND, "wait": bool}.
+Requests: {"op": "failover"|"pin"|"release"|"status", "wizard": W, "to": BACKEND, "wait": bool,
+"timeout": seconds, "stay": seconds (failover only: no failback before then, for a drill's turns)}.
 Who may use it is checked twice: the socket file is 0660 with group neverdark-ops (connect needs
 write permission), and each peer's kernel-reported credentials (SO_PEERCRED) must be root, the
 sidecar's own user, or a member of neverdark-ops.

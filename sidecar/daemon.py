@@ -405,12 +405,13 @@ class WizardRunner:
                 fut.set_result(reply)
         self._waiters.clear()
 
-    async def request(self, op: str, to: str | None, wait: bool, timeout: float) -> dict:
+    async def request(self, op: str, to: str | None, wait: bool, timeout: float,
+                      stay: float | None = None) -> dict:
         now = self.d.clock()
         p = self.policy
         try:
             if op == "failover":
-                target = p.force(to, now)
+                target = p.force(to, now, stay)
             elif op == "pin":
                 target = p.pin(to, now)
             else:
@@ -515,7 +516,12 @@ class Daemon:
         timeout = request.get("timeout", DEFAULT_WAIT)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             return {"ok": False, "error": "'timeout' must be a positive number of seconds"}
-        reply = await runner.request(op, to, bool(request.get("wait", True)), float(timeout))
+        stay = request.get("stay")
+        if stay is not None and (isinstance(stay, bool) or not isinstance(stay, (int, float))
+                                 or not 0 < stay < float("inf")):
+            return {"ok": False, "error": "'stay' must be a positive number of seconds"}
+        reply = await runner.request(op, to, bool(request.get("wait", True)), float(timeout),
+                                     None if stay is None else float(stay))
         log.warning("operator request", extra={"op": op, "wizard": runner.w.name, "to": to,
                                                "peer_uid": peer_uid, "ok": reply.get("ok")})
         return reply

@@ -24,11 +24,15 @@ from sidecar.ctl import SOCKET
 from sidecar.gateway import verify
 
 
-def _switch(socket: str, wizard: str, to: str | None, timeout: float) -> tuple[dict, dict]:
-    """A forced, verified switch through the control socket: the reply and its report line."""
+def _switch(socket: str, wizard: str, to: str | None, timeout: float,
+            stay: float | None = None) -> tuple[dict, dict]:
+    """A forced, verified switch through the control socket: the reply and its report line.
+    `stay`: seconds the sidecar must not fail back (the drill's turns must reach the fallback)."""
     started = time.monotonic()
-    reply = control_request(socket, {"op": "failover", "wizard": wizard, "to": to, "wait": True,
-                                     "timeout": timeout}, timeout=timeout + 60)
+    request = {"op": "failover", "wizard": wizard, "to": to, "wait": True, "timeout": timeout}
+    if stay:
+        request["stay"] = stay
+    reply = control_request(socket, request, timeout=timeout + 60)
     return reply, {"ok": bool(reply.get("ok")), "seconds": round(time.monotonic() - started, 2),
                    "to": reply.get("active"), "error": reply.get("error"),
                    "timings": (reply.get("transition") or {}).get("timings")}
@@ -57,7 +61,11 @@ def drill(cfg, wizard_name: str, to: str | None, turns: int, socket: str,
     start = status["active"]
     report: dict = {"wizard": wizard_name, "from": start}
 
-    reply, report["failover"] = _switch(socket, wizard_name, to, timeout)
+    # The primary stays healthy in a drill, and the sidecar would fail back after min_dwell,
+    # perhaps between two of the drill's turns: it holds the fallback until the drill fails back
+    # itself (bounded, should the drill die).
+    stay = timeout * (turns + 2)
+    reply, report["failover"] = _switch(socket, wizard_name, to, timeout, stay)
     if not reply.get("ok"):
         return {**report, "ok": False, "error": f"failover failed: {reply.get('error')}"}
     fallback = wizard.backend(reply["active"])
@@ -65,6 +73,8 @@ def drill(cfg, wizard_name: str, to: str | None, turns: int, socket: str,
     report["fallback_turns"] = asyncio.run(_turns(wizard, fallback, turns, timeout))
 
     reply, report["failback"] = _switch(socket, wizard_name, start, timeout)
+    if not reply.get("ok"):   # the failback failed: the health rules apply again now
+        control_request(socket, {"op": "release", "wizard": wizard_name}, timeout=30)
     if reply.get("ok"):
         report["primary_turns"] = asyncio.run(_turns(wizard, wizard.backend(start), turns, timeout))
     answered = report["fallback_turns"] + report.get("primary_turns", [])

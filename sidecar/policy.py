@@ -128,6 +128,9 @@ class Policy:
         self.why = why
         self.pinned: str | None = None
         self.forced: str | None = None
+        # A drill's hold: no failback before this instant (monotonic), so the turns a drill sends
+        # reach the fallback it asked for. Bounded by the request; a failover still happens.
+        self.stay_until: float | None = None
         self.streak = 0           # switches in a row, each soon after the one before
         self.last_switch_at: float | None = None
         self.dark = False
@@ -273,8 +276,9 @@ class Policy:
                 else f"{backend}: last probe failed ({h.last_reason})")
             raise PolicyError(f"refusing to switch onto an unhealthy backend: {why}")
 
-    def force(self, backend: str | None, now: float) -> str:
-        """Ask for a switch now (drills); returns the chosen target. Failback rules still apply later."""
+    def force(self, backend: str | None, now: float, stay: float | None = None) -> str:
+        """Ask for a switch now (drills); returns the chosen target. Failback rules apply again
+        once it is there, or `stay` seconds from now when given (at most max_hold)."""
         if backend is None:
             candidates = [b for b in self.order if b != self.active and self.usable(b, now)
                           and self.health[b].last_ok is True]
@@ -288,6 +292,7 @@ class Policy:
             raise PolicyError(f"already on {backend}")
         self._check_switchable(backend, now)
         self.forced = backend
+        self.stay_until = now + min(stay, self.s.max_hold) if stay else None
         return backend
 
     def pin(self, backend: str | None, now: float) -> str:
@@ -304,6 +309,7 @@ class Policy:
 
     def release(self) -> None:
         self.pinned = None
+        self.stay_until = None
 
     # --- decisions ----------------------------------------------------------------------------
 
@@ -327,6 +333,10 @@ class Policy:
                 if b != self.active and self.eligible(b, now):
                     return Decision(b, self._why_unusable(self.active, now), "failover")
             return None
+        if self.stay_until is not None:
+            if now < self.stay_until:
+                return None   # a drill holds its fallback; a failover above still happens
+            self.stay_until = None
         dwell = self.s.min_dwell + self.damping_hold()
         for b in self.order[:self.order.index(self.active)]:
             if self.eligible(b, now) and self.health[b].passes >= self.s.rise:
@@ -615,6 +625,7 @@ class Policy:
         return {
             "active": self.active, "since": w(self.since), "why": self.why, "dark": self.dark,
             "pinned": self.pinned, "forced": self.forced, "deferred": self.deferred,
+            "stay_for": None if self.stay_until is None else round(max(0.0, self.stay_until - now), 1),
             "intent": dict(self.intent) if self.intent else None,
             "damping_hold": self.damping_hold(), "restart_budget": budget,
             "settings": asdict(self.s),

@@ -342,6 +342,44 @@ def test_force_switches_now_when_healthy():
     assert sim.p.active == "claude"
 
 
+def test_a_drills_stay_holds_the_fallback_then_expires():
+    # `neverdark drill` sends turns to the fallback while the primary is healthy: without a
+    # stay the sidecar fails back after min_dwell, between two of the drill's turns.
+    sim = Sim(settings=ProbeSettings(interval=10, min_dwell=0, damping_base=0, damping_cap=0))
+    healthy_all(sim)
+    sim.p.force("local", sim.now, stay=100)
+    sim.p.commit(sim.p.decide(sim.now), sim.now, True)
+    for _ in range(9):   # 90 s of healthy probes of the primary
+        sim.tick(claude=True, gpt=True, local=True)
+    assert sim.p.active == "local"
+    assert 0 < sim.p.describe(sim.now, 0.0)["stay_for"] <= 10
+    for _ in range(3):
+        sim.tick(claude=True, gpt=True, local=True)
+    assert sim.p.active == "claude" and sim.p.stay_until is None
+
+
+def test_a_stay_never_stops_a_failover():
+    sim = Sim(settings=ProbeSettings(fall=1, min_dwell=0, damping_base=0, damping_cap=0))
+    healthy_all(sim)
+    sim.p.force("gpt", sim.now, stay=1000)
+    sim.p.commit(sim.p.decide(sim.now), sim.now, True)
+    sim.tick(claude="refused", gpt="refused", local=True)
+    assert sim.p.active == "local"
+
+
+def test_a_stay_is_bounded_by_max_hold_and_cleared_by_the_failback_or_release():
+    sim = Sim(settings=ProbeSettings(max_hold=50))
+    healthy_all(sim)
+    sim.p.force("local", sim.now, stay=10_000)
+    assert sim.p.stay_until == sim.now + 50
+    sim.p.commit(sim.p.decide(sim.now), sim.now, True)
+    sim.p.force("claude", sim.now)           # the drill's own failback
+    assert sim.p.stay_until is None
+    sim.p.force("gpt", sim.now, stay=30)
+    sim.p.release()
+    assert sim.p.stay_until is None
+
+
 def test_force_without_target_picks_the_next_healthy():
     sim = Sim()
     healthy_all(sim)
