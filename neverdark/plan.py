@@ -51,6 +51,10 @@ def host_plan(fleet: Fleet, host: str) -> dict:
     return {
         "host": host,
         "arch": h.arch,
+        "profile": h.profile,
+        # What the deploy compares with the host's real CPUs and memory before changing it.
+        "resources": {"cores": h.cores, "memory_mb": h.memory_mb,
+                      "headroom_mb": memory_fit.headroom_mb(fleet, host)},
         "pip": pip,
         "base": {"packages": BASE_PACKAGES},
         "models": [model_plan(fleet, m) for m in fleet.local_models(host)],

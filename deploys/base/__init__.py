@@ -3,10 +3,11 @@ Python venvs and sudo, and neverdark's top directories."""
 
 from __future__ import annotations
 
-from pyinfra import host
+from pyinfra import host, logger
 from pyinfra.facts.server import Arch
 from pyinfra.operations import apt, files, server
 
+from deploys.base import resources
 from deploys.deployer import Deployer, each, system_user
 from neverdark import contract
 
@@ -26,6 +27,13 @@ class BaseDeployer(Deployer):
             raise SystemExit(f"{host.name}: the inventory says arch {wanted}, the host says "
                              f"{real!r} (uname -m): fix hosts.{host.name}.arch; nothing was "
                              "changed on this host")
+        # The same for the CPUs and memory the threads and the memory fit were computed from.
+        refusals, warnings = resources.check(host.name, self.p,
+                                             host.get_fact(resources.HostResources))
+        if refusals:
+            raise SystemExit("\n".join(refusals) + "\nnothing was changed on this host")
+        for text in warnings:
+            logger.warning(text)
         # apt.packages only reaches the network when something is missing: offline hosts with
         # these preinstalled converge without an index.
         apt.packages(name="base packages", packages=self.p["base"]["packages"], update=False)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from neverdark import contract, topology
+from neverdark import contract, memory_fit, topology
 
 
 def units(fleet, host_name):
@@ -53,6 +53,16 @@ def test_ports_listen_on_loopback_only(host, fleet, host_name):
         assert f"tcp://{contract.LOOPBACK}:{port}" in listening, f"nothing on loopback:{port}"
         others = [s for s in listening if s.endswith(f":{port}") and contract.LOOPBACK not in s]
         assert not others, f"port {port} also listens on {others}"
+
+
+def test_host_has_the_declared_cores_and_memory(host, fleet, host_name):
+    """What the threads and the memory fit were computed from (the deploy refuses a host with
+    fewer cores, or with memory_mb above MemTotal by more than the fit's headroom)."""
+    h = fleet.hosts[host_name]
+    assert int(host.check_output("env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc")) >= h.cores
+    memtotal_kb = host.check_output("awk '$1 == \"MemTotal:\" {print $2}' /proc/meminfo")
+    memtotal_mb = int(memtotal_kb) // 1024
+    assert h.memory_mb - memtotal_mb <= memory_fit.headroom_mb(fleet, host_name)
 
 
 def test_model_files_match_their_sha256(host, fleet, host_name):
