@@ -49,12 +49,15 @@ def pip_requirements(venv: str, requirements: list[str], find_links: str | None 
 @operation()
 def verified_file(path: str, sha256: str, url: str | None = None, staged: str | None = None,
                   rehash: bool = False, mode: str = "0644"):
-    """Put a file at a hash-named path only once its sha256 matches.
+    """Put a root-owned file at a hash-named path only once its sha256 matches.
 
-    Either downloads `url` on the host or takes an already uploaded `staged` file. The bytes go to
-    a temporary name first and are renamed only after the check, so a failed or corrupt download
-    never replaces a good file (pyinfra's files.download moves first and checks after). So a file
-    already at `path` was verified: a stat tells, unless `rehash` asks for the full hash.
+    Either downloads `url` on the host or takes an already uploaded `staged` file (moved, not
+    copied: on an SD card a model is then written once, not twice). The bytes go to a temporary
+    name first and are renamed only after the check, so a failed or corrupt download never
+    replaces a good file (pyinfra's files.download moves first and checks after). So a file
+    already at `path` was verified: a stat tells, unless `rehash` asks for the full hash, and
+    it is never written again (`file_mode` sets its owner and mode where an older deploy left
+    others).
     """
     if (host.get_fact(Sha256File, path=path) == sha256 if rehash
             else host.get_fact(File, path=path)):
@@ -67,12 +70,25 @@ def verified_file(path: str, sha256: str, url: str | None = None, staged: str | 
                  "shutil.copyfileobj(r, open(sys.argv[2], \"wb\"), 1<<20)' "
                  f"{q(url)} {q(tmp)}")
     elif staged:
-        fetch = f"cp {q(staged)} {q(tmp)}"
+        fetch = f"mv -f {q(staged)} {q(tmp)}"
     else:
         raise ValueError("verified_file needs url or staged")
     check = (f"got=$(sha256sum {q(tmp)} | cut -d' ' -f1); if [ \"$got\" != {q(sha256)} ]; then "
              f"rm -f {q(tmp)}; echo \"sha256 mismatch for {path}: got $got\" >&2; exit 1; fi")
-    yield f"rm -f {q(tmp)} && {fetch} && {check} && chmod {mode} {q(tmp)} && mv -f {q(tmp)} {q(path)}"
+    yield (f"rm -f {q(tmp)} && {fetch} && {check} && chown root:root {q(tmp)} && "
+           f"chmod {mode} {q(tmp)} && mv -f {q(tmp)} {q(path)}")
+
+
+@operation()
+def file_mode(path: str, mode: str, user: str = "root", group: str = "root"):
+    """Owner and mode of an existing file, set where they differ; never its contents, and
+    nothing when the file is absent (whoever makes it sets them)."""
+    found = host.get_fact(File, path=path)
+    if not found or (found.get("user"), found.get("group"), found.get("mode")) == (
+            user, group, int(mode[-3:])):
+        host.noop(f"{path}: {user}:{group} {mode}" if found else f"{path} absent")
+        return
+    yield f"chown {q(user)}:{q(group)} {q(path)} && chmod {mode} {q(path)}"
 
 
 @operation()

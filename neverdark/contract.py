@@ -130,6 +130,10 @@ CONTROL_SOCKET = "/run/neverdark-sidecar/control.sock"
 LLAMA_DIR = f"{OPT}/llama"
 HERMES_DIR = f"{OPT}/hermes"
 
+# Model files are written once (hash-named, renamed into place after the check) and never
+# again: read-only to everyone, root's. A Pi's SD card wears with every rewrite of gigabytes.
+MODEL_FILE_MODE = "0444"
+
 
 def venv(component: str) -> str:
     return f"{OPT}/{component}/venv"

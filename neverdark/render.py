@@ -45,8 +45,8 @@ def write(out: Path, files: list[plan.File], models: list[dict]) -> list[str]:
         os.replace(tmp, dest)
         lines.append(f"{f.mode} {f.user}:{f.group} {f.path}")
     for m in models:
-        lines.append(f"0644 root:root {m['path']} (model {m['name']}, sha256 {m['sha256']}, "
-                     f"from {m['url'] or m['upload']})")
+        lines.append(f"{contract.MODEL_FILE_MODE} root:root {m['path']} (model {m['name']}, "
+                     f"sha256 {m['sha256']}, from {m['url'] or m['upload']})")
         lines.append(f"link {m['link']} -> {m['path']}")
     manifest = out / "MANIFEST"
     manifest.write_text("\n".join(lines) + "\n")

@@ -1,7 +1,9 @@
 """Model files: hash-named, verified by sha256, swapped in by symlink only after verification.
 
 A file at /var/lib/neverdark/models/<sha256>.gguf was hashed before it was renamed to that name,
-so a re-run needs a stat, not a re-hash of gigabytes (minutes on a Pi's SD card). A full re-hash
+so a re-run needs a stat, not a re-hash of gigabytes (minutes on a Pi's SD card). It is written
+once (an upload is moved into place, not copied), root's and read-only (0444), and never again:
+a new version of a model is a new hash, a new file, and a switched link. A full re-hash
 is there when asked for: `pyinfra inventory deploys/fleet.py --data verify_models=true`.
 """
 
@@ -49,7 +51,12 @@ class ModelsDeployer(Deployer):
             files.put(name=f"upload {model['name']}", src=model["upload"], dest=staged,
                       mode="0600", _if=lambda final=final, sha=sha: not present(final, sha))
         got = ops.verified_file(name=f"verify {model['name']} (sha256)", path=final, sha256=sha,
-                                url=model.get("url"), staged=staged, rehash=verify_requested())
+                                url=model.get("url"), staged=staged, rehash=verify_requested(),
+                                mode=contract.MODEL_FILE_MODE)
+        # Files from before models were read-only: their mode only, never their bytes, and no
+        # restart of the model's server for it.
+        ops.file_mode(name=f"{model['name']}: read-only", path=final,
+                      mode=contract.MODEL_FILE_MODE)
         if staged:
             files.file(name=f"drop staged {model['name']}", path=staged, present=False)
         link = ops.atomic_symlink(name=f"activate {model['name']}", path=model["link"],

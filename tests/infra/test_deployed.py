@@ -70,7 +70,13 @@ def test_model_files_match_their_sha256(host, fleet, host_name):
         sha = fleet.models[name].source.sha256
         link = host.file(contract.model_link(name))
         assert link.is_symlink and link.linked_to == contract.model_file(sha)
-        assert host.file(contract.model_file(sha)).sha256sum == sha
+        model = host.file(contract.model_file(sha))
+        assert model.sha256sum == sha
+        # Written once: read-only to everyone (SD-card wear), root's; no staging copy left.
+        assert (model.user, model.group, model.mode) == ("root", "root",
+                                                         int(contract.MODEL_FILE_MODE, 8))
+        assert not host.file(f"{contract.model_file(sha)}.upload").exists
+        assert not host.file(f"{contract.model_file(sha)}.partial").exists
 
 
 def test_owners_and_modes(host, fleet, host_name):
