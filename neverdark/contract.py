@@ -134,6 +134,14 @@ HERMES_DIR = f"{OPT}/hermes"
 # again: read-only to everyone, root's. A Pi's SD card wears with every rewrite of gigabytes.
 MODEL_FILE_MODE = "0444"
 
+# The journal on `pi` hosts: capped for an SD card (the persistent journal under /var/log) and
+# for RAM (the runtime journal under /run, a tmpfs). journald's own defaults are 10% of the
+# file system (up to 4 GiB) and 10% of /run; the caps bound what vacuuming keeps, not what is
+# written. A drop-in, not journald.conf: the operator's own settings stay.
+JOURNALD_DROPIN = "/etc/systemd/journald.conf.d/neverdark.conf"
+JOURNALD_LIMITS = {"SystemMaxUse": "64M", "RuntimeMaxUse": "16M"}
+JOURNALD_PROFILES = ("pi",)
+
 
 def venv(component: str) -> str:
     return f"{OPT}/{component}/venv"

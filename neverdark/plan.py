@@ -56,12 +56,22 @@ def host_plan(fleet: Fleet, host: str) -> dict:
         "resources": {"cores": h.cores, "memory_mb": h.memory_mb,
                       "headroom_mb": memory_fit.headroom_mb(fleet, host)},
         "pip": pip,
-        "base": {"packages": BASE_PACKAGES},
+        "base": {"packages": BASE_PACKAGES,
+                 "journald": journald_dropin() if h.profile in contract.JOURNALD_PROFILES
+                 else None},
         "models": [model_plan(fleet, m) for m in fleet.local_models(host)],
         "llama": llama_plan(fleet, host),
         "hermes": {"requirements": HERMES_REQUIREMENTS, "wizards": wizards},
         "sidecar": sidecar_plan(fleet, host, wizards),
     }
+
+
+def journald_dropin() -> File:
+    """The journal's caps on hosts of a profile in contract.JOURNALD_PROFILES."""
+    lines = [f"{k}={v}" for k, v in contract.JOURNALD_LIMITS.items()]
+    return File(contract.JOURNALD_DROPIN,
+                "# neverdark: the journal kept small on an SD card (neverdark/contract.py)\n"
+                "[Journal]\n" + "\n".join(lines) + "\n")
 
 
 def llama_plan(fleet: Fleet, host: str) -> dict:

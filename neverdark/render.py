@@ -48,6 +48,7 @@ def write(out: Path, files: list[plan.File], models: list[dict]) -> list[str]:
         lines.append(f"{contract.MODEL_FILE_MODE} root:root {m['path']} (model {m['name']}, "
                      f"sha256 {m['sha256']}, from {m['url'] or m['upload']})")
         lines.append(f"link {m['link']} -> {m['path']}")
+    out.mkdir(parents=True, exist_ok=True)   # a host with nothing to install still gets one
     manifest = out / "MANIFEST"
     manifest.write_text("\n".join(lines) + "\n")
     return lines

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import json
 
-from neverdark import contract, memory_fit, topology
+from neverdark import contract, memory_fit, plan, topology
+
+# systemd's SD_MESSAGE_JOURNAL_USAGE: journald's "X Journal (...) is N, max M" message, with the
+# limit it runs with in the MAX_USE field (bytes).
+JOURNAL_USAGE_ID = "ec387f577b844b8fa948f33cad9a75e6"
 
 
 def units(fleet, host_name):
@@ -77,6 +81,27 @@ def test_model_files_match_their_sha256(host, fleet, host_name):
                                                          int(contract.MODEL_FILE_MODE, 8))
         assert not host.file(f"{contract.model_file(sha)}.upload").exists
         assert not host.file(f"{contract.model_file(sha)}.partial").exists
+
+
+def test_journal_is_capped_on_pi_hosts(host, fleet, host_name):
+    """Pi hosts: the drop-in is the plan's, and the running journald uses its limits (it was
+    restarted after the file changed). Other hosts: no drop-in of ours."""
+    dropin = host.file(contract.JOURNALD_DROPIN)
+    if fleet.hosts[host_name].profile not in contract.JOURNALD_PROFILES:
+        assert not dropin.exists
+        return
+    assert (dropin.user, dropin.group, dropin.mode) == ("root", "root", 0o644)
+    assert dropin.content_string == plan.journald_dropin().content
+    out = host.check_output(f"journalctl -b -o json --no-pager MESSAGE_ID={JOURNAL_USAGE_ID}")
+    usage = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert usage, "journald logged no usage message this boot"
+    last = usage[-1]
+    key = "SystemMaxUse" if last["JOURNAL_NAME"].startswith("System") else "RuntimeMaxUse"
+    assert int(last["MAX_USE"]) == _bytes(contract.JOURNALD_LIMITS[key]), last
+
+
+def _bytes(size: str) -> int:
+    return int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[size[-1]]
 
 
 def test_owners_and_modes(host, fleet, host_name):
