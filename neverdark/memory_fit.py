@@ -93,10 +93,22 @@ def mb(n_bytes: float) -> int:
     return math.ceil(n_bytes / MIB)
 
 
+def headroom_for(policy: MemoryPolicy, memory_mb: int) -> int:
+    return max(math.ceil(memory_mb * policy.headroom_percent / 100), policy.headroom_min_mb)
+
+
 def headroom_mb(fleet: Fleet, host: str) -> int:
-    policy = fleet.memory
-    return max(math.ceil(fleet.hosts[host].memory_mb * policy.headroom_percent / 100),
-               policy.headroom_min_mb)
+    return headroom_for(fleet.memory, fleet.hosts[host].memory_mb)
+
+
+def min_memory_mb(fleet: Fleet, host: str) -> int:
+    """The smallest memory_mb with which this host's budget fits (its headroom grows with
+    memory_mb, so it is not simply the sum): what a board's MemTotal must reach."""
+    processes = sum(mb for _, mb in memory_budget(fleet, host)[:-1])   # all but the headroom
+    need = processes + fleet.memory.headroom_min_mb
+    while processes + headroom_for(fleet.memory, need) > need:
+        need = processes + headroom_for(fleet.memory, need)
+    return need
 
 
 def _kv_label(model: Model) -> str:
