@@ -257,7 +257,12 @@ class Testbed:
         view.mkdir(parents=True)
         for wheel in house.glob("*.whl"):
             if not wheel.name.lower().startswith("llama_cpp_python-"):
-                (view / wheel.name).symlink_to(wheel.resolve())
+                # hard links (the file server refuses a symlink out of its root); a copy across
+                # file systems
+                try:
+                    os.link(wheel, view / wheel.name)
+                except OSError:
+                    shutil.copy2(wheel, view / wheel.name)
         return view
 
     def _make_secrets(self) -> dict[str, str]:
