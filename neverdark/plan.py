@@ -192,7 +192,7 @@ def wizard_plan(fleet: Fleet, name: str) -> dict:
                    "dir": contract.wizard_prefix_dir(name),
                    "runtime": contract.prefix_runtime_dir(name),
                    "jobs": [{"backend": b.name, "variant": contract.variant_path(name, b.name),
-                             "copy": f"{contract.prefix_runtime_dir(name)}/{b.name}.yaml",
+                             "staged": f"{contract.prefix_runtime_dir(name)}/{b.name}.yaml",
                              "out": contract.wizard_prefix(name, b.name)}
                             for b in wz.backends if isinstance(b, LocalBackend)]},
     }
