@@ -167,6 +167,9 @@ LLAMA_SERVER_JSON = "server.json"     # in each model's state dir: what the warm
 # of its files), the link switched to a new build only once every file is verified.
 LLAMA_SERVER_LINK = f"{LLAMA_DIR}/server"
 LLAMA_SERVER_BUILD_PREFIX = "server-"
+# The llama-cpp-python wheel built for the host's arch on the operator's machine, uploaded and
+# installed from there (a host never compiles it): one folder per wheel, named by its sha256.
+LLAMA_WHEEL_PREFIX = "wheel-"
 
 
 def llama_state_dir(model: str) -> str:
@@ -176,6 +179,10 @@ def llama_state_dir(model: str) -> str:
 
 def llama_server_build(digest: str) -> str:
     return f"{LLAMA_DIR}/{LLAMA_SERVER_BUILD_PREFIX}{digest}"
+
+
+def llama_wheel_dir(sha256: str) -> str:
+    return f"{LLAMA_DIR}/{LLAMA_WHEEL_PREFIX}{sha256[:16]}"
 
 
 def llama_slot(wizard: str, wizards) -> int:
@@ -215,8 +222,15 @@ def wizard_home(wizard: str) -> str:
 
 def wizard_prefix_dir(wizard: str) -> str:
     """What the wizard's gateway would send each local backend (deploys/hermes/prefix.py),
-    written by the wizard's user, read by the sidecar's warmer (a member of its group)."""
+    written by the wizard's user, read by the sidecar's warmer (the directory is the sidecar's
+    group's, setgid)."""
     return f"{wizard_var(wizard)}/prefix"
+
+
+def prefix_runtime_dir(wizard: str) -> str:
+    """The capture's RuntimeDirectory: its variants copied there for the wizard's user by a
+    privileged ExecStartPre (the variants themselves are root's and the sidecar's group's)."""
+    return f"/run/neverdark-prefix-{wizard}"
 
 
 def wizard_prefix(wizard: str, backend: str) -> str:

@@ -77,8 +77,11 @@ def journald_dropin() -> File:
 def llama_plan(fleet: Fleet, host: str) -> dict:
     servers = topology.llama_servers(fleet, host)
     engines_used = {s.engine for s in servers}
-    return {"requirements": LLAMA_REQUIREMENTS,
-            "python": "llama-cpp-python" in engines_used,
+    python = "llama-cpp-python" in engines_used
+    wheel = llama_wheel_plan(fleet.hosts[host].arch) if python else None
+    return {"requirements": [llama_requirement(wheel)] if wheel else LLAMA_REQUIREMENTS,
+            "python": python,
+            "wheel": wheel,
             "native": (native_server_plan(fleet.hosts[host].arch)
                        if "llama-server" in engines_used else None),
             "servers": [llama_server_plan(fleet, s) for s in servers]}
@@ -121,16 +124,41 @@ def llama_server_plan(fleet: Fleet, s: topology.LlamaServer) -> dict:
     return d
 
 
-def native_server_plan(arch: str) -> dict:
-    """llama-server and its libraries for `arch`, as built on this machine by neverdark.artifacts
-    (never built here: a missing build is an error saying how to make it). Each file is uploaded
-    and checked against the sha256 recorded when it was built; the folder is named by a digest
-    of all of them, so a new build lands beside the old one and is switched to by a link."""
+def built_artifacts(arch: str, what: str):
+    """The artifacts for `arch` built on this machine by neverdark.artifacts; never built here
+    (minutes to an hour): a missing build is an error saying how to make it."""
     from neverdark import artifacts   # the operator's build tooling, not needed on hosts
     built = artifacts.cached(arch)
     if built is None:
-        raise RuntimeError(f"no llama-server built for {arch}: run `python -m neverdark.artifacts "
+        raise RuntimeError(f"no {what} built for {arch}: run `python -m neverdark.artifacts "
                            f"build --arch {arch}` on this machine first (minutes)")
+    return built
+
+
+def llama_wheel_plan(arch: str) -> dict:
+    """The llama-cpp-python wheel for `arch`, uploaded from this machine and checked against the
+    sha256 recorded when it was built. llama-cpp-python has no wheels on PyPI: a host left to
+    the index would compile it (a toolchain and minutes on a VPS, far longer on a Pi), or fail
+    without a compiler. Its pure dependencies still come from the host's index or wheelhouse."""
+    built = built_artifacts(arch, "llama-cpp-python wheel")
+    sha = built.stamp["files"][built.wheel.name]["sha256"]
+    d = contract.llama_wheel_dir(sha)
+    return {"name": built.wheel.name, "src": str(built.wheel), "sha256": sha, "dir": d,
+            "path": f"{d}/{built.wheel.name}"}
+
+
+def llama_requirement(wheel: dict) -> str:
+    """The llama venv's requirement: the uploaded wheel by path (a new wheel is a new path, so
+    the venv's requirement stamp changes and pip reinstalls)."""
+    return f"llama-cpp-python[server] @ file://{wheel['path']}"
+
+
+def native_server_plan(arch: str) -> dict:
+    """llama-server and its libraries for `arch`, as built on this machine by neverdark.artifacts.
+    Each file is uploaded and checked against the sha256 recorded when it was built; the folder
+    is named by a digest of all of them, so a new build lands beside the old one and is switched
+    to by a link."""
+    built = built_artifacts(arch, "llama-server")
     found = []
     for rel, rec in sorted(built.stamp["files"].items()):
         if rel.startswith("llama-server/"):
@@ -176,7 +204,9 @@ def wizard_plan(fleet: Fleet, name: str) -> dict:
         # sidecar's warmer (none without a local backend).
         "prefix": {"unit": contract.prefix_unit(name), "timer": contract.prefix_timer(name),
                    "dir": contract.wizard_prefix_dir(name),
+                   "runtime": contract.prefix_runtime_dir(name),
                    "jobs": [{"backend": b.name, "variant": contract.variant_path(name, b.name),
+                             "staged": f"{contract.prefix_runtime_dir(name)}/{b.name}.yaml",
                              "out": contract.wizard_prefix(name, b.name)}
                             for b in wz.backends if isinstance(b, LocalBackend)]},
     }

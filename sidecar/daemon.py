@@ -132,6 +132,11 @@ class WizardRunner:
 
     # --- persistence --------------------------------------------------------------------------
 
+    def _count_turns(self, result) -> None:
+        """Where each check turn on a local backend spent its time, for /metrics."""
+        for backend, breakdown in getattr(result, "turns", None) or ():
+            self.d.metrics.local_turn(self.w.name, backend, breakdown)
+
     def save(self, force: bool = False) -> None:
         key = self.policy.fingerprint()
         if force or key != self._saved_key:
@@ -260,6 +265,7 @@ class WizardRunner:
             result = SwitchResult(False, False, f"switch crashed: {type(exc).__name__}: {exc}", {})
         finally:
             self.switching = False
+        self._count_turns(result)
         record = self.policy.commit(decision, self.d.clock(), result.ok, result.detail,
                                     wall=self.d.wall(), timings=result.timings)
         if result.ok:
@@ -290,6 +296,7 @@ class WizardRunner:
                 await self._hermes_failures(name)  # logged before the check: not the check's
                 result = await self.d.check_fn(self.w, self.w.backend(name), self.d.client,
                                                self.d.systemctl)
+                self._count_turns(result)
                 # Hermes' own per-turn fallback can answer a turn whose call to `name` failed,
                 # and its session record may still name `name`'s model (seen on the test fleet:
                 # the failed call was counted first, so the fallback's usage never became the

@@ -34,6 +34,8 @@ class SwitchResult:
     rolled_back: bool
     detail: str
     timings: dict[str, float] = field(default_factory=dict)
+    # (backend, breakdown) of each check turn on a local backend: where its time went
+    turns: list[tuple[str, dict]] = field(default_factory=list)
 
 
 def _backend(wizard, ref):
@@ -47,7 +49,8 @@ def _backend(wizard, ref):
 
 async def _restart_and_verify(wizard, target, control: GatewayControl, client: httpx.AsyncClient,
                               timings: dict, prefix: str, ready_timeout: float,
-                              verify_timeout: float, refusal: str | None = None) -> tuple[bool, str]:
+                              verify_timeout: float, refusal: str | None = None,
+                              turns: list | None = None) -> tuple[bool, str]:
     # By default (restart false) the gateway is not restarted: Hermes re-reads the config per
     # API request and rebuilds a Telegram chat's agent when the model changes, so the flip is
     # already live; a restart would refuse API turns and drop queued Telegram updates.
@@ -68,6 +71,8 @@ async def _restart_and_verify(wizard, target, control: GatewayControl, client: h
     timings[f"{prefix}ready"] = time.monotonic() - t
     verdict = await verify(wizard, target, client, verify_timeout)
     timings[f"{prefix}first_turn"] = verdict.latency
+    if verdict.breakdown and turns is not None:
+        turns.append((target.name, verdict.breakdown))
     return verdict.ok, verdict.detail
 
 
@@ -85,6 +90,7 @@ async def switch(wizard, to, previous, client: httpx.AsyncClient, systemctl: lis
     permit = restart_permit or _always
     restarts = getattr(wizard, "restart", True)
     timings: dict[str, float] = {}
+    turns: list[tuple[str, dict]] = []
     started = time.monotonic()
     # Ask before touching the file: a switch that cannot restart must not half-happen.
     if restarts and (refusal := permit()) is not None:
@@ -95,29 +101,31 @@ async def switch(wizard, to, previous, client: httpx.AsyncClient, systemctl: lis
         return SwitchResult(False, False, f"install of {to.name} failed: {exc}", timings)
     timings["install"] = time.monotonic() - started
     ok, detail = await _restart_and_verify(wizard, to, control, client, timings, "",
-                                           ready_timeout, verify_timeout)
+                                           ready_timeout, verify_timeout, turns=turns)
     if ok:
         timings["total"] = time.monotonic() - started
-        return SwitchResult(True, False, detail, timings)
+        return SwitchResult(True, False, detail, timings, turns)
 
     log.warning("switch of %s to %s failed: %s", wizard.name, to.name, detail)
     if previous is None:
         timings["total"] = time.monotonic() - started
-        return SwitchResult(False, False, f"{detail}; no previous backend to roll back to", timings)
+        return SwitchResult(False, False, f"{detail}; no previous backend to roll back to", timings,
+                            turns)
     try:
         await asyncio.to_thread(flip.atomic_install, previous.variant, wizard.active_config)
     except (OSError, ValueError) as exc:
         timings["total"] = time.monotonic() - started
-        return SwitchResult(False, False, f"{detail}; rollback install failed: {exc}", timings)
+        return SwitchResult(False, False, f"{detail}; rollback install failed: {exc}", timings,
+                            turns)
     # Hermes re-reads the managed config per request, so the restored file already steers new
     # API turns even if the restart below is refused; the restart drops cached messaging agents.
     refusal = permit() if restarts else None
     rb_ok, rb_detail = await _restart_and_verify(wizard, previous, control, client, timings,
                                                  "rollback_", ready_timeout, verify_timeout,
-                                                 refusal)
+                                                 refusal, turns)
     timings["total"] = time.monotonic() - started
     state = "rolled back" if rb_ok else f"rollback unverified ({rb_detail})"
-    return SwitchResult(False, True, f"{detail}; {state} to {previous.name}", timings)
+    return SwitchResult(False, True, f"{detail}; {state} to {previous.name}", timings, turns)
 
 
 async def check(wizard, backend, client: httpx.AsyncClient, systemctl: list[str], *,
@@ -141,4 +149,5 @@ async def check(wizard, backend, client: httpx.AsyncClient, systemctl: list[str]
     timings["ready"] = time.monotonic() - t
     verdict = await verify(wizard, backend, client, verify_timeout)
     timings["check_turn"] = verdict.latency
-    return SwitchResult(verdict.ok, False, verdict.detail, timings)
+    return SwitchResult(verdict.ok, False, verdict.detail, timings,
+                        [(backend.name, verdict.breakdown)] if verdict.breakdown else [])

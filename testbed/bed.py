@@ -42,6 +42,9 @@ from testbed.telegram_standin import BotApiStandIn
 REPO = Path(__file__).resolve().parent.parent
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 HOSTS = [testfleet.HostSpec("vps1", "vps"), testfleet.HostSpec("pi1", "pi")]
+# The same fleet with a real aarch64 Pi (qemu-user): the demo's, and tests/test_fleet_mixed_arch.
+# The fleet tests' drills keep HOSTS (the runner's arch): emulation is 10-20x slower.
+MIXED_HOSTS = [testfleet.HostSpec("vps1", "vps"), testfleet.HostSpec("pi1", "pi", "aarch64")]
 GEMMA_KV = {"layers": 18, "kv_heads": 1, "head_dim": 256, "sliding_window_layers": 15,
             "sliding_window": 512}
 
@@ -217,7 +220,9 @@ class Testbed:
     def __enter__(self) -> Testbed:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
-            wheels = wheelhouse.ensure_default_wheelhouse()
+            for arch in sorted({spec.arch for spec in self.host_specs}):
+                house = wheelhouse.ensure_default_wheelhouse(arch)   # one folder, every arch
+            wheels = self._served_wheels(house)
             self.fleet = self._stack.enter_context(
                 testfleet.fleet_context(hosts=self.host_specs, run_dir=self.run_dir / "fleet",
                                         serve_dirs={"wheels": wheels}))
@@ -242,6 +247,23 @@ class Testbed:
 
     def __exit__(self, *exc) -> None:
         self._stack.close()
+
+    def _served_wheels(self, house: Path) -> Path:
+        """The wheelhouse the hosts see: every wheel but llama-cpp-python's, which no package
+        index has for them either. The deploy uploads the one built for each host's arch, so
+        a fleet that installs llama-cpp-python from here (or would compile it) fails."""
+        view = self.run_dir / "wheels"
+        shutil.rmtree(view, ignore_errors=True)
+        view.mkdir(parents=True)
+        for wheel in house.glob("*.whl"):
+            if not wheel.name.lower().startswith("llama_cpp_python-"):
+                # hard links (the file server refuses a symlink out of its root); a copy across
+                # file systems
+                try:
+                    os.link(wheel, view / wheel.name)
+                except OSError:
+                    shutil.copy2(wheel, view / wheel.name)
+        return view
 
     def _make_secrets(self) -> dict[str, str]:
         names = ["ANTHROPIC_KEY", "OPENAI_KEY", "GOOGLE_KEY"]

@@ -2,7 +2,8 @@
 
     make demo        (runs scripts/setup.sh, then this)
 
-Boots two Debian 12 hosts (a VPS and a Pi profile) with systemd-nspawn, starts LLMock servers
+Boots two Debian 12 hosts with systemd-nspawn (an x86_64 VPS and an aarch64 Raspberry Pi under
+qemu-user, as tests/test_fleet_mixed_arch.py does), starts LLMock servers
 as their cloud APIs, writes an inventory with three wizards, runs
 `pyinfra inventory deploys/fleet.py`, re-runs it to show it changes nothing, prints where
 each wizard and model runs and the `neverdark status` table, then takes merlin's cloud API down
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from neverdark import plan
 from testbed.outage import first_answer_from
-from testbed.bed import Testbed
+from testbed.bed import MIXED_HOSTS, Testbed
 
 LOCAL, CLOUD = "gemma3-270m", "claude-sonnet-4-5"
 
@@ -90,7 +91,7 @@ def main() -> int:
     keep = "--keep" in sys.argv
     run_dir = Path(tempfile.mkdtemp(prefix="neverdark-demo-"))
     say(f"neverdark demo: working in {run_dir}")
-    with Testbed(run_dir) as bed:
+    with Testbed(run_dir, hosts=MIXED_HOSTS) as bed:
         say("test fleet up: " + ", ".join(f"{n} ({h['profile']}, {h['address']}, ssh as {h['user']})"
                                           for n, h in bed.fleet.hosts.items()))
         say(f"inventory: {bed.inventory_path}\n")

@@ -183,3 +183,32 @@ def test_the_plan_ships_the_verified_native_build_and_says_what_the_warmer_needs
     fleet.hosts["vps"] = fleet.hosts["vps"].model_copy(update={"arch": "aarch64"})
     with pytest.raises(RuntimeError, match="neverdark.artifacts build --arch aarch64"):
         plan.host_plan(fleet, "vps")
+
+
+def test_the_plan_uploads_the_llama_cpp_python_wheel_built_for_the_hosts_arch(tmp_path,
+                                                                             monkeypatch):
+    # llama-cpp-python has no wheel on any package index: a host left to pip would compile it
+    # (or fail without a compiler). The plan uploads the operator's build for the host's arch.
+    wheels = {arch: f"llama_cpp_python-0.3.36-py3-none-linux_{arch}.whl"
+              for arch in ("x86_64", "aarch64")}
+    sha = {"x86_64": "c" * 64, "aarch64": "d" * 64}
+
+    def cached(arch):
+        return types.SimpleNamespace(dir=tmp_path, wheel=tmp_path / wheels[arch],
+                                     stamp={"files": {wheels[arch]: {"sha256": sha[arch]}}})
+    fake = types.SimpleNamespace(cached=cached)
+    monkeypatch.setitem(sys.modules, "neverdark.artifacts", fake)
+    import neverdark
+    monkeypatch.setattr(neverdark, "artifacts", fake, raising=False)
+    fleet = validate(write_inventory(tmp_path, inventory("llama-cpp-python"), SECRETS), env={})
+    for arch in ("x86_64", "aarch64"):
+        fleet.hosts["vps"] = fleet.hosts["vps"].model_copy(update={"arch": arch})
+        llama = plan.host_plan(fleet, "vps")["llama"]
+        wheel = llama["wheel"]
+        assert llama["python"] and wheel["name"] == wheels[arch] and wheel["sha256"] == sha[arch]
+        assert wheel["dir"] == f"{contract.LLAMA_DIR}/{contract.LLAMA_WHEEL_PREFIX}{sha[arch][:16]}"
+        assert llama["requirements"] == [
+            f"llama-cpp-python[server] @ file://{wheel['dir']}/{wheels[arch]}"]
+    fake.cached = lambda arch: None
+    with pytest.raises(RuntimeError, match="no llama-cpp-python wheel built for aarch64"):
+        plan.host_plan(fleet, "vps")

@@ -761,3 +761,38 @@ def test_a_variant_a_deploy_changed_reaches_the_active_config_on_reload(site, mo
             await d.close()
 
     asyncio.run(scenario())
+
+
+def test_check_turns_on_a_local_backend_reach_metrics(site, mocks):
+    """A switch's check turn on a local backend says where its time went (sidecar.gateway.verify's
+    breakdown); the daemon adds it to /metrics for that wizard and backend."""
+    cfg = config.load(site)
+    primary, _ = mocks
+    breakdown = {"wall_s": 2.0, "queue_s": 0.1, "prefill_s": 1.2, "generation_s": 0.5,
+                 "cache_save_s": 0.0, "overhead_s": 0.2, "prompt_tokens": 40.0,
+                 "cached_tokens": 450.0, "generated_tokens": 6.0}
+
+    async def flip_and_turn(wizard, to, previous, client, systemctl, *, restart_permit=None):
+        result = await flip_only(wizard, to, previous, client, systemctl,
+                                 restart_permit=restart_permit)
+        if to.name == "local":
+            result.turns.append(("local", dict(breakdown)))
+        return result
+
+    async def scenario():
+        d = Daemon(cfg, switch_fn=flip_and_turn, systemctl=["/bin/false"])
+        await d.start()
+        try:
+            p = d.runners["merlin"].policy
+            await until(lambda: p.health["claude"].healthy and p.health["local"].healthy,
+                        what="both backends healthy")
+            await asyncio.to_thread(primary.fault, {"type": "fail", "status": 503, "times": None})
+            await until(lambda: p.active == "local", what="failover")
+            metrics = d.metrics.render({"merlin": (["claude", "local"], "local", False)})
+        finally:
+            await d.close()
+            await asyncio.to_thread(primary.reset)
+        assert 'neverdark_local_check_turns_total{wizard="merlin",backend="local"} 1' in metrics
+        assert 'neverdark_local_check_turn_seconds_total{wizard="merlin",backend="local",part="prefill"} 1.200000' in metrics, metrics
+
+    asyncio.run(scenario())

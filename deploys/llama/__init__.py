@@ -64,45 +64,62 @@ class LlamaDeployer(Deployer):
         files.directory(name="llama: state dir", path=contract.LLAMA_STATE_DIR, user="root",
                         group="root", mode="0755")
         if self.python:
+            wheel = self.p["llama"]["wheel"]
+            files.directory(name="llama: wheel dir", path=wheel["dir"], user="root",
+                            group="root", mode="0755")
+            self.python_ops += self._upload_verified("llama-cpp-python wheel", wheel["dir"], [
+                {"name": wheel["name"], "sha256": wheel["sha256"], "src": wheel["src"],
+                 "mode": "0644"}])
             self.python_ops.append(component_venv("llama", self.p["llama"]["requirements"],
                                                   self.p["pip"]))
+            self._remove_old(contract.LLAMA_WHEEL_PREFIX, keep=wheel["dir"], what="wheel")
             for f in each(self.files()):
                 self.python_ops.append(self.put(f))
         else:
             files.directory(name="llama: remove the llama-cpp-python venv (no model uses it)",
                             path=contract.venv("llama"), present=False)
             files.file(name="llama: remove the launcher", path=engines.LAUNCHER, present=False)
+            self._remove_old(contract.LLAMA_WHEEL_PREFIX, keep=None, what="wheel")
         if self.native:
             self.native_ops += self._native(self.native)
         else:
             self._remove_native_builds(keep=None)
 
-    def _native(self, native: dict) -> list:
-        """Upload each file to a staging name, keep it only once its sha256 matches, then
-        switch the link; builds no longer linked are removed."""
-        d, out = native["dir"], []
-        files.directory(name="llama-server: build dir", path=d, user="root", group="root",
-                        mode="0755")
-        for f in each(native["files"]):
+    def _upload_verified(self, what: str, d: str, uploads: list[dict]) -> list:
+        """Upload each file to a staging name and keep it only once its sha256 matches (a file
+        already at its final name was verified when it got there)."""
+        out = []
+        for f in each(uploads):
             final, staged = f"{d}/{f['name']}", f"{d}/{f['name']}.upload"
-            files.put(name=f"llama-server: upload {f['name']}", src=f["src"], dest=staged,
+            files.put(name=f"{what}: upload {f['name']}", src=f["src"], dest=staged,
                       mode="0600", _if=lambda final=final: not ops.host_has_file(final))
-            out.append(ops.verified_file(name=f"llama-server: verify {f['name']} (sha256)",
+            out.append(ops.verified_file(name=f"{what}: verify {f['name']} (sha256)",
                                          path=final, sha256=f["sha256"], staged=staged,
                                          mode=f["mode"]))
-            files.file(name=f"llama-server: drop staged {f['name']}", path=staged,
-                       present=False)
+            files.file(name=f"{what}: drop staged {f['name']}", path=staged, present=False)
+        return out
+
+    def _native(self, native: dict) -> list:
+        """Every file verified before the link is switched; builds no longer linked are
+        removed."""
+        d = native["dir"]
+        files.directory(name="llama-server: build dir", path=d, user="root", group="root",
+                        mode="0755")
+        out = self._upload_verified("llama-server", d, native["files"])
         out.append(ops.atomic_symlink(name="llama-server: activate", path=native["link"],
                                       target=d))
         self._remove_native_builds(keep=d)
         return out
 
-    def _remove_native_builds(self, keep: str | None) -> None:
+    def _remove_old(self, prefix: str, keep: str | None, what: str) -> None:
         for name in each(ops.listed_names(contract.LLAMA_DIR)):
             path = f"{contract.LLAMA_DIR}/{name}"
-            if name.startswith(contract.LLAMA_SERVER_BUILD_PREFIX) and path != keep:
-                files.directory(name=f"llama-server: remove old build {name}", path=path,
+            if name.startswith(prefix) and path != keep:
+                files.directory(name=f"llama: remove old {what} {name}", path=path,
                                 present=False)
+
+    def _remove_native_builds(self, keep: str | None) -> None:
+        self._remove_old(contract.LLAMA_SERVER_BUILD_PREFIX, keep, "llama-server build")
         if keep is None:
             files.link(name="llama-server: remove the link", path=contract.LLAMA_SERVER_LINK,
                        present=False)

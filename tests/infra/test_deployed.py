@@ -43,6 +43,41 @@ def test_host_is_the_declared_architecture(host, fleet, host_name):
     assert host.check_output("uname -m") == fleet.hosts[host_name].arch
 
 
+# ELF e_machine by arch: what the engines' compiled code must be on a host of that arch.
+ELF_MACHINE = {"x86_64": 62, "aarch64": 183}
+_ELF = ("import sys;[print(p, int.from_bytes(open(p,'rb').read(20)[18:20],'little')) "
+        "for p in sys.argv[1:]]")
+_WHEEL = ("import importlib.metadata as m,json;d=m.distribution('llama_cpp_python');"
+          "print(json.dumps({'tags':[l.split(': ',1)[1] for l in d.read_text('WHEEL').splitlines()"
+          " if l.startswith('Tag:')],'url':json.loads(d.read_text('direct_url.json') or 'null'),"
+          "'libs':[str(f.locate()) for f in d.files if '.so' in f.name]}))")
+
+
+def elf_machines(host, paths) -> dict:
+    out = host.check_output("python3 -c %s " + " ".join(["%s"] * len(paths)), _ELF, *paths)
+    return {line.rsplit(" ", 1)[0]: int(line.rsplit(" ", 1)[1]) for line in out.splitlines()}
+
+
+def test_engines_are_built_for_the_hosts_arch(host, fleet, host_name):
+    """The llama-cpp-python the host runs is the wheel built for its arch and uploaded by the
+    deploy (platform tag, where pip took it from, the ELF machine of every library), and a
+    native llama-server and its libraries are that arch's too."""
+    arch = fleet.hosts[host_name].arch
+    engines_used = {s.engine for s in topology.llama_servers(fleet, host_name)}
+    if "llama-cpp-python" in engines_used:
+        info = json.loads(host.check_output(f"{contract.venv('llama')}/bin/python -c %s", _WHEEL))
+        assert info["tags"] == [f"py3-none-linux_{arch}"], info["tags"]
+        assert info["url"]["url"].startswith(
+            f"file://{contract.LLAMA_DIR}/{contract.LLAMA_WHEEL_PREFIX}"), info["url"]
+        assert info["libs"] and set(elf_machines(host, info["libs"]).values()) == {
+            ELF_MACHINE[arch]}
+    if "llama-server" in engines_used:
+        build = host.file(contract.LLAMA_SERVER_LINK).linked_to
+        names = host.check_output(f"ls {build}").split()
+        found = elf_machines(host, [f"{build}/{n}" for n in names])
+        assert "llama-server" in names and set(found.values()) == {ELF_MACHINE[arch]}, found
+
+
 def test_units_verify_enabled_and_running(host, fleet, host_name):
     for unit in units(fleet, host_name):
         svc = host.service(unit)
