@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from testbed import runtimes
+from testbed.wait import wait_http
 
 LLMOCK_BIN = Path(sys.executable).parent / "llmock"
 
@@ -64,7 +65,8 @@ class LLMock:
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "LLMOCK_RESPONSE_STYLE": "static", "LLMOCK_TOOL_MODE": "off"},
         )
-        self._wait_ready()
+        wait_http(f"{self.root}/health", self.proc, timeout=30, what="llmock", log=self.log_path,
+                  every=0.1, on_fail=self.stop)
         self.plain_answers()
 
     @property
@@ -83,20 +85,6 @@ class LLMock:
     @property
     def google_base(self) -> str:
         return f"{self.root}/gemini/v1beta"
-
-    def _wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llmock exited {self.proc.returncode}: {self.log_path.read_text()}")
-            try:
-                if httpx.get(f"{self.root}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"llmock not ready in {timeout}s: {self.log_path.read_text()}")
 
     def scenario(self, behaviors: list[dict]) -> None:
         """Append behaviors to the scenario (LLMock applies them in order)."""
