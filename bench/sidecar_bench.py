@@ -46,8 +46,9 @@ sys.path.insert(0, str(REPO))
 
 from sidecar import flip  # noqa: E402
 from sidecar.probes import probe  # noqa: E402
+from testbed.hermes_gateway import variant  # noqa: E402
 from testbed.llama_server import LlamaServer  # noqa: E402
-from testbed.llmock import LLMock, free_port, variant  # noqa: E402
+from testbed.llmock import LLMock, free_port  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 LOCAL_MODEL = "gemma3-270m"
