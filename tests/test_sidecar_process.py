@@ -35,7 +35,8 @@ import yaml
 
 from sidecar import flip
 from sidecar.gateway import CHECK_WORDS
-from testbed.llmock import LLMock, SupervisedGateway, free_port, variant
+from testbed.hermes_gateway import Gateway, variant
+from testbed.llmock import LLMock, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CLAUDE_KEY = "sk-ant-neverdark-process-test-0001"
@@ -163,7 +164,7 @@ def bench(tmp_path_factory):
         active = root / "managed" / "config.yaml"
         active.parent.mkdir()
         flip.atomic_install(claude_v, active)
-        gw = SupervisedGateway(root / "gw", active)
+        gw = Gateway.bare(root / "gw", active, supervised=True)
         yield type("Bench", (), {"root": root, "gw": gw, "claude": claude_mock, "local": local_mock,
                                  "claude_v": claude_v, "local_v": local_v, "active": active})
     finally:
