@@ -58,3 +58,22 @@ def wait_http(url: str, proc: subprocess.Popen, *, timeout: float, what: str,
         if on_fail is not None:
             on_fail()
         raise
+
+
+def wait_until(check: Callable[[], object], timeout: float, what: str, every: float = 1.0,
+               tolerate: tuple[type[BaseException], ...] = (Exception,)):
+    """Poll `check` until it returns something truthy and return that; an exception of a
+    `tolerate` type counts as not yet (a host or a sidecar mid-restart). Fails the test with the
+    last value seen."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except tolerate as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")

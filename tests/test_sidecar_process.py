@@ -37,6 +37,7 @@ from sidecar import flip
 from sidecar.gateway import CHECK_WORDS
 from testbed.hermes_gateway import Gateway, variant
 from testbed.llmock import LLMock, free_port
+from testbed.wait import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 CLAUDE_KEY = "sk-ant-neverdark-process-test-0001"
@@ -72,18 +73,8 @@ def strict_json(text: str):
 
 
 def until(predicate, timeout: float, what: str, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except (httpx.HTTPError, OSError, ValueError, KeyError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+    return wait_until(predicate, timeout, what, every,
+                      tolerate=(httpx.HTTPError, OSError, ValueError, KeyError))
 
 
 class Sidecar:
