@@ -94,7 +94,7 @@ def run_profile(root: Path, profile: str, secrets_: dict) -> dict:
     llama = LlamaServer(root, port=llama_port)
     result = {"profile": profile, "turns": []}
     try:
-        gw = Gateway(root / f"gw-{profile}", w, secrets_)
+        gw = Gateway.for_wizard(root / f"gw-{profile}", w, secrets_)
         gw.activate("local")
         session = None
         for name, conv, text in TURNS:
@@ -127,7 +127,7 @@ def tool_schema_tokens(root: Path, secrets_: dict) -> int:
     try:
         w = wizard(mock, tap.port, "full")
         w["backends"][1]["base_url"] = tap.root + "/v1"
-        gw = Gateway(root / "gw-tools", w, secrets_)
+        gw = Gateway.for_wizard(root / "gw-tools", w, secrets_)
         gw.activate("local")
         gw.post([{"role": "user", "content": "hello"}])
         body = tap.bodies("/chat/completions")[-1]

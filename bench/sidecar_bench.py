@@ -4,7 +4,8 @@
 
 Everything is real and on loopback:
 - one `llmock serve` process (its Anthropic, OpenAI and Gemini routes stand in for the clouds)
-  and one llama-cpp-python server with the real Gemma 3 270M GGUF (the `local` kind);
+  and one llama-cpp-python server (the deployed launcher, testbed.llama_server) with the real
+  Gemma 3 270M GGUF (the `local` kind);
 - probe latency: `sidecar.probes.probe()` called directly, N times per backend kind, over one
   shared httpx.AsyncClient as the daemon uses it (after 2 unrecorded warm-up calls per row);
 - footprint: the real daemon (`python -m sidecar --config ...`) as a subprocess with 3 wizards
@@ -45,48 +46,15 @@ sys.path.insert(0, str(REPO))
 
 from sidecar import flip  # noqa: E402
 from sidecar.probes import probe  # noqa: E402
-from testbed import runtimes  # noqa: E402
-from testbed.llmock import LLMock, free_port, variant  # noqa: E402
+from testbed.hermes_gateway import variant  # noqa: E402
+from testbed.llama_server import LlamaServer  # noqa: E402
+from testbed.llmock import LLMock, free_port  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 LOCAL_MODEL = "gemma3-270m"
 
 
 # --- servers ----------------------------------------------------------------------------------
-
-class LlamaServer:
-    """llama-cpp-python's server with the real Gemma 3 270M GGUF, started as the tests do."""
-
-    def __init__(self, log_dir: Path, timeout: float = 120.0) -> None:
-        gguf = runtimes.gguf()
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}/v1"
-        self.log_path = log_dir / "llama.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [str(runtimes.LLAMA_PYTHON), "-m", "llama_cpp.server", "--model", str(gguf),
-             "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", "2048",
-             "--chat_format", "chatml", "--logits_all", "false", "--n_threads", "2",
-             "--model_alias", LOCAL_MODEL],
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama server exited {self.proc.returncode}: "
-                                   f"{self.log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.base}/models", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"llama server not up in {timeout:.0f} s")
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self._log.close()
-
 
 def stop_process(proc: subprocess.Popen, grace: float = 15.0) -> None:
     """SIGTERM, then SIGKILL to the process's own group (every child here has its own session)."""
@@ -120,8 +88,8 @@ async def probe_latencies(mock: LLMock, llama: LlamaServer, n: int) -> list[dict
         ("anthropic", "list models", "LLMock", b("anthropic", mock.anthropic_base, "claude-sonnet-4-5", "sk-ant-bench"), False),
         ("openai", "list models", "LLMock", b("openai", mock.openai_base, "gpt-4o-mini", "sk-bench"), False),
         ("google", "list models", "LLMock", b("google", mock.google_base, "gemini-2.0-flash", "g-bench"), False),
-        ("local", "liveness (list models)", "llama-cpp-python, Gemma 3 270M", b("local", llama.base, LOCAL_MODEL, None), False),
-        ("local", "deep (1-token completion)", "llama-cpp-python, Gemma 3 270M", b("local", llama.base, LOCAL_MODEL, None), True),
+        ("local", "liveness (list models)", "llama-cpp-python, Gemma 3 270M", b("local", llama.base_url, LOCAL_MODEL, None), False),
+        ("local", "deep (1-token completion)", "llama-cpp-python, Gemma 3 270M", b("local", llama.base_url, LOCAL_MODEL, None), True),
         ("anthropic", "deep (1 token, paid_probe)", "LLMock", b("anthropic", mock.anthropic_base, "claude-sonnet-4-5", "sk-ant-bench"), True),
         ("openai", "deep (1 token, paid_probe)", "LLMock", b("openai", mock.openai_base, "gpt-4o-mini", "sk-bench"), True),
         ("google", "deep (1 token, paid_probe)", "LLMock", b("google", mock.google_base, "gemini-2.0-flash", "g-bench"), True),
@@ -153,7 +121,7 @@ def write_site(root: Path, mock: LLMock, llama: LlamaServer, interval: float) ->
         "gandalf": [("claude", "anthropic"), ("gpt", "openai"), ("local", "local")],
     }
     urls = {"anthropic": mock.anthropic_base, "openai": mock.openai_base,
-            "google": mock.google_base, "local": llama.base}
+            "google": mock.google_base, "local": llama.base_url}
     models = {"anthropic": "claude-sonnet-4-5", "openai": "gpt-4o-mini",
               "google": "gemini-2.0-flash", "local": LOCAL_MODEL}
     providers = {"anthropic": "anthropic", "openai": "openai", "google": "gemini", "local": "custom"}
@@ -314,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         mock = llama = None
         try:
             mock = LLMock(tmp)
-            llama = LlamaServer(tmp)
+            # The deployed launcher: liveness probes its /health (plain llama_cpp.server has none).
+            llama = LlamaServer(tmp, n_ctx=2048)
             latencies = asyncio.run(probe_latencies(mock, llama, args.probes))
             runs = []
             for i, interval in enumerate(intervals):

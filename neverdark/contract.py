@@ -280,7 +280,10 @@ DEFAULT_ENGINE = "llama-cpp-python"
 # drill (every wizard of a host on one local model, turns from all of them for minutes):
 # bench/llama_engine_bench.py prints them.
 MEMORY_DEFAULTS = {
-    "gateway_mb": 230,                 # a Hermes gateway after turns (~200 measured)
+    "gateway_mb": 230,                 # a Hermes gateway after turns (219 MB peak measured)
+    # ... plus this for one with Telegram (python-telegram-bot and its polling): gandalf's
+    # gateway peaked at 254-258 MB in the capacity drill beside merlin's 214-219
+    "messaging_mb": 40,
     "sidecar_mb": 40,
     "llama_overhead_mb": 300,          # llama-cpp-python beyond model file, KV and its cache
     "llama_server_overhead_mb": 120,   # llama-server beyond model file, KV and checkpoints

@@ -162,6 +162,12 @@ def external_server_items(fleet: Fleet, host: str) -> list[tuple[str, int]]:
     return [(f"model server at {url} (declared)", mb_) for url, mb_ in sorted(servers.items())]
 
 
+def gateway_mb(fleet: Fleet, wizard: str) -> int:
+    """A wizard's Hermes gateway: more with a messaging platform (Telegram) than API-only."""
+    return fleet.memory.gateway_mb + (fleet.memory.messaging_mb
+                                      if fleet.wizards[wizard].telegram else 0)
+
+
 def memory_budget(fleet: Fleet, host: str) -> list[tuple[str, int]]:
     """What the host must hold, in MB, headroom last; the sum must not exceed memory_mb."""
     items: list[tuple[str, int]] = []
@@ -170,7 +176,8 @@ def memory_budget(fleet: Fleet, host: str) -> list[tuple[str, int]]:
                               fleet.memory)
     items += external_server_items(fleet, host)
     for wizard in fleet.wizards_on(host):
-        items.append((f"hermes gateway {wizard}", fleet.memory.gateway_mb))
+        telegram = " (with Telegram)" if fleet.wizards[wizard].telegram else ""
+        items.append((f"hermes gateway {wizard}{telegram}", gateway_mb(fleet, wizard)))
     items.append(("neverdark sidecar", fleet.memory.sidecar_mb))
     items.append((f"headroom ({fleet.memory.headroom_percent:g}%, at least "
                   f"{fleet.memory.headroom_min_mb} MB)", headroom_mb(fleet, host)))

@@ -7,22 +7,16 @@ installed into a private target directory and assembled once, then cached by sha
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+# artifacts.py is stdlib-only (hosts run it as a file), so the hashing lives there
+from neverdark.artifacts import sha256_of
+
 CACHE = Path(os.environ.get("NEVERDARK_CACHE", "/var/cache/neverdark")) / "models"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ModelSourceError(Exception):

@@ -443,6 +443,7 @@ class MemoryPolicy(Strict):
     headroom_percent: float = Field(15, ge=0, lt=100)
     headroom_min_mb: int = Field(256, ge=0, le=MB_MAX)
     gateway_mb: int = Field(contract.MEMORY_DEFAULTS["gateway_mb"], ge=0, le=MB_MAX)
+    messaging_mb: int = Field(contract.MEMORY_DEFAULTS["messaging_mb"], ge=0, le=MB_MAX)
     sidecar_mb: int = Field(contract.MEMORY_DEFAULTS["sidecar_mb"], ge=0, le=MB_MAX)
     llama_overhead_mb: int = Field(contract.MEMORY_DEFAULTS["llama_overhead_mb"], ge=0,
                                    le=MB_MAX)

@@ -9,20 +9,18 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
-
-import httpx
 
 from testbed import runtimes
 from testbed.llmock import free_port
+from testbed.wait import NotReady, wait_http
 
 SERVE_PY = runtimes.REPO / "deploys" / "llama" / "serve.py"
 MODEL_ALIAS = "gemma3-270m"
 
 
-class LlamaServerError(RuntimeError):
-    pass
+class LlamaServerError(NotReady):
+    """The engine is missing, died or did not come up; the message carries its log tail."""
 
 
 class LlamaServer:
@@ -50,22 +48,9 @@ class LlamaServer:
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True,
                                      env={**os.environ, **(env or {})})
-        self._wait_ready(start_timeout)
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise LlamaServerError(f"llama server exited {self.proc.returncode}:\n"
-                                       + self.log_path.read_text(errors="replace")[-3000:])
-            try:
-                if httpx.get(f"{self.base_url}/models", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise LlamaServerError(f"llama server not up within {timeout}s")
+        wait_http(f"{self.base_url}/models", self.proc, timeout=start_timeout,
+                  what="llama server", log=self.log_path, error=LlamaServerError,
+                  on_fail=self.stop)
 
     def log_text(self) -> str:
         self._log.flush()

@@ -1,32 +1,22 @@
-"""A real LLMock process on a free loopback port, for tests that need a cloud API to break;
-and a real Hermes gateway under a small real supervisor, pointed at such LLMocks.
+"""A real LLMock process on a free loopback port, for tests that need a cloud API to break.
 
 Import explicitly (``from testbed.llmock import llmock, LLMock``); it is not a conftest so
-that several engineers' fixtures cannot collide.
-
-The gateway helper is real: `hermes gateway run` from the pinned hermes venv, with its API server
-on loopback; a supervisor process restarts it when it exits 75, the way the unit's
-RestartForceExitStatus=75 does, and the restart is triggered by SIGUSR1 exactly as the unit's
-ExecReload would. Only systemd itself is absent (no PID-1 systemd here).
+that several engineers' fixtures cannot collide. The Hermes gateway pointed at such LLMocks is
+testbed/hermes_gateway.py's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-import secrets
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from testbed import runtimes
+from testbed.wait import wait_http
 
 LLMOCK_BIN = Path(sys.executable).parent / "llmock"
 
@@ -64,7 +54,8 @@ class LLMock:
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "LLMOCK_RESPONSE_STYLE": "static", "LLMOCK_TOOL_MODE": "off"},
         )
-        self._wait_ready()
+        wait_http(f"{self.root}/health", self.proc, timeout=30, what="llmock", log=self.log_path,
+                  every=0.1, on_fail=self.stop)
         self.plain_answers()
 
     @property
@@ -83,20 +74,6 @@ class LLMock:
     @property
     def google_base(self) -> str:
         return f"{self.root}/gemini/v1beta"
-
-    def _wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llmock exited {self.proc.returncode}: {self.log_path.read_text()}")
-            try:
-                if httpx.get(f"{self.root}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"llmock not ready in {timeout}s: {self.log_path.read_text()}")
 
     def scenario(self, behaviors: list[dict]) -> None:
         """Append behaviors to the scenario (LLMock applies them in order)."""
@@ -161,123 +138,3 @@ def llmock(llmock_module):
     llmock_module.reset()
     yield llmock_module
     llmock_module.reset()
-
-
-# --- Hermes gateway ---------------------------------------------------------------------------
-
-HERMES_BIN = runtimes.HERMES_BIN
-
-SUPERVISOR = r"""
-import os, signal, subprocess, sys
-pidfile, argv = sys.argv[1], sys.argv[2:]
-child = None
-def forward(sig, _frame):
-    if child and child.poll() is None:
-        child.send_signal(sig)
-signal.signal(signal.SIGTERM, forward)
-while True:
-    child = subprocess.Popen(argv)
-    tmp = pidfile + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(str(child.pid))
-    os.replace(tmp, pidfile)
-    rc = child.wait()
-    if rc != 75:
-        sys.exit(rc)
-"""
-
-
-def require_hermes() -> Path:
-    if not HERMES_BIN.exists():
-        pytest.fail(f"Hermes gateway not found at {HERMES_BIN}: set NEVERDARK_HERMES_BIN or "
-                    + runtimes.INSTALL_HINT)
-    return HERMES_BIN
-
-
-def variant(path: Path, *, provider: str, model: str, base_url: str) -> Path:
-    doc = {"model": {"provider": provider, "default": model, "base_url": base_url,
-                     "api_key": "sk-neverdark-test-" + provider,
-                     # Set explicitly: otherwise Hermes looks cloud models up online.
-                     "context_length": 128000, "max_tokens": 256}}
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
-
-
-class SupervisedGateway:
-    def __init__(self, root: Path, active: Path) -> None:
-        hermes = require_hermes()
-        self.home = root / "home"
-        self.managed = active.parent
-        self.home.mkdir(parents=True)
-        self.port = free_port()
-        self.key = "nd-test-" + secrets.token_hex(16)
-        (self.home / "config.yaml").write_text(yaml.safe_dump({
-            "security": {"tirith_enabled": False, "allow_lazy_installs": False},
-            "platforms": {"api_server": {"enabled": True, "extra": {
-                "host": "127.0.0.1", "port": self.port, "key": self.key}}},
-        }))
-        # Hermes' anthropic provider reads its key only from the environment / HERMES_HOME/.env,
-        # never from model.api_key; .env is re-read every turn.
-        (self.home / ".env").write_text("ANTHROPIC_API_KEY=sk-ant-neverdark-test\n")
-        self.pidfile = root / "gateway.pid"
-        self.log = (root / "supervisor.log").open("wb")
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root),
-               "HERMES_HOME": str(self.home), "HERMES_MANAGED_DIR": str(self.managed),
-               "LANG": "C.UTF-8"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", SUPERVISOR, str(self.pidfile), str(hermes), "gateway", "run"],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self._wait_health(90)
-
-    def gateway_pid(self) -> int | None:
-        try:
-            return int(self.pidfile.read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-
-    def _wait_health(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"supervisor exited {self.proc.returncode}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("Hermes gateway did not answer /health")
-
-    # GatewayControl: what systemctl restart / is-active do for the real unit.
-    async def restart(self) -> None:
-        old = self.gateway_pid()
-        os.kill(old, signal.SIGUSR1)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            new = self.gateway_pid()
-            if new is not None and new != old:
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"supervisor exited {self.proc.returncode}")
-            await asyncio.sleep(0.1)
-        raise RuntimeError("gateway did not come back after SIGUSR1")
-
-    async def is_active(self) -> bool:
-        pid = self.gateway_pid()
-        if self.proc.poll() is not None or pid is None:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.log.close()

@@ -13,13 +13,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import httpx
-
 from neverdark import engines, memory_fit
 from neverdark.schema import Model
 from neverdark.topology import LlamaServer
 from testbed import runtimes
 from testbed.bed import GEMMA_KV, GEMMA_SHA256, free_port
+from testbed.wait import wait_http
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -90,20 +89,10 @@ class LocalServer:
         self.proc = subprocess.Popen(self.argv(), env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self.started = time.monotonic()
-        deadline = self.started + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.spec.engine} exited {self.proc.returncode}: "
-                                   f"{self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.root}/health", timeout=1).status_code == 200:
-                    self.ready_s = time.monotonic() - self.started
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"{self.spec.engine} not ready in {timeout:.0f} s")
+        wait_http(f"{self.root}/health", self.proc, timeout=timeout, what=self.spec.engine,
+                  log=self.log_path, on_fail=self.stop)
+        self.ready_s = time.monotonic() - self.started
+        return self
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -170,7 +170,7 @@ def test_real_gateway_answers_through_ollama_with_no_key(tmp_path):
             spec = {**hermes_spec(fleet, "merlin"), "api_port": free_port()}
             secrets = {"ANTHROPIC_API_KEY": fleet.secret("ANTHROPIC_API_KEY"),
                        "NEVERDARK_API_KEY_MERLIN": fleet.secret("NEVERDARK_API_KEY_MERLIN")}
-            gw = Gateway(tmp_path / "gw", spec, secrets)
+            gw = Gateway.for_wizard(tmp_path / "gw", spec, secrets)
             try:
                 gw.activate("qwen")
                 r = gw.post([{"role": "user", "content": "Hello?"}],

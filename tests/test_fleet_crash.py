@@ -26,6 +26,8 @@ import time
 
 import pytest
 
+from testbed.wait import wait_until as wait_for
+
 pytestmark = [pytest.mark.fleet, pytest.mark.e2e]
 
 HOST, WIZARD, GPT = "vps1", "gandalf", "gpt-4.1"   # GPT: gandalf's OpenAI backend
@@ -77,21 +79,6 @@ doc = saved()
 print(json.dumps({"point": point, "pid": pid, "flipped": flipped(), "intent": doc.get("intent"),
                   "transitions": len(doc.get("transitions") or []), "killed_wall": time.time()}))
 """
-
-
-def wait_for(check, timeout: float, what: str, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except Exception as exc:  # noqa: BLE001 -- the sidecar mid-restart; keep polling
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
 
 
 def status(bed) -> dict:

@@ -28,6 +28,7 @@ import pytest
 
 from neverdark.hermes_config import DEFAULT_NOTICE
 from testbed.bed import TELEGRAM_USERS, Turn
+from testbed.wait import wait_until as wait_for
 
 pytestmark = [pytest.mark.fleet, pytest.mark.e2e]
 
@@ -40,21 +41,6 @@ LLAMA_UNIT = "neverdark-llama-gemma3-270m.service"
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-def wait_for(check, timeout: float, what: str, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except Exception as exc:  # noqa: BLE001 -- a host mid-restart; keep polling
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
-
 
 def wizard_status(bed, wizard: str) -> dict:
     host, _ = PRIMARY[wizard]

@@ -112,7 +112,8 @@ def capacity(bed, engine: str) -> dict:
     s = drill.summary()
     model = fleet.models[MODEL]
     granted = memory_fit.server_mb(model, len(WIZARDS), fleet.memory)
-    s["fit"] = {"server_mb": granted, "gateway_mb": fleet.memory.gateway_mb,
+    s["fit"] = {"server_mb": granted,
+                "gateway_mb": {w: memory_fit.gateway_mb(fleet, w) for w in WIZARDS},
                 "host_mb": fleet.hosts[HOST].memory_mb,
                 "budget": dict(memory_fit.memory_budget(fleet, HOST))}
     s["warm"] = warmed
@@ -127,7 +128,7 @@ def capacity(bed, engine: str) -> dict:
         assert t["by_model"].get(MODEL, 0) >= 0.9 * t["answered"], (w, t)
     assert s["peak_rss_mb"][UNIT] <= granted, (s["peak_rss_mb"][UNIT], granted)
     for w in WIZARDS:
-        assert s["peak_rss_mb"][contract.wizard_unit(w)] <= fleet.memory.gateway_mb, s
+        assert s["peak_rss_mb"][contract.wizard_unit(w)] <= memory_fit.gateway_mb(fleet, w), s
     if "cgroup" in s:
         assert s["cgroup"]["limit_hits"].get("oom_kill", 0) == 0, s["cgroup"]
     else:

@@ -101,11 +101,8 @@ SECRETS = {
 
 
 class Gateway(hermes_gateway.Gateway):
-    """The real gateway with this module's secrets, and a turn helper that checks the basics."""
-
-    def __init__(self, root: Path, wizard: dict) -> None:
-        require_hermes()
-        super().__init__(root, wizard, SECRETS)
+    """The real gateway (Gateway.for_wizard with this module's SECRETS), and a turn helper that
+    checks the basics."""
 
     def chat(self, text: str) -> tuple[dict, str | None]:
         """One turn; returns the completion and the model its session says answered."""
@@ -132,7 +129,8 @@ def fleet(tmp_path_factory):
             backends[name] = Backend(root)
         wizard = make_wizard(backends["anthropic"], backends["openai"], backends["google"],
                              backends["local"], free_port())
-        gateway = Gateway(root, wizard)
+        require_hermes()
+        gateway = Gateway.for_wizard(root, wizard, SECRETS)
         yield gateway, backends
     finally:
         if gateway is not None:

@@ -506,7 +506,7 @@ def test_validate_command_prints_budgets(tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.startswith("OK: 2 hosts, 1 model, 3 wizards\n")
     assert "host pi-attic (pi, aarch64, 2048 MB):" in result.output
-    assert "1444 MB of 2048 MB" in result.output
+    assert "1484 MB of 2048 MB" in result.output
     assert "TOPSECRET" not in result.output
 
 

@@ -22,6 +22,7 @@ import pytest
 
 from testbed import runtimes
 from testbed.bed import free_port
+from testbed.wait import wait_http
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEM = ("You are Merlin, a wizard of the test fleet. " + " ".join(
@@ -53,16 +54,9 @@ class Launcher:
              "--logits_all", "false", "--interrupt_requests", "false", "--verbose", "false"],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.tmp / "launcher.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError("launcher not ready in 120 s")
+        wait_http(f"{self.url}/health", self.proc, timeout=120, what="launcher",
+                  log=self.tmp / "launcher.log", every=0.3, on_fail=self.stop)
+        return self
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -16,7 +16,8 @@ import pytest
 
 from sidecar.flip import atomic_install
 from sidecar.passive import PassiveWatcher
-from testbed.llmock import LLMock, SupervisedGateway, free_port, variant
+from testbed.hermes_gateway import Gateway, variant
+from testbed.llmock import LLMock, free_port
 
 # Captured from `hermes gateway run` (0.19.0) against LLMock with a 401 and a 429 fault.
 LINE_401 = ("2026-11-23 07:48:11,301 WARNING [api-4616533c3b295d8a] agent.conversation_loop: API call "
@@ -125,7 +126,7 @@ def live(tmp_path_factory):
         active = root / "managed" / "config.yaml"
         active.parent.mkdir()
         atomic_install(backends[0].variant, active)
-        gw = SupervisedGateway(root / "gw", active)
+        gw = Gateway.bare(root / "gw", active, supervised=True)
         yield SimpleNamespace(gw=gw, mocks=mocks, backends=backends, active=active,
                               wizard=SimpleNamespace(name="w", home=gw.home, backends=backends))
     finally:

@@ -44,7 +44,7 @@ def test_the_captured_prefix_is_what_the_gateway_sends(tmp_path):
     prefix._Capture.bodies = []
     spec = wizard(f"http://127.0.0.1:{server.server_address[1]}/v1")
     secrets = {"API_KEY": "nd-test-" + "k" * 24, "ANTHROPIC": "sk-ant-test-0000"}
-    gw = Gateway(tmp_path / "gw", spec, secrets)
+    gw = Gateway.for_wizard(tmp_path / "gw", spec, secrets)
     try:
         gw.activate("local")
         r = gw.post([{"role": "user", "content": "Hello, who are you?"}])

@@ -28,7 +28,6 @@ import httpx
 import pytest
 
 from sidecar.probes import ProbeResult, parse_retry_after, probe
-from testbed import runtimes
 from testbed.llmock import free_port, llmock, llmock_module  # noqa: F401  (fixtures)
 
 SECRET = "sk-probe-secret-do-not-log-0123456789"
@@ -284,43 +283,18 @@ def test_unusable_provider_hints_are_ignored(canned, headers, body, expected):
 
 # --- local llama server -----------------------------------------------------------------------
 
-LLAMA_PY = runtimes.LLAMA_PYTHON
-SERVE_PY = Path(__file__).resolve().parent.parent / "deploys" / "llama" / "serve.py"
-
-
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
-    GGUF = runtimes.gguf()
-    if subprocess.run([str(LLAMA_PY), "-c", "import llama_cpp.server"]).returncode != 0:
-        pytest.fail(f"llama-cpp-python[server] is not importable from {LLAMA_PY}: "
-                    + runtimes.INSTALL_HINT)
-    port = free_port()
-    log = (tmp_path_factory.mktemp("llama") / "llama.log").open("wb")
-    # The deployed launcher (deploys/llama/serve.py) with the deployed request handling.
-    proc = subprocess.Popen(
-        [str(LLAMA_PY), str(SERVE_PY), "--model", str(GGUF), "--host", "127.0.0.1",
-         "--port", str(port), "--n_ctx", "2048", "--chat_format", "chatml", "--logits_all", "false",
-         "--interrupt_requests", "false", "--n_threads", "2", "--model_alias", "gemma3-270m"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}/v1"
+    """The deployed launcher (deploys/llama/serve.py) with the deployed request handling."""
+    from testbed.llama_server import LlamaServer, LlamaServerError
     try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                pytest.fail(f"llama server exited {proc.returncode}")
-            try:
-                if httpx.get(f"{base}/models", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            import time
-            time.sleep(0.1)
-        else:
-            pytest.fail("llama server not up in 60 s")
-        yield base
+        server = LlamaServer(tmp_path_factory.mktemp("llama"), n_ctx=2048)
+    except LlamaServerError as e:
+        pytest.fail(str(e))
+    try:
+        yield server.base_url
     finally:
-        proc.terminate()
-        proc.wait(20)
-        log.close()
+        server.stop()
 
 
 def test_local_liveness_and_deep_readiness(llama_server):

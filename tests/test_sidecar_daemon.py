@@ -40,7 +40,8 @@ from sidecar.daemon import Daemon
 from sidecar.policy import STORM_MAX, STORM_WINDOW
 from sidecar.probes import probe
 from sidecar.switch import SwitchResult
-from testbed.llmock import LLMock, free_port, variant
+from testbed.hermes_gateway import variant
+from testbed.llmock import LLMock, free_port
 
 PRIMARY_KEY = "sk-ant-neverdark-daemon-test-0001"
 API_KEY = "nd-api-key-daemon-test-000000001"

@@ -35,7 +35,9 @@ import yaml
 
 from sidecar import flip
 from sidecar.gateway import CHECK_WORDS
-from testbed.llmock import LLMock, SupervisedGateway, free_port, variant
+from testbed.hermes_gateway import Gateway, variant
+from testbed.llmock import LLMock, free_port
+from testbed.wait import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 CLAUDE_KEY = "sk-ant-neverdark-process-test-0001"
@@ -71,18 +73,8 @@ def strict_json(text: str):
 
 
 def until(predicate, timeout: float, what: str, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except (httpx.HTTPError, OSError, ValueError, KeyError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+    return wait_until(predicate, timeout, what, every,
+                      tolerate=(httpx.HTTPError, OSError, ValueError, KeyError))
 
 
 class Sidecar:
@@ -163,7 +155,7 @@ def bench(tmp_path_factory):
         active = root / "managed" / "config.yaml"
         active.parent.mkdir()
         flip.atomic_install(claude_v, active)
-        gw = SupervisedGateway(root / "gw", active)
+        gw = Gateway.bare(root / "gw", active, supervised=True)
         yield type("Bench", (), {"root": root, "gw": gw, "claude": claude_mock, "local": local_mock,
                                  "claude_v": claude_v, "local_v": local_v, "active": active})
     finally:

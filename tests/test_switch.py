@@ -22,7 +22,8 @@ from sidecar.flip import atomic_install, read_active_backend
 from sidecar.gateway import verify
 from sidecar.policy import Policy
 from sidecar.switch import check, switch
-from testbed.llmock import LLMock, SupervisedGateway, variant
+from testbed.hermes_gateway import Gateway, variant
+from testbed.llmock import LLMock
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def fleet(tmp_path_factory):
         active = root / "managed" / "config.yaml"
         active.parent.mkdir()
         atomic_install(backends[0].variant, active)
-        gw = SupervisedGateway(root / "gw", active)
+        gw = Gateway.bare(root / "gw", active, supervised=True)
         yield SimpleNamespace(gw=gw, mocks=mocks, backends=backends, active=active, root=root)
     finally:
         if gw:
@@ -170,7 +171,7 @@ def fresh_gateway(fleet):
     """Its own HERMES_HOME: Hermes counts starts per home (gateway-starts.log) and backs off after
     more than 5 in 120 s, so sharing the module's gateway would measure Hermes' brake, not ours."""
     atomic_install(fleet.backends[0].variant, fleet.active)
-    gw = SupervisedGateway(fleet.root / "gw-storm", fleet.active)
+    gw = Gateway.bare(fleet.root / "gw-storm", fleet.active, supervised=True)
     try:
         yield SimpleNamespace(**{**vars(fleet), "gw": gw})
     finally:
@@ -241,7 +242,7 @@ def test_invalid_target_variant_touches_nothing(tmp_path):
 def own_gateway(fleet, tmp_path):
     """A gateway with a HERMES_HOME of its own (Hermes' start counting is per home)."""
     atomic_install(fleet.backends[0].variant, fleet.active)
-    gw = SupervisedGateway(tmp_path / "gw", fleet.active)
+    gw = Gateway.bare(tmp_path / "gw", fleet.active, supervised=True)
     try:
         yield SimpleNamespace(**{**vars(fleet), "gw": gw})
     finally:
