@@ -354,7 +354,9 @@ class Testbed:
             # The host as booted: its real architecture and the memory its cgroup enforces.
             hosts[spec.name] = {
                 "address": h["address"], "ssh": ssh, "profile": spec.profile,
-                "arch": h["arch"], "memory_mb": h["memory_mb"], "cores": 2,
+                "arch": h["arch"], "memory_mb": h["memory_mb"],
+                # what the host really has (the deploy refuses more than its nproc)
+                "cores": min(2, len(os.sched_getaffinity(0))),
                 "wheelhouse": {"find_links": f"{self.fleet.files_url(spec.name)}/wheels/",
                                "index": False}}
         models = models or self.default_models()
