@@ -92,7 +92,9 @@ def main() -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="neverdark-demo-"))
     say(f"neverdark demo: working in {run_dir}")
     with Testbed(run_dir, hosts=MIXED_HOSTS) as bed:
-        say("test fleet up: " + ", ".join(f"{n} ({h['profile']}, {h['address']}, ssh as {h['user']})"
+        say("test fleet up: " + ", ".join(f"{n} ({h['profile']}, {h['arch']}"
+                                          f"{' under qemu-user' if h.get('emulated') else ''}, "
+                                          f"{h['address']}, ssh as {h['user']})"
                                           for n, h in bed.fleet.hosts.items()))
         say(f"inventory: {bed.inventory_path}\n")
         say("$ pyinfra -y inventory deploys/fleet.py")
