@@ -413,6 +413,14 @@ class Testbed:
             time.sleep(1)
         raise TimeoutError(f"{wizard} not on {backend} after {timeout:.0f} s; last: {last!r}")
 
+    def clouds_up(self) -> None:
+        """Every cloud stand-in running and answering normally (a drill may have stopped one
+        or left a fault behind)."""
+        for mock in self.mocks.values():
+            if mock.proc is None or mock.proc.poll() is not None:
+                mock.start()
+            mock.recover()
+
     def neverdark(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
         """The operator's `neverdark` command on this inventory, as a subprocess."""
         env = dict(os.environ, NEVERDARK_INVENTORY=str(self.inventory_path),

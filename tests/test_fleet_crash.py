@@ -113,10 +113,7 @@ class Failover(threading.Thread):
 def calm(bed, first_deploy):
     """Every cloud healthy and gandalf and merlin on claude, before and after."""
     def settle():
-        for mock in bed.mocks.values():
-            if mock.proc is None or mock.proc.poll() is not None:
-                mock.start()
-            mock.recover()
+        bed.clouds_up()
         for wizard in (WIZARD, "merlin"):
             bed.wait_active(HOST, wizard, "claude", timeout=300)
         wait_for(lambda: all(b["healthy"] for b in status(bed)[WIZARD]["backends"].values()),

@@ -160,10 +160,7 @@ def main_pid(bed, unit: str) -> str:
 def calm(bed, first_deploy):
     """Every backend healthy and every wizard back on its primary, before and after each drill."""
     def settle():
-        for mock in bed.mocks.values():
-            if mock.proc is None or mock.proc.poll() is not None:
-                mock.start()
-            mock.recover()
+        bed.clouds_up()
         for host in ("vps1", "pi1"):
             bed.ssh(host, f"systemctl start {LLAMA_UNIT}")
         for wizard, (_, primary) in PRIMARY.items():

@@ -41,20 +41,12 @@ from sidecar.policy import STORM_MAX, STORM_WINDOW
 from sidecar.probes import probe
 from sidecar.switch import SwitchResult
 from testbed.hermes_gateway import variant
+from testbed.hook_command import HOOK
 from testbed.llmock import LLMock, free_port
 
 PRIMARY_KEY = "sk-ant-neverdark-daemon-test-0001"
 API_KEY = "nd-api-key-daemon-test-000000001"
 
-HOOK = r"""
-import os, sys, uuid
-data = sys.stdin.buffer.read()
-out = sys.argv[1]
-tmp = os.path.join(out, "." + uuid.uuid4().hex)
-with open(tmp, "wb") as f:
-    f.write(data)
-os.replace(tmp, os.path.join(out, uuid.uuid4().hex + ".json"))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +119,14 @@ async def probe_check(wizard, backend, client, systemctl):
     r = await probe(backend, client, 10.0, deep=True)
     return SwitchResult(r.ok, False, f"{backend.name} answered" if r.ok else r.detail,
                         {"check_turn": r.latency})
+
+
+async def healthy_then_503(p, primary) -> None:
+    """Both of merlin's backends healthy, then the primary answers 503 until merlin fails over."""
+    await until(lambda: p.health["claude"].healthy and p.health["local"].healthy,
+                what="both backends healthy")
+    await asyncio.to_thread(primary.fault, {"type": "fail", "status": 503, "times": None})
+    await until(lambda: p.active == "local", what="failover")
 
 
 def strict_json(text: str):
@@ -426,10 +426,7 @@ def test_wall_clock_steps_move_no_timer(site, mocks):
         await d.start()
         try:
             p = d.runners["merlin"].policy
-            await until(lambda: p.health["claude"].healthy and p.health["local"].healthy,
-                        what="both backends healthy")
-            await asyncio.to_thread(primary.fault, {"type": "fail", "status": 503, "times": None})
-            await until(lambda: p.active == "local", what="failover")
+            await healthy_then_503(p, primary)
             over = time.monotonic()
             step[0] = -3600.0                                    # mid-dwell: back an hour
             await asyncio.to_thread(primary.reset)
@@ -481,10 +478,7 @@ def test_wall_clock_step_across_a_sidecar_restart_mid_dwell(site, mocks):
         await d.start()
         try:
             p = d.runners["merlin"].policy
-            await until(lambda: p.health["claude"].healthy and p.health["local"].healthy,
-                        what="both backends healthy")
-            await asyncio.to_thread(primary.fault, {"type": "fail", "status": 503, "times": None})
-            await until(lambda: p.active == "local", what="failover")
+            await healthy_then_503(p, primary)
             over = time.monotonic()
             await asyncio.sleep(4.0)   # 4 s of the 6 s dwell served before the stop
         finally:
@@ -785,10 +779,7 @@ def test_check_turns_on_a_local_backend_reach_metrics(site, mocks):
         await d.start()
         try:
             p = d.runners["merlin"].policy
-            await until(lambda: p.health["claude"].healthy and p.health["local"].healthy,
-                        what="both backends healthy")
-            await asyncio.to_thread(primary.fault, {"type": "fail", "status": 503, "times": None})
-            await until(lambda: p.active == "local", what="failover")
+            await healthy_then_503(p, primary)
             metrics = d.metrics.render({"merlin": (["claude", "local"], "local", False)})
         finally:
             await d.close()

@@ -36,21 +36,13 @@ import yaml
 from sidecar import flip
 from sidecar.gateway import CHECK_WORDS
 from testbed.hermes_gateway import Gateway, variant
+from testbed.hook_command import HOOK
 from testbed.llmock import LLMock, free_port
 from testbed.wait import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 CLAUDE_KEY = "sk-ant-neverdark-process-test-0001"
 
-HOOK = r"""
-import os, sys, uuid
-data = sys.stdin.buffer.read()
-out = sys.argv[1]
-tmp = os.path.join(out, "." + uuid.uuid4().hex)
-with open(tmp, "wb") as f:
-    f.write(data)
-os.replace(tmp, os.path.join(out, uuid.uuid4().hex + ".json"))
-"""
 
 SYSTEMCTL = """#!/bin/sh
 # Stands in for `sudo systemctl` (no systemd as PID 1 here).
