@@ -88,7 +88,10 @@ def test_no_secret_in_any_argv_or_the_journal_during_a_deploy_and_a_drill(bed, f
         assert result.rc == 0, result.output[-4000:]
         drill = bed.neverdark("drill", "merlin", "--turns", "1", "--json")
         assert json.loads(drill.stdout)["ok"], drill.stdout[-2000:]
-    assert len(argv.seen) > 20 and len(argv_pi.seen) > 20   # the sampler really saw processes
+    # The sampler really read other processes' argv on both hosts (how many distinct command
+    # lines a no-op deploy leaves to be seen varies: 20 on pi1 in one run).
+    for seen in (argv.seen, argv_pi.seen):
+        assert len(seen) > 10 and any("sshd" in line for line in seen), sorted(seen)[:40]
     journal = {h: bed.fleet.exec(h, f"journalctl --since @{since} -o cat --no-pager",
                                  timeout=120) for h in ("vps1", "pi1")}
     for name, value in bed.secrets.items():
