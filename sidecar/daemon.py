@@ -134,7 +134,7 @@ class WizardRunner:
 
     def _count_turns(self, result) -> None:
         """Where each check turn on a local backend spent its time, for /metrics."""
-        for backend, breakdown in getattr(result, "turns", None) or ():
+        for backend, breakdown in result.turns:
             self.d.metrics.local_turn(self.w.name, backend, breakdown)
 
     def save(self, force: bool = False) -> None:

@@ -413,6 +413,14 @@ class Testbed:
             time.sleep(1)
         raise TimeoutError(f"{wizard} not on {backend} after {timeout:.0f} s; last: {last!r}")
 
+    def testinfra(self, *pytest_args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        """The operator's testinfra suite (tests/infra) against this inventory, as a subprocess."""
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args,
+             str(REPO / "tests" / "infra"), f"--inventory={self.inventory_path}"],
+            capture_output=True, text=True, timeout=timeout,
+            env=dict(os.environ, NEVERDARK_SECRETS=str(self.secrets_path)))
+
     def clouds_up(self) -> None:
         """Every cloud stand-in running and answering normally (a drill may have stopped one
         or left a fault behind)."""

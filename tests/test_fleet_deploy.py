@@ -52,14 +52,7 @@ def test_second_deploy_changes_nothing(bed, first_deploy):
 
 def test_testinfra_suite_passes_against_the_fleet(bed, first_deploy):
     """The operator-facing testinfra checks, pointed at the test fleet's SSH config."""
-    import subprocess
-    import sys
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         str(Path(__file__).parent.parent / "tests" / "infra"),
-         f"--inventory={bed.inventory_path}"],
-        capture_output=True, text=True, timeout=600,
-        env={**__import__("os").environ, "NEVERDARK_SECRETS": str(bed.secrets_path)})
+    proc = bed.testinfra()
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
 
 

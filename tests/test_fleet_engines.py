@@ -18,9 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -165,11 +162,7 @@ def test_restart_keeps_prefixes_first_engine(bed, first_deploy):
 
 def test_other_engine_deploys_converges_and_passes_testinfra(bed, first_deploy):
     switch_engine(bed, OTHER_ENGINE)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         str(Path(__file__).parent / "infra"), f"--inventory={bed.inventory_path}"],
-        capture_output=True, text=True, timeout=600,
-        env={**os.environ, "NEVERDARK_SECRETS": str(bed.secrets_path)})
+    proc = bed.testinfra()
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from neverdark import contract, memory_fit, plan, topology
+from neverdark import artifacts, contract, memory_fit, plan, topology
 
 # systemd's SD_MESSAGE_JOURNAL_USAGE: journald's "X Journal (...) is N, max M" message, with the
 # limit it runs with in the MAX_USE field (bytes).
@@ -43,8 +43,6 @@ def test_host_is_the_declared_architecture(host, fleet, host_name):
     assert host.check_output("uname -m") == fleet.hosts[host_name].arch
 
 
-# ELF e_machine by arch: what the engines' compiled code must be on a host of that arch.
-ELF_MACHINE = {"x86_64": 62, "aarch64": 183}
 _ELF = ("import sys;[print(p, int.from_bytes(open(p,'rb').read(20)[18:20],'little')) "
         "for p in sys.argv[1:]]")
 _WHEEL = ("import importlib.metadata as m,json;d=m.distribution('llama_cpp_python');"
@@ -63,19 +61,19 @@ def test_engines_are_built_for_the_hosts_arch(host, fleet, host_name):
     deploy (platform tag, where pip took it from, the ELF machine of every library), and a
     native llama-server and its libraries are that arch's too."""
     arch = fleet.hosts[host_name].arch
+    machine = artifacts.arch_spec(arch).e_machine   # ELF e_machine of that arch's code
     engines_used = {s.engine for s in topology.llama_servers(fleet, host_name)}
     if "llama-cpp-python" in engines_used:
         info = json.loads(host.check_output(f"{contract.venv('llama')}/bin/python -c %s", _WHEEL))
         assert info["tags"] == [f"py3-none-linux_{arch}"], info["tags"]
         assert info["url"]["url"].startswith(
             f"file://{contract.LLAMA_DIR}/{contract.LLAMA_WHEEL_PREFIX}"), info["url"]
-        assert info["libs"] and set(elf_machines(host, info["libs"]).values()) == {
-            ELF_MACHINE[arch]}
+        assert info["libs"] and set(elf_machines(host, info["libs"]).values()) == {machine}
     if "llama-server" in engines_used:
         build = host.file(contract.LLAMA_SERVER_LINK).linked_to
         names = host.check_output(f"ls {build}").split()
         found = elf_machines(host, [f"{build}/{n}" for n in names])
-        assert "llama-server" in names and set(found.values()) == {ELF_MACHINE[arch]}, found
+        assert "llama-server" in names and set(found.values()) == {machine}, found
 
 
 def test_units_verify_enabled_and_running(host, fleet, host_name):
