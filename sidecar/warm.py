@@ -254,6 +254,13 @@ class Warmer:
         try:
             r = await self.client.get(f"{s.root}/health", timeout=2.0)
             up = r.status_code == 200
+        except httpx.TimeoutException:
+            # Slow, not gone: a server starved of CPU (every slot decoding on a Pi) answers
+            # late. Taking that for a restart would throw each warm prefix away and compute it
+            # again, in the slots the users' turns need, exactly when the host is busiest.
+            # A real restart still shows: refused while down, 503 while loading, and a
+            # decode counter that went back (_identify).
+            return
         except httpx.HTTPError:
             up = False
         if not up:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import signal
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -196,3 +198,46 @@ def test_a_prefix_evicted_from_its_slot_is_computed_again(tmp_path):
     finally:
         server.stop()
     assert sum(w.get("evicted", 0) for w in seen["status"].values()) == 1, seen
+
+
+def test_a_stalled_server_keeps_its_prefixes(tmp_path):
+    """A server that answers late (stopped for 4 s here, as one starved of CPU would be) has not
+    restarted: the warmer's health look times out, and the prefixes in the slots stay where
+    they are instead of being thrown away and computed again in the users' slots."""
+    spec = server_spec("llama-server", tuple(PERSONA), n_ctx=4096)
+    server = LocalServer(spec, tmp_path / "state", tmp_path / "server.log").start()
+    prefixes = write_prefixes(tmp_path)
+    warmed = []
+
+    class Count(logging.Handler):
+        def emit(self, record):
+            if record.getMessage() == "prefix warm":
+                warmed.append(record.wizard)
+
+    handler, logger = Count(), logging.getLogger("sidecar.warm")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+    async def steps(warmer):
+        await until_warm(warmer)
+        assert sorted(warmed) == sorted(PERSONA)
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(4.0)        # two health looks of 2 s time out meanwhile
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        await asyncio.sleep(2.0)            # several ticks with the server answering again
+        await until_warm(warmer)
+        for w in PERSONA:
+            n, _ = await asyncio.to_thread(evaluated, server,
+                                           await asyncio.to_thread(chat, server, w, "Still?"))
+            assert n < 30, (w, n)
+
+    try:
+        run_warm(server, prefixes, tmp_path, [steps])
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        server.stop()
+    assert sorted(warmed) == sorted(PERSONA), warmed     # none computed a second time
