@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 # artifacts.py is stdlib-only (hosts run it as a file), so the hashing lives there
-from neverdark.artifacts import sha256_of
+from neverdark.artifacts import CACHE as _OPERATOR_CACHE, sha256_of
 
-CACHE = Path(os.environ.get("NEVERDARK_CACHE", "/var/cache/neverdark")) / "models"
+CACHE = _OPERATOR_CACHE / "models"
 
 
 class ModelSourceError(Exception):

@@ -59,7 +59,7 @@ from pathlib import Path
 
 import click
 
-CACHE = Path(os.environ.get("NEVERDARK_CACHE", "/var/cache/neverdark"))
+from neverdark.artifacts import CACHE      # $NEVERDARK_CACHE, one rule for the whole runner
 SUITE = "bookworm"
 MIRROR = os.environ.get("NEVERDARK_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 # What a host needs without a package index: systemd + sshd (the SSH connector, testinfra's
