@@ -9,4 +9,4 @@ demo: setup
 	.venv/bin/python -m testbed.demo
 
 test: setup
-	.venv/bin/python -m pytest -ra $(PYTEST_ARGS)
+	.venv/bin/python -m pytest -ra --durations=25 $(PYTEST_ARGS)

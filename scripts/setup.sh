@@ -3,6 +3,7 @@
 # the wheelhouse the test hosts install from. Safe to re-run; reuses caches when present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SECONDS=0     # a cold setup's cost is reported at the end (README: "How long make test takes")
 
 # mmdebstrap builds the test hosts' images; qemu-user-static + binfmt-support run the aarch64
 # (Raspberry Pi) test hosts on an x86_64 runner; cmake, ninja and the compilers build the host
@@ -52,3 +53,4 @@ if [ ! -x .venv-hermes/bin/hermes ]; then
     .venv-hermes/bin/pip install -q --disable-pip-version-check \
         'hermes-agent[anthropic,messaging]==0.19.0'
 fi
+echo "setup: ready in ${SECONDS} s"
