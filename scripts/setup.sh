@@ -32,9 +32,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 
 # llama-cpp-python has no wheel on PyPI and no host has a compiler: build the host artifacts
-# (wheel + llama-server per arch, ~6 min x86_64 and ~14 min aarch64 on a busy 2-core
-# machine, cold) once into $NEVERDARK_CACHE/artifacts; the test hosts' wheelhouse and the tests
-# reuse them.
+# (wheel + llama-server per arch: 253 s x86_64 and 211 s aarch64 on an idle 2-core machine,
+# cold) once into $NEVERDARK_CACHE/artifacts; the test hosts' wheelhouse and the tests reuse
+# them.
 .venv/bin/python -m neverdark.artifacts build --arch x86_64 --arch aarch64 >/dev/null
 llama_wheel=$(.venv/bin/python -c 'from neverdark import artifacts; print(artifacts.ensure("x86_64").wheel)')
 llama_stamp=.venv/.neverdark-llama

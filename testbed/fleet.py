@@ -59,7 +59,7 @@ from pathlib import Path
 
 import click
 
-from neverdark.artifacts import CACHE      # $NEVERDARK_CACHE, one rule for the whole runner
+from neverdark.artifacts import ARCHES, CACHE   # $NEVERDARK_CACHE: one rule for the whole runner
 SUITE = "bookworm"
 MIRROR = os.environ.get("NEVERDARK_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 # What a host needs without a package index: systemd + sshd (the SSH connector, testinfra's
@@ -235,7 +235,7 @@ def _image_overlay_mounts() -> list[str]:
 # -- host specs ----------------------------------------------------------------------------------
 
 NATIVE_ARCH = platform.machine()            # `uname -m` of the runner
-DEBIAN_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}   # `uname -m` -> Debian's name
+DEBIAN_ARCH = {a: spec.debian for a, spec in ARCHES.items()}   # `uname -m` -> Debian's name
 DEFAULT_MEMORY_MB = 4096
 EMULATED_SLOWDOWN = 3      # boot and poweroff waits for a host under qemu-user (10-20x slower CPU)
 

@@ -36,6 +36,50 @@ def test_the_fact_reads_this_machine():
     real = run_fact()
     assert real.cores == len(os.sched_getaffinity(0))
     assert real.memory_mb == memtotal_mb()
+    assert real.machine == os.uname().machine
+    dpkg = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert real.userland == dpkg
+    assert resources.arch_problem("here", os.uname().machine, real) is None
+
+
+def test_the_arch_must_be_the_inventorys_in_the_kernel_and_in_the_userland():
+    def problem(wanted, machine, userland):
+        return resources.arch_problem("pi4", wanted, resources.Resources(
+            4, 4096, None, (), machine, userland))
+
+    for wanted, machine, userland in [("aarch64", "aarch64", "arm64"),
+                                      ("aarch64", "arm64", "arm64"),
+                                      ("x86_64", "x86_64", "amd64"),
+                                      ("aarch64", "aarch64", None)]:     # no dpkg: uname decides
+        assert problem(wanted, machine, userland) is None, (wanted, machine, userland)
+    # A Pi inventory against a VPS, and the reverse: the old message, unchanged.
+    assert problem("aarch64", "x86_64", "amd64") == (
+        "pi4: the inventory says arch aarch64, the host says 'x86_64' (uname -m): fix "
+        "hosts.pi4.arch")
+    assert problem("x86_64", "aarch64", "arm64").startswith(
+        "pi4: the inventory says arch x86_64, the host says 'aarch64'")
+    # 32-bit systems: a Pi 3 with 32-bit Pi OS, an old PC; told what to install.
+    for machine, userland in [("armv7l", "armhf"), ("armv6l", "armhf"), ("i686", "i386")]:
+        text = problem("aarch64", machine, userland)
+        assert text.startswith(f"pi4: the inventory says arch aarch64, the host says "
+                               f"{machine!r} (uname -m)"), text
+        assert "a 32-bit system cannot run neverdark's engines" in text
+        assert "install a 64-bit OS" in text
+    # The 32-bit Raspberry Pi OS on a Pi 4/5: a 64-bit kernel, an armhf userland.
+    text = problem("aarch64", "aarch64", "armhf")
+    assert text.startswith("pi4: the kernel is aarch64 (uname -m) but the installed system is "
+                           "armhf (dpkg --print-architecture), not arm64"), text
+    assert "cannot install the aarch64 wheel" in text and "install a 64-bit OS" in text
+    assert problem("x86_64", "x86_64", "i386").startswith("pi4: the kernel is x86_64")
+
+
+def test_the_fact_parses_the_kernels_and_the_userlands_arch():
+    real = resources.parse(["machine aarch64", "userland armhf", "cores 4",
+                            "memtotal_kb 1000000", "container "])
+    assert (real.machine, real.userland, real.cores) == ("aarch64", "armhf", 4)
+    none = resources.parse(["machine ", "userland ", "cores 1", "memtotal_kb 1024"])
+    assert (none.machine, none.userland) == (None, None)
 
 
 def test_the_fact_counts_the_cpus_it_may_run_on_not_omp_num_threads():
@@ -120,12 +164,13 @@ def test_a_pi_without_time_sync_is_warned_unless_a_container_or_a_vps(tmp_path):
     assert resources.check("pi4", vps, resources.Resources(4, 4096, None, ())) == ([], [])
 
 
-def local_deploy(tmp_path, memory_mb: int, cores: int) -> subprocess.CompletedProcess:
+def local_deploy(tmp_path, memory_mb: int, cores: int,
+                 arch: str = os.uname().machine) -> subprocess.CompletedProcess:
     """`pyinfra --dry` of deploys/fleet.py against this machine (@local), with a one-host plan.
     --dry: nothing is executed, and the refusal comes while pyinfra prepares operations."""
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text(yaml.safe_dump({"hosts": {"here": {
-        "address": "127.0.0.1", "profile": "vps", "arch": os.uname().machine,
+        "address": "127.0.0.1", "profile": "vps", "arch": arch,
         "memory_mb": memory_mb, "cores": cores}}}))
     inventory = tmp_path / "local_inventory.py"
     inventory.write_text(
@@ -165,3 +210,13 @@ def test_pyinfra_stops_on_memory_beyond_memtotal_and_the_headroom(tmp_path):
     assert warned.returncode == 0, warned.stdout + warned.stderr
     assert f"memory_mb {real + 10} is 10 MB above the host's MemTotal ({real} MB)" in (
         warned.stdout + warned.stderr)
+
+
+def test_pyinfra_stops_on_a_host_of_another_arch_before_any_operation(tmp_path):
+    other = {"x86_64": "aarch64", "aarch64": "x86_64"}[os.uname().machine]
+    refused = local_deploy(tmp_path, memory_mb=1024, cores=1, arch=other)
+    out = refused.stdout + refused.stderr
+    assert refused.returncode == 1, out
+    assert (f"@local: the inventory says arch {other}, the host says {os.uname().machine!r} "
+            "(uname -m): fix hosts.@local.arch" in out), out
+    assert "nothing was changed on this host" in out and "Ready:" not in out

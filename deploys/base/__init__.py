@@ -5,7 +5,6 @@ card."""
 from __future__ import annotations
 
 from pyinfra import host, logger
-from pyinfra.facts.server import Arch
 from pyinfra.operations import apt, files, server, systemd
 from pyinfra.operations.util import any_changed
 
@@ -14,8 +13,6 @@ from deploys.deployer import Deployer, each, system_user
 from neverdark import contract
 from neverdark.plan import File
 
-# uname -m on the hosts neverdark knows, as the inventory spells them
-ARCH_ALIASES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 JOURNALD = "systemd-journald.service"
 
 
@@ -27,17 +24,14 @@ class BaseDeployer(Deployer):
         return [dropin] if dropin else []
 
     def install(self) -> None:
-        # Read, never assumed: a Pi image on a VPS (or the reverse) would install wheels and
-        # binaries that cannot run, so stop before changing anything.
-        real = host.get_fact(Arch)
-        wanted = self.p["arch"]
-        if ARCH_ALIASES.get((real or "").strip(), real) != wanted:
-            raise SystemExit(f"{host.name}: the inventory says arch {wanted}, the host says "
-                             f"{real!r} (uname -m): fix hosts.{host.name}.arch; nothing was "
-                             "changed on this host")
-        # The same for the CPUs and memory the threads and the memory fit were computed from.
-        refusals, warnings = resources.check(host.name, self.p,
-                                             host.get_fact(resources.HostResources))
+        # Read, never assumed, in one round trip: a Pi image on a VPS (or the reverse, or a
+        # 32-bit Pi OS) would install wheels and binaries that cannot run, and threads and the
+        # memory fit come from the CPUs and memory the inventory claims; so stop before
+        # changing anything.
+        real = host.get_fact(resources.HostResources)
+        wrong_arch = resources.arch_problem(host.name, self.p["arch"], real)
+        refusals, warnings = resources.check(host.name, self.p, real)
+        refusals = [wrong_arch, *refusals] if wrong_arch else refusals
         if refusals:
             raise SystemExit("\n".join(refusals) + "\nnothing was changed on this host")
         for text in warnings:

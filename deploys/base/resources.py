@@ -1,5 +1,5 @@
-"""What a host really has (cores, memory, time sync), read in one fact, and what the deploy
-makes of it against the inventory: refuse before any change, or warn.
+"""What a host really has (architecture, cores, memory, time sync), read in one fact, and what
+the deploy makes of it against the inventory: refuse before any change, or warn.
 
 Pure apart from the fact class, so the decisions are unit-tested (tests/test_host_resources.py)
 and the fact's command is run there against this machine.
@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pyinfra.api import FactBase
+
+from neverdark.artifacts import arch_spec
 
 # NTP clients whose unit an enabled time sync shows up as (Debian's names; `ntp` is ntpsec's
 # transitional name in Debian 12).
@@ -22,7 +24,13 @@ TIME_SYNC_UNITS = ("systemd-timesyncd.service", "chrony.service", "ntpsec.servic
 # MemTotal is what the kernel manages: a little under the board's nominal size (firmware,
 # kernel and, on a Pi, the GPU's share are taken first). In a container it is the machine's
 # unless the container runtime fakes it (lxcfs); a cgroup memory limit is not read here.
+# The architecture twice: the kernel's (`uname -m`) and the packages' (`dpkg
+# --print-architecture`). They differ on a Raspberry Pi running the 32-bit Raspberry Pi OS,
+# whose Bookworm images boot a 64-bit kernel on a Pi 4 or 5 (uname -m: aarch64) over an armhf
+# userland, where neither the aarch64 wheel nor llama-server can run.
 COMMAND = (
+    "echo \"machine $(uname -m)\"; "
+    "echo \"userland $(dpkg --print-architecture 2>/dev/null)\"; "
     "echo \"cores $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)\"; "
     "awk '$1 == \"MemTotal:\" {print \"memtotal_kb\", $2}' /proc/meminfo; "
     "echo \"container $(systemd-detect-virt --container 2>/dev/null | head -n 1)\"; "
@@ -31,22 +39,34 @@ COMMAND = (
 )
 
 
+# `uname -m` as the inventory spells it (a few kernels say arm64 or amd64)
+MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+# What a 32-bit system says, in uname -m and in dpkg: neverdark builds no engine for it
+BITS32 = ("armv6l", "armv7l", "armv8l", "armhf", "armel", "i386", "i686")
+
+
 @dataclass(frozen=True)
 class Resources:
     cores: int | None
     memory_mb: int | None
     container: str | None                     # systemd-detect-virt's name, None on bare metal/VM
     time_sync: tuple[str, ...] = field(default=())   # the NTP units enabled
+    machine: str | None = None                # uname -m
+    userland: str | None = None               # dpkg --print-architecture; None without dpkg
 
 
 def parse(lines: list[str]) -> Resources:
     cores = memory_mb = None
-    container = None
+    container = machine = userland = None
     sync = []
     for line in lines:
         key, _, value = line.strip().partition(" ")
         value = value.strip()
-        if key == "cores" and value.isdigit():
+        if key == "machine":
+            machine = value or None
+        elif key == "userland":
+            userland = value or None
+        elif key == "cores" and value.isdigit():
             cores = int(value)
         elif key == "memtotal_kb" and value.isdigit():
             memory_mb = int(value) // 1024
@@ -58,17 +78,42 @@ def parse(lines: list[str]) -> Resources:
             # installed) do not count.
             if state.strip() in ("enabled", "enabled-runtime", "alias", "static"):
                 sync.append(unit)
-    return Resources(cores, memory_mb, container, tuple(sync))
+    return Resources(cores, memory_mb, container, tuple(sync), machine, userland)
 
 
 class HostResources(FactBase):
-    """cores (nproc), MemTotal in MB, container or not, enabled NTP units."""
+    """uname -m, dpkg's architecture, cores (nproc), MemTotal in MB, container or not, enabled
+    NTP units."""
 
     def command(self) -> str:
         return COMMAND
 
     def process(self, output) -> Resources:
         return parse(list(output))
+
+
+def arch_problem(host: str, wanted: str, real: Resources) -> str | None:
+    """Why a host cannot take the engines built for the inventory's `arch` (None: it can).
+
+    Both the kernel and the userland must be `wanted`: the wheel is installed by the host's
+    python3 (an armhf python takes no aarch64 wheel) and llama-server is loaded by its dynamic
+    loader (an armhf system has no /lib/ld-linux-aarch64.so.1)."""
+    machine = MACHINES.get(real.machine or "", real.machine)
+    bits32 = ("; a 32-bit system cannot run neverdark's engines, which are built for x86_64 and "
+              "aarch64 only: install a 64-bit OS (Raspberry Pi OS 64-bit, Debian arm64 or "
+              "amd64)")
+    if machine != wanted:
+        return (f"{host}: the inventory says arch {wanted}, the host says {real.machine!r} "
+                f"(uname -m): fix hosts.{host}.arch"
+                + (bits32 if real.machine in BITS32 else ""))
+    userland = arch_spec(wanted).debian
+    if real.userland is not None and real.userland != userland:
+        return (f"{host}: the kernel is {real.machine} (uname -m) but the installed system is "
+                f"{real.userland} (dpkg --print-architecture), not {userland}: a 64-bit "
+                "kernel under a 32-bit userland, as the 32-bit Raspberry Pi OS boots on a Pi 4 "
+                f"or 5, cannot install the {wanted} wheel or run the {wanted} llama-server"
+                + (bits32 if real.userland in BITS32 else ""))
+    return None
 
 
 def check(host: str, plan: dict, real: Resources) -> tuple[list[str], list[str]]:
