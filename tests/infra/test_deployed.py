@@ -40,7 +40,11 @@ def http(host, method, url, body=None, timeout=120):
 
 
 def test_host_is_the_declared_architecture(host, fleet, host_name):
-    assert host.check_output("uname -m") == fleet.hosts[host_name].arch
+    """The kernel and the installed system both: a 32-bit userland under a 64-bit kernel could
+    run neither the wheel nor the server."""
+    arch = fleet.hosts[host_name].arch
+    assert host.check_output("uname -m") == arch
+    assert host.check_output("dpkg --print-architecture") == artifacts.arch_spec(arch).debian
 
 
 _ELF = ("import sys;[print(p, int.from_bytes(open(p,'rb').read(20)[18:20],'little')) "
