@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -36,8 +37,11 @@ def test_installed_cli_works_without_the_test_bench(tmp_path):
     # them; the checkout is nowhere on the path.
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
+    # Without PYTHONPATH: a checkout on it (with the egg-info `pip wheel` leaves there) would
+    # make pip take neverdark for installed already and skip the wheel.
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                           str(wheel)], capture_output=True, text=True, timeout=900)
+                           str(wheel)], capture_output=True, text=True, timeout=900, env=clean)
     assert done.returncode == 0, done.stderr[-3000:]
     env = {"PATH": "/usr/bin:/bin", "NEVERDARK_SECRETS": ""}
     where = subprocess.run([str(py), "-c", "import neverdark, deploys; "

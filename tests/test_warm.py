@@ -65,6 +65,15 @@ def evaluated(server: LocalServer, answer: dict) -> tuple[int, int]:
     return t["prompt_n"], t["prompt_n"] + t["cache_n"]
 
 
+async def turns_are_warm(server: LocalServer, wizards, text: str) -> None:
+    """A turn from each of `wizards` evaluates little more than its own message: its prefix
+    was there."""
+    for w in wizards:
+        answer = await asyncio.to_thread(chat, server, w, text)
+        n, total = evaluated(server, answer)
+        assert n < 30 and total > 150, (w, n, total)
+
+
 async def until_warm(warmer: Warmer, timeout: float = 240) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -99,10 +108,8 @@ def test_each_wizard_is_warm_before_its_first_turn_and_after_a_restart(tmp_path,
     async def warm_then_turns(warmer):
         st = await until_warm(warmer)
         seen["first"] = st
-        for w in ("merlin", "gandalf", "merlin", "gandalf"):   # interleaved: no eviction
-            n, total = await asyncio.to_thread(evaluated, server,
-                                               await asyncio.to_thread(chat, server, w, "Hi?"))
-            assert n < 30 and total > 150, (w, n, total)
+        # interleaved: no eviction
+        await turns_are_warm(server, ("merlin", "gandalf", "merlin", "gandalf"), "Hi?")
         check = await warmer.check("merlin", "local", 60)
         assert check.ok, check
 
@@ -112,10 +119,7 @@ def test_each_wizard_is_warm_before_its_first_turn_and_after_a_restart(tmp_path,
         await asyncio.sleep(1.0)
         st = await until_warm(warmer)
         seen["restart"] = st
-        for w in PERSONA:
-            n, _ = await asyncio.to_thread(evaluated, server,
-                                           await asyncio.to_thread(chat, server, w, "Again?"))
-            assert n < 30, (w, n)
+        await turns_are_warm(server, PERSONA, "Again?")
 
     try:
         run_warm(server, prefixes, tmp_path, [warm_then_turns, after_restart])
@@ -152,9 +156,7 @@ def test_llama_server_restores_saved_slots_with_swa_full(tmp_path):
         warmer.poke()
         await asyncio.sleep(1.0)
         seen["restart"] = await until_warm(warmer)
-        n, _ = await asyncio.to_thread(evaluated, server,
-                                       await asyncio.to_thread(chat, server, "gandalf", "Hm?"))
-        assert n < 30, n
+        await turns_are_warm(server, ("gandalf",), "Hm?")
 
     try:
         run_warm(server, prefixes, tmp_path, [steps])
@@ -188,10 +190,7 @@ def test_a_prefix_evicted_from_its_slot_is_computed_again(tmp_path):
                 break
             await asyncio.sleep(0.3)
         seen["status"] = warmer.status()["gemma3-270m"]["wizards"]
-        for w in PERSONA:
-            n, _ = await asyncio.to_thread(evaluated, server,
-                                           await asyncio.to_thread(chat, server, w, "Hi?"))
-            assert n < 30, (w, n)
+        await turns_are_warm(server, PERSONA, "Hi?")
 
     try:
         run_warm(server, prefixes, tmp_path, [steps])
@@ -229,10 +228,7 @@ def test_a_stalled_server_keeps_its_prefixes(tmp_path):
             server.proc.send_signal(signal.SIGCONT)
         await asyncio.sleep(2.0)            # several ticks with the server answering again
         await until_warm(warmer)
-        for w in PERSONA:
-            n, _ = await asyncio.to_thread(evaluated, server,
-                                           await asyncio.to_thread(chat, server, w, "Still?"))
-            assert n < 30, (w, n)
+        await turns_are_warm(server, PERSONA, "Still?")
 
     try:
         run_warm(server, prefixes, tmp_path, [steps])
