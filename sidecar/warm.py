@@ -368,8 +368,19 @@ class Warmer:
     async def _evictions(self, s: Server) -> None:
         """A request another client sent without naming a slot (a health check of its own,
         Hermes' per-turn fallback with the primary's prompt) lands in the least recently used
-        idle slot and replaces what it held. The slot's last task shows it: a turn of the
-        wizard's own reused the whole prefix; anything that reused less left only that much."""
+        idle slot and replaces what it held.
+
+        What /slots tells about the slot's last task is its size: `n_prompt_tokens`, the tokens
+        the slot holds now. A slot holding fewer tokens than the prefix lost it (a short request
+        cut it back; how much of the start survived is unknown, so all of it is computed
+        again). A slot holding more may be a turn of the wizard's own (the prefix, then the
+        conversation) or a long foreign prompt: it is taken as kept. Computing the prefix
+        again after each of the wizard's own turns would cut its conversation back to the
+        prefix in the slot and spend a prefill per turn. (Not `n_prompt_tokens_cache`:
+        llama-server zeroes a slot's stats when its task ends, so an idle slot shows 0 there.
+        The prompt's text is only shown with LLAMA_SERVER_SLOTS_DEBUG, which also logs it.) A
+        long foreign prompt that did replace the prefix is found by the check before a switch,
+        which computes what is missing."""
         slots = {x.get("id"): x for x in
                  (await self.client.get(f"{s.root}/slots", timeout=5.0)).json()}
         for t in s.targets:
@@ -380,11 +391,11 @@ class Warmer:
             if task == t.last_task or x.get("is_processing"):
                 continue
             t.last_task = task
-            kept = x.get("n_prompt_tokens_cache") or 0
-            if kept < len(t.tokens) - 1:
+            held = x.get("n_prompt_tokens") or 0
+            if held < len(t.tokens) - 1:
                 log.info("prefix evicted", extra={"wizard": t.wizard, "model": s.model,
-                                                  "kept": kept, "tokens": len(t.tokens)})
-                t.tokens = t.tokens[:kept]
+                                                  "held": held, "tokens": len(t.tokens)})
+                t.tokens = []
                 t.warmed = None
                 t.info["evicted"] = t.info.get("evicted", 0) + 1
 
