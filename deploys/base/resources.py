@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from pyinfra.api import FactBase
 
-from neverdark.artifacts import arch_spec
+from neverdark.artifacts import ARCHES, arch_spec
 
 # NTP clients whose unit an enabled time sync shows up as (Debian's names; `ntp` is ntpsec's
 # transitional name in Debian 12).
@@ -39,8 +39,9 @@ COMMAND = (
 )
 
 
-# `uname -m` as the inventory spells it (a few kernels say arm64 or amd64)
-MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+# `uname -m` as the inventory spells it (a few kernels say arm64 or amd64): from the arches
+# neverdark builds for, and their Debian names
+MACHINES = {**{a: a for a in ARCHES}, **{spec.debian: a for a, spec in ARCHES.items()}}
 # What a 32-bit system says, in uname -m and in dpkg: neverdark builds no engine for it
 BITS32 = ("armv6l", "armv7l", "armv8l", "armhf", "armel", "i386", "i686")
 
