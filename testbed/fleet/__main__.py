@@ -1,0 +1,3 @@
+from testbed.fleet.cli import cli
+
+cli()
