@@ -15,29 +15,31 @@ operator runs: `pyinfra inventory deploys/fleet.py` against real hosts over SSH.
 from __future__ import annotations
 
 import contextlib
-import http.server
 import json
 import os
-import re
 import secrets as pysecrets
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import yaml
 
 from neverdark import contract
 from neverdark.inventory import validate
 from testbed import fleet as testfleet, wheelhouse
+from testbed.deploy_results import DeployResult, parse_results
 from testbed.llmock import LLMock, free_port
 from testbed.telegram_standin import BotApiStandIn
+from testbed.webhook import HookReceiver
+from testbed.wizard_client import Turn, WizardClient
+
+# Importers of this module (tests, demo, benchmarks) also take these names from here.
+__all__ = ["DeployResult", "HookReceiver", "Testbed", "Turn", "WizardClient", "free_port",
+           "parse_results", "scrub", "GEMMA_KV", "GEMMA_SHA256", "HOSTS", "MIXED_HOSTS",
+           "TELEGRAM_BOT_ID", "TELEGRAM_USERS"]
 
 REPO = Path(__file__).resolve().parent.parent
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
@@ -51,148 +53,6 @@ GEMMA_KV = {"layers": 18, "kv_heads": 1, "head_dim": 256, "sliding_window_layers
 
 TELEGRAM_BOT_ID = 424242
 TELEGRAM_USERS = (4711, 4712)  # the users allowed to talk to gandalf's bot
-
-
-class HookReceiver:
-    """The sidecars' webhook target: records each POSTed event (JSON) with its arrival time.
-
-    Listens on the runner's address on the first host's link; the other hosts get a /32 route
-    to it through their own link, so one fleet-wide `hooks.webhook` URL serves every host.
-    """
-
-    def __init__(self, fleet: testfleet.FleetContext) -> None:
-        self.fleet = fleet
-        self.events: list[dict] = []
-        self._lock = threading.Lock()
-        first = next(iter(fleet.hosts))
-        self.address = fleet.runner_address(first)
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 -- http.server's naming
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                with contextlib.suppress(ValueError):
-                    event = json.loads(body)
-                    with receiver._lock:
-                        receiver.events.append({**event, "received_at": time.monotonic()})
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer((self.address, 0), Handler)
-        self.url = f"http://{self.address}:{self.server.server_address[1]}/neverdark-events"
-        for name, h in fleet.hosts.items():
-            if name != first:
-                fleet.exec(name, f"ip route replace {self.address}/32 via {h['runner_address']}")
-
-    def __enter__(self) -> HookReceiver:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def seen(self, since: float = 0.0, **match) -> list[dict]:
-        with self._lock:
-            return [e for e in self.events if e["received_at"] >= since
-                    and all(e.get(k) == v for k, v in match.items())]
-
-
-@dataclass
-class DeployResult:
-    rc: int
-    output: str
-    changed: int
-    errors: int
-    unchanged: int
-    changed_ops: list[str] = field(default_factory=list)
-
-
-def parse_results(output: str) -> tuple[int, int, int, list[str]]:
-    """Counts from pyinfra's closing results table (Success = changed)."""
-    plain = re.sub(r"\x1b\[[0-9;]*m", "", output)
-    changed_ops = []
-    total = (0, 0, 0)
-    in_table = False
-    for line in plain.splitlines():
-        if line.startswith("--> Results:"):
-            in_table = True
-            continue
-        if not in_table or not line.strip() or line.strip().startswith("Operation "):
-            continue
-        cols = re.split(r"\s{2,}", line.strip())
-        if len(cols) < 5:
-            in_table = line.startswith("    ")
-            continue
-        num = [0 if c == "-" else int(c) for c in cols[-4:] if re.fullmatch(r"-|\d+", c)]
-        if len(num) != 4:
-            continue
-        if cols[0] == "Grand total":
-            total = (num[1], num[2], num[3])
-            in_table = False
-        elif num[1]:
-            changed_ops.append(cols[0])
-    return (*total, changed_ops)
-
-
-@dataclass
-class Turn:
-    """One chat turn through a wizard's Hermes API server, and who answered it."""
-    ok: bool
-    latency: float
-    status: int | None = None
-    content: str = ""
-    session: str | None = None
-    model: str | None = None   # from Hermes' session record: the model that really answered
-    error: str = ""
-    sent_at: float = 0.0
-
-
-class WizardClient:
-    """Talks to one wizard's API server (through an SSH tunnel: it listens on the host's
-    loopback only), the way an application would."""
-
-    def __init__(self, url: str, key: str) -> None:
-        self.url, self.key = url, key
-        self.http = httpx.Client(headers={"Authorization": f"Bearer {key}"})
-
-    def turn(self, text: str, session: str | None = None, timeout: float = 300) -> Turn:
-        # Without the header Hermes derives the session id from the system prompt and the first
-        # user message: the same text would continue an old session, whose record keeps the model
-        # it began with (docs/hermes.md, finding 8). A new conversation gets a new id.
-        headers = {"X-Hermes-Session-Id": session or f"nd-{uuid.uuid4().hex[:16]}"}
-        sent = time.monotonic()
-        try:
-            r = self.http.post(f"{self.url}/v1/chat/completions", headers=headers, timeout=timeout,
-                               json={"messages": [{"role": "user", "content": text}]})
-        except httpx.HTTPError as exc:
-            return Turn(False, time.monotonic() - sent, error=f"{type(exc).__name__}: {exc}",
-                        sent_at=sent)
-        latency = time.monotonic() - sent
-        turn = Turn(False, latency, r.status_code, session=r.headers.get("X-Hermes-Session-Id"),
-                    sent_at=sent)
-        try:
-            choice = r.json()["choices"][0]
-            turn.content = (choice.get("message") or {}).get("content") or ""
-            failed = choice.get("finish_reason") == "error" or not turn.content.strip()
-        except (ValueError, KeyError, IndexError, TypeError):
-            turn.error = f"HTTP {r.status_code}: {r.text[:200]}"
-            return turn
-        if r.status_code != 200 or failed:
-            turn.error = f"HTTP {r.status_code}, agent error: {turn.content[:200]}"
-            return turn
-        turn.ok = True
-        if turn.session:
-            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
-                turn.model = self.http.get(f"{self.url}/api/sessions/{turn.session}",
-                                           timeout=10).json()["session"]["model"]
-        return turn
-
-    def close(self) -> None:
-        self.http.close()
 
 
 class Testbed:
