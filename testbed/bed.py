@@ -61,13 +61,16 @@ class Testbed:
     hosts: testfleet.HostSpecs or what HostSpec.of() takes ("vps3:vps:2048",
     ("pi1", "pi", "aarch64", 2048), ...); the inventory declares each host's arch and memory_mb
     as the fleet booted and enforces them.
+    outsiders: hosts booted in the same run (same /24, reachable from the others) that the
+    inventory never lists: what a firewall admitting only the fleet's hosts must refuse.
     """
 
     __test__ = False  # a helper, not a pytest test class
 
-    def __init__(self, run_dir: Path, hosts=HOSTS):
+    def __init__(self, run_dir: Path, hosts=HOSTS, outsiders=()):
         self.run_dir = Path(run_dir)
         self.host_specs = [testfleet.HostSpec.of(h) for h in hosts]
+        self.outsider_specs = [testfleet.HostSpec.of(h) for h in outsiders]
         self.fleet: testfleet.FleetContext | None = None
         self.mocks: dict[str, LLMock] = {}
         self.secrets: dict[str, str] = {}
@@ -84,7 +87,8 @@ class Testbed:
                 house = wheelhouse.ensure_default_wheelhouse(arch)   # one folder, every arch
             wheels = self._served_wheels(house)
             self.fleet = self._stack.enter_context(
-                testfleet.fleet_context(hosts=self.host_specs, run_dir=self.run_dir / "fleet",
+                testfleet.fleet_context(hosts=self.host_specs + self.outsider_specs,
+                                        run_dir=self.run_dir / "fleet",
                                         serve_dirs={"wheels": wheels}))
             for host in (spec.name for spec in self.host_specs):
                 for backend in ("anthropic", "openai", "google"):

@@ -14,8 +14,9 @@ from testbed import fleet as testfleet
 class HookReceiver:
     """The sidecars' webhook target: records each POSTed event (JSON) with its arrival time.
 
-    Listens on the runner's address on the first host's link; the other hosts get a /32 route
-    to it through their own link, so one fleet-wide `hooks.webhook` URL serves every host.
+    Listens on the runner's address on the first host's link, which every host of the run
+    reaches through its own link (the fleet routes the run's /24 via the runner), so one
+    fleet-wide `hooks.webhook` URL serves every host.
     """
 
     def __init__(self, fleet: testfleet.FleetContext) -> None:
@@ -41,9 +42,6 @@ class HookReceiver:
 
         self.server = http.server.ThreadingHTTPServer((self.address, 0), Handler)
         self.url = f"http://{self.address}:{self.server.server_address[1]}/neverdark-events"
-        for name, h in fleet.hosts.items():
-            if name != first:
-                fleet.exec(name, f"ip route replace {self.address}/32 via {h['runner_address']}")
 
     def __enter__(self) -> HookReceiver:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()

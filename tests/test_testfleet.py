@@ -4,13 +4,17 @@ Two hosts (a `vps` reached as root, a `pi` reached as `pi` with sudo), SSH with 
 strict host keys, pyinfra and testinfra through the generated files, the runner's file server
 seen from inside a host, an offline pip install of Hermes from the served wheelhouse, each host
 held to its memory_mb (an overrun is killed, the host lives on), stale-state clearing after a
-killed run, and a destroy that leaves nothing behind. Then an aarch64 host under qemu-user: boots,
-answers SSH as `pi` with sudo, runs python3, and goes away without a trace. Host specs and the
-test bed's wizards for any host list are checked without booting anything.
+killed run, hosts reaching each other through the runner with their own addresses (and the
+runner forwarding nothing else), and a destroy that leaves nothing behind. Then an aarch64 host
+under qemu-user beside a native host and an outsider: boots, answers SSH as `pi` with sudo, runs
+python3, admits with nftables only the host a test's inventory would list, and goes away without
+a trace. Twenty light hosts boot in one run. Host specs and the test bed's wizards for any host
+list are checked without booting anything.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -27,6 +31,7 @@ import testinfra
 
 from neverdark import versions
 from testbed import bed as testbed, fleet as testfleet, wheelhouse
+from testbed.fleet import net as fleetnet
 
 VPS1_MEMORY_MB = 1024   # small enough to overrun quickly; the default hosts have 4096
 HOSTS = [testfleet.HostSpec("vps1", "vps", memory_mb=VPS1_MEMORY_MB), ("pi1", "pi")]
@@ -95,8 +100,22 @@ def wheels():
     return wheelhouse.ensure_default_wheelhouse()
 
 
+def _forwarding() -> dict[str, str]:
+    """The runner's IPv4 forwarding switches: the global one and each interface's."""
+    conf = Path("/proc/sys/net/ipv4/conf")
+    return {"ip_forward": Path("/proc/sys/net/ipv4/ip_forward").read_text().strip(),
+            **{d.name: (d / "forwarding").read_text().strip() for d in conf.iterdir()
+               if (d / "forwarding").exists()}}
+
+
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory, wheels):
+def forwarding_before():
+    """The runner's forwarding switches before this module boots anything."""
+    return _forwarding()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, wheels, forwarding_before):
     with testfleet.fleet_context(hosts=HOSTS, run_dir=tmp_path_factory.mktemp("fleet"),
                                  serve_dirs={"wheels": wheels}) as fleet:
         print(f"\ntestfleet: image {'cached' if fleet.timings['image_cached'] else 'built in %.1f s' % fleet.timings['image_build_s']}, "
@@ -254,6 +273,94 @@ def test_offline_pip_install_of_hermes_and_llama(fleet, record_property):
                             "print(llama_cpp.__version__)'").strip() == versions.LLAMA_VERSION
 
 
+# A TCP server on a host that answers each connection with the address it came from, for
+# `count` connections or `seconds`, whichever comes first.
+PEER_SERVER = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen()
+s.settimeout(float(sys.argv[3]))
+for _ in range(int(sys.argv[2])):
+    c, peer = s.accept()
+    c.sendall(peer[0].encode())
+    c.close()
+"""
+# A client: what the server answered, or the error's name (ConnectionRefusedError, timeout...).
+PEER_CLIENT = """
+import socket, sys
+try:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as c:
+        print(c.recv(64).decode())
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+
+def serve_peers(fleet, name: str, port: int, count: int, seconds: int = 120) -> None:
+    fleet.exec(name, "cat > /tmp/peer_server.py", input=PEER_SERVER)
+    fleet.exec(name, f"nohup python3 /tmp/peer_server.py {port} {count} {seconds} "
+                     "</dev/null >/tmp/peer_server.log 2>&1 &")
+    deadline = time.monotonic() + 60          # an emulated python3 takes seconds to start
+    while f":{port} " not in fleet.exec(name, "ss -ltnH"):
+        assert time.monotonic() < deadline, fleet.exec(name, "cat /tmp/peer_server.log")
+        time.sleep(0.3)
+
+
+def connect(fleet, name: str, address: str, port: int) -> str:
+    """Connect from host `name` to address:port; what the server saw as our address, or the
+    error's name."""
+    fleet.exec(name, "cat > /tmp/peer_client.py", input=PEER_CLIENT)
+    return fleet.exec(name, f"python3 /tmp/peer_client.py {address} {port}", timeout=120).strip()
+
+
+def route_from_link(fleet, name: str, destination: str) -> subprocess.CompletedProcess:
+    """The runner's routing decision for a packet from host `name` (arriving on its link) to
+    `destination`: a lookup in the kernel, nothing is sent."""
+    h = fleet.hosts[name]
+    return subprocess.run(["ip", "route", "get", destination, "from", h["address"], "iif",
+                           h["link"]], capture_output=True, text=True)
+
+
+@pytest.mark.fleet
+def test_hosts_reach_each_other_with_their_own_addresses(fleet):
+    """Host to host through the runner, both ways, each seen at its own address (no NAT)."""
+    serve_peers(fleet, "pi1", 7070, count=1)
+    assert connect(fleet, "vps1", fleet.address("pi1"), 7070) == fleet.address("vps1")
+    serve_peers(fleet, "vps1", 7071, count=1)
+    assert connect(fleet, "pi1", fleet.address("vps1"), 7071) == fleet.address("pi1")
+    for name, h in fleet.hosts.items():
+        routes = fleet.exec(name, "ip -4 route show")
+        assert f"{fleet.subnet} via {h['runner_address']} dev host0" in routes, routes
+        assert "default" not in routes, routes                 # still no way out
+
+
+@pytest.mark.fleet
+def test_runner_forwards_only_within_the_run(fleet, forwarding_before):
+    """Forwarding is on for the run's links only, and what they carry goes to the run's hosts
+    only: another run's /24, the runner's uplink or any other address is refused (even for a
+    host that sets a default route itself). Checked as the kernel's routing decisions."""
+    now = _forwarding()
+    links = {h["link"] for h in fleet.hosts.values()}
+    assert all(now[link] == "1" for link in links)
+    assert now["ip_forward"] == forwarding_before["ip_forward"]
+    for switch, before in forwarding_before.items():   # "all", "default", the uplink...
+        if switch in now:
+            assert now[switch] == before, switch
+    ok = route_from_link(fleet, "vps1", fleet.address("pi1"))
+    assert ok.returncode == 0 and f"dev {fleet.hosts['pi1']['link']}" in ok.stdout, ok
+    other_run = str(next(n for n in testfleet.NET.subnets(new_prefix=24)
+                         if str(n) != fleet.subnet).network_address + 2)
+    unassigned = str(ipaddress.ip_network(fleet.subnet).network_address + 250)
+    for destination in (other_run, unassigned, "203.0.113.7", "192.0.2.1", "1.1.1.1"):
+        refused = route_from_link(fleet, "vps1", destination)
+        assert refused.returncode != 0, (destination, refused.stdout)
+    # What the runner itself reaches on a link (the file server, stand-ins) is still delivered.
+    local = route_from_link(fleet, "pi1", fleet.runner_address("vps1"))
+    assert local.returncode == 0 and local.stdout.startswith("local "), local
+
+
 # Touches every page (b"x" * n writes n bytes), so all of it is really charged.
 ALLOCATE = "import sys; b = b'x' * (int(sys.argv[1]) * 2**20); print(len(b))\n"
 
@@ -340,8 +447,10 @@ def test_stale_run_of_a_killed_owner_is_cleared(fleet, tmp_path):
               / f"{testfleet.CGROUP_PREFIX}{testfleet.PREFIX}{run_id}")
     assert testfleet._nspawn_pids(prefix)            # the killed run's container still runs
     assert (cgroup / "vps9").is_dir()
+    assert fleetnet.leftovers(run_id)                 # its routing rule and table
     cleared = testfleet.clear_stale(log=print)
     assert run_id in cleared
+    assert not fleetnet.leftovers(run_id)
     assert not testfleet._nspawn_pids(prefix)
     assert not cgroup.exists()
     assert not [ln for ln in testfleet._links() if ln.startswith(f"ve-{prefix}")]
@@ -349,6 +458,7 @@ def test_stale_run_of_a_killed_owner_is_cleared(fleet, tmp_path):
     assert not (tmp_path / "stale" / "hosts").exists()
     for name in fleet.hosts:                          # the live run is untouched
         assert fleet.is_alive(name)
+    assert fleetnet.leftovers(fleet.run_id)           # (its routing too)
     assert fleet.ssh("vps1", "true") == ""
 
 
@@ -360,23 +470,25 @@ def test_destroy_leaves_nothing_of_the_run(fleet):
     fleet.destroy()
     print(f"\ndestroy (poweroff + cleanup) of 2 hosts: {time.monotonic() - t:.1f} s")
     assert fleet.leftovers() == {"links": [], "mounts": [], "processes": [], "roots": [],
-                                 "cgroups": []}
+                                 "cgroups": [], "routing": []}
     assert not set(links) & set(testfleet._links())
     assert not testfleet._nspawn_pids(prefix)
     assert not (testfleet.REGISTRY / f"{fleet.run_id}.json").exists()
     assert not (fleet.run_dir / "id_ed25519").exists()
 
 
-# -- an aarch64 host (qemu-user) -----------------------------------------------------------------
+# -- an aarch64 host (qemu-user), a native host and an outsider ----------------------------------
 
 ARM_MEMORY_MB = 1536
 
 
 @pytest.fixture(scope="module")
 def arm(tmp_path_factory):
-    """One emulated Raspberry Pi: aarch64 Debian 12, the `pi` user with sudo (after the x86
-    fleet of this module is destroyed: the two never run at once)."""
-    with testfleet.fleet_context(hosts=[f"arm1:pi:aarch64:{ARM_MEMORY_MB}"],
+    """One emulated Raspberry Pi (aarch64 Debian 12, the `pi` user with sudo), a native VPS and
+    an outsider: a host of the run that no inventory lists (issue 17's cross-host layout). After
+    the x86 fleet of this module is destroyed: the two never run at once."""
+    with testfleet.fleet_context(hosts=[f"arm1:pi:aarch64:{ARM_MEMORY_MB}", "vps2:vps:512",
+                                        "out1:vps:256"],
                                  run_dir=tmp_path_factory.mktemp("arm")) as fleet:
         t = fleet.timings
         print(f"\ntestfleet aarch64: image "
@@ -411,6 +523,33 @@ def test_aarch64_host_is_held_to_its_memory(arm):
     assert arm.memory_peak("arm1") > base + 190 * MiB
 
 
+# Admits the port to the fleet's own hosts (by their addresses, not the run's /24, which the
+# outsider shares) and refuses everyone else at once.
+NFT_ADMIT = """
+table inet neverdark_test {
+    chain input {
+        type filter hook input priority filter; policy accept;
+        tcp dport %(port)d ip saddr { %(admitted)s } accept
+        tcp dport %(port)d reject with tcp reset
+    }
+}
+"""
+
+
+@pytest.mark.fleet
+def test_firewall_on_the_emulated_pi_refuses_the_outsider(arm):
+    """nftables on the aarch64 host (under qemu-user) admits the fleet's host and refuses the
+    outsider, which reaches the port the moment the rule goes: it was the firewall."""
+    pi = arm.address("arm1")
+    arm.ssh("arm1", "nft -f -", input=NFT_ADMIT % {"port": 7072, "admitted": arm.address("vps2")})
+    assert "neverdark_test" in arm.ssh("arm1", "nft list tables")
+    serve_peers(arm, "arm1", 7072, count=2)
+    assert connect(arm, "vps2", pi, 7072) == arm.address("vps2")
+    assert connect(arm, "out1", pi, 7072) == "ConnectionRefusedError"
+    arm.ssh("arm1", "nft delete table inet neverdark_test")
+    assert connect(arm, "out1", pi, 7072) == arm.address("out1")
+
+
 @pytest.mark.fleet
 def test_aarch64_teardown_leaves_nothing(arm, capsys):
     pid1, cgroup = arm.hosts["arm1"]["pid1"], Path(arm.hosts["arm1"]["cgroup"])
@@ -421,6 +560,7 @@ def test_aarch64_teardown_leaves_nothing(arm, capsys):
     assert "killing it" not in capsys.readouterr().err
     print(f"\ndestroy of an aarch64 host: {took:.1f} s")
     assert arm.leftovers() == {"links": [], "mounts": [], "processes": [], "roots": [],
-                               "cgroups": []}
+                               "cgroups": [], "routing": []}
     assert not cgroup.exists() and not Path(f"/proc/{pid1}").exists()
     assert not (testfleet.REGISTRY / f"{arm.run_id}.json").exists()
+

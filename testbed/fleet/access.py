@@ -4,10 +4,9 @@ and the files pyinfra, testinfra and a person use (ssh_config, known_hosts, inve
 from __future__ import annotations
 
 import shlex
-import subprocess
 from pathlib import Path
 
-from testbed.fleet.base import FleetError, sh
+from testbed.fleet.base import sh
 from testbed.fleet.cgroups import _in_cgroup
 
 
@@ -50,15 +49,8 @@ class HostAccess:
         remote = command
         if as_root and self.hosts[name]["sudo"]:
             remote = f"sudo -n sh -c {shlex.quote(command)}"
-        try:
-            proc = subprocess.run(self.ssh_argv(name, remote), capture_output=True, text=True,
-                                  timeout=timeout, input=input)
-        except subprocess.TimeoutExpired as e:
-            raise FleetError(f"ssh {name} {command!r}: no answer within {timeout}s") from e
-        if check and proc.returncode != 0:
-            raise FleetError(f"ssh {name} {command!r} failed ({proc.returncode}): "
-                             f"{proc.stderr.strip()[-2000:]}\n{proc.stdout[-2000:]}")
-        return proc.stdout
+        return sh(self.ssh_argv(name, remote), check=check, timeout=timeout, input=input,
+                  what=f"ssh {name} {command!r}")
 
     def _write_ssh_files(self) -> None:
         lines = [f"# neverdark test fleet run {self.run_id}: ssh -F {self.ssh_config} NAME", ""]

@@ -22,6 +22,7 @@ PROFILES = {"vps": "root", "pi": "pi"}
 DEFAULT_HOSTS = [("vps1", "vps"), ("pi1", "pi")]
 DEFAULT_RUN_DIR = Path(os.environ.get("NEVERDARK_TESTFLEET_DIR", ".run/testfleet"))
 BOOT_TIMEOUT = float(os.environ.get("NEVERDARK_TESTFLEET_BOOT_TIMEOUT", "150"))
+MAX_HOSTS = 60                              # /30s in a run's /24 (64), less a margin
 NATIVE_ARCH = platform.machine()            # `uname -m` of the runner
 DEBIAN_ARCH = {a: spec.debian for a, spec in ARCHES.items()}   # `uname -m` -> Debian's name
 DEFAULT_MEMORY_MB = 4096
@@ -33,16 +34,18 @@ class FleetError(RuntimeError):
 
 
 def sh(cmd: list[str] | str, check: bool = True, timeout: float = 120, input: str | None = None,
-       **kw) -> str:
-    """Run a command, return its stdout; FleetError (with stderr) when it fails or hangs."""
+       what: str | None = None, **kw) -> str:
+    """Run a command, return its stdout; FleetError (with stderr and stdout, naming the command
+    or `what`) when it fails or hangs."""
+    what = what or repr(cmd)
     try:
         proc = subprocess.run(cmd, shell=isinstance(cmd, str), capture_output=True, text=True,
                               timeout=timeout, input=input, **kw)
     except subprocess.TimeoutExpired as e:
-        raise FleetError(f"{cmd!r} did not finish within {timeout}s") from e
+        raise FleetError(f"{what}: no answer within {timeout}s") from e
     if check and proc.returncode != 0:
-        raise FleetError(f"{cmd!r} failed ({proc.returncode}): "
-                         f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+        output = "\n".join(o.strip()[-2000:] for o in (proc.stderr, proc.stdout) if o.strip())
+        raise FleetError(f"{what} failed ({proc.returncode}): {output}")
     return proc.stdout
 
 

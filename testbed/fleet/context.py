@@ -13,8 +13,9 @@ from pathlib import Path
 
 from testbed.fleet import cgroups, fileserver, net
 from testbed.fleet.access import HostAccess
-from testbed.fleet.base import (BOOT_TIMEOUT, DEFAULT_HOSTS, EMULATED_SLOWDOWN, PREFIX,
-                                PROFILES, REGISTRY, FleetError, _atomic_write, _locked, sh)
+from testbed.fleet.base import (BOOT_TIMEOUT, DEFAULT_HOSTS, EMULATED_SLOWDOWN, MAX_HOSTS,
+                                PREFIX, PROFILES, REGISTRY, FleetError, _atomic_write, _locked,
+                                sh)
 from testbed.fleet.cgroups import HostMemory, _cg_make, _cg_procs, _cg_remove, _in_cgroup
 from testbed.fleet.image import ensure_image
 from testbed.fleet.procs import (_alive, _kill, _nspawn_pids, _pid1, _proc_start, _wait_gone)
@@ -40,7 +41,7 @@ class FleetContext(HostAccess, HostMemory):
         self.serve_dirs = {k: str(Path(v).resolve()) for k, v in (serve_dirs or {}).items()}
         self.persistent = persistent     # CLI runs outlive the process that started them
         self.run_id = ""
-        self.subnet: str | None = None
+        self.subnet: str | None = None   # the run's /24; every host routes it via the runner
         self.cgroup: Path | None = None      # the run's memory cgroup; one child per host
         self.hosts: dict[str, dict] = {}
         self.procs: dict[str, subprocess.Popen] = {}
@@ -65,8 +66,9 @@ class FleetContext(HostAccess, HostMemory):
 
     # -- bring-up ------------------------------------------------------------------------------
     def up(self) -> FleetContext:
-        if len({s.name for s in self.specs}) != len(self.specs) or not 0 < len(self.specs) <= 60:
-            raise FleetError("1 to 60 hosts, unique names")
+        if len({s.name for s in self.specs}) != len(self.specs) \
+                or not 0 < len(self.specs) <= MAX_HOSTS:
+            raise FleetError(f"1 to {MAX_HOSTS} hosts, unique names")
         cgroups._memory_cgroup_of_runner()   # fails early, with the reason, where limits can't work
         clear_stale(log=self.log)
         self._clear_previous_run_here()
@@ -96,6 +98,7 @@ class FleetContext(HostAccess, HostMemory):
             self.cgroup = cgroups.run_cgroup(self.run_id)
             self._register()                   # registered first: a crash from here is stale
             _cg_make(self.cgroup)
+            net.open_run(self.run_id)
         self.client_key.unlink(missing_ok=True)
         Path(f"{self.client_key}.pub").unlink(missing_ok=True)
         sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"neverdark-testfleet-{self.run_id}",
@@ -161,7 +164,7 @@ class FleetContext(HostAccess, HostMemory):
             if time.monotonic() > deadline or proc.poll() is not None:
                 self._fail(name, f"veth {link} did not appear")
             time.sleep(0.1)
-        net.wire(link, pid1, runner_addr, host_addr)
+        net.wire(link, pid1, runner_addr, host_addr, self.subnet, self.run_id)
 
     def _wait_ready(self, name: str, timeout: float = BOOT_TIMEOUT) -> None:
         """Bounded: systemd running/degraded, the right `uname -m`, then sshd answering with the
@@ -279,6 +282,11 @@ class FleetContext(HostAccess, HostMemory):
             return proc.poll() is None
         return _alive(h["pid"], h.get("pid_start"))
 
+    def address(self, name: str) -> str:
+        """The host's own address: what the other hosts of the run reach it at, and the source
+        address they see from it."""
+        return self.hosts[name]["address"]
+
     def runner_address(self, name: str) -> str:
         return self.hosts[name]["runner_address"]
 
@@ -313,7 +321,8 @@ class FleetContext(HostAccess, HostMemory):
     # -- teardown ---------------------------------------------------------------------------
     def down(self, timeout: float = 30) -> None:
         """Clean `systemctl poweroff` in every host, a bounded wait (EMULATED_SLOWDOWN times
-        longer for an emulated host), then SIGKILL; unmount; remove the memory cgroups.
+        longer for an emulated host), then SIGKILL; unmount; remove the memory cgroups and the
+        run's routing.
 
         Never SIGTERM to systemd-nspawn: under qemu-user the container's systemd gets it as
         another signal (real-time signal numbers are remapped) and goes to rescue mode."""
@@ -342,6 +351,8 @@ class FleetContext(HostAccess, HostMemory):
         _wait_gone(leftover, 10)
         for h in self.hosts.values():
             net.unlink(h["link"])         # the veth goes with the container's netns
+        if self.run_id:
+            net.close_run(self.run_id)
         _umount_all(self.run_dir / "hosts")
         if self.cgroup is not None and not _cg_remove(self.cgroup):
             self.log(f"testfleet: memory cgroup {self.cgroup} could not be removed: "
@@ -374,7 +385,8 @@ class FleetContext(HostAccess, HostMemory):
                 + [p for p in [self.files_pid] if p and _alive(p)]
                 + (_cg_procs(self.cgroup) if self.cgroup else []),
                 "roots": [str(p) for p in (self.run_dir / "hosts").glob("*")],
-                "cgroups": [str(self.cgroup)] if self.cgroup and self.cgroup.exists() else []}
+                "cgroups": [str(self.cgroup)] if self.cgroup and self.cgroup.exists() else [],
+                "routing": net.leftovers(self.run_id) if self.run_id else []}
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -20,13 +21,23 @@ MIRROR = os.environ.get("NEVERDARK_DEBIAN_MIRROR", "http://deb.debian.org/debian
 # What a host needs without a package index: systemd + sshd (the SSH connector, testinfra's
 # service checks), python3 + venv (pyinfra facts, pip installs from the served wheelhouse),
 # sudo (pi hosts), iproute2 (`ss` for testinfra sockets, addresses), procps (ps, pgrep),
-# libgomp1 (the OpenMP runtime llama-cpp-python's libggml-cpu.so links against).
+# libgomp1 (the OpenMP runtime llama-cpp-python's libggml-cpu.so links against), nftables (a
+# model server's host admits only the fleet's hosts, issue 17; the hosts cannot apt-get it).
 INCLUDE = ["systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "python3-venv",
-           "iproute2", "sudo", "procps", "libgomp1"]
+           "iproute2", "sudo", "procps", "libgomp1", "nftables"]
 IMAGE_VERSION = "1"   # bump when ensure_image() makes a different image from the same list
 RUNNER_PACKAGES = ["mmdebstrap", "systemd-container", "iproute2", "openssh-client"]
-# Foreign-arch hosts (aarch64 on an x86_64 runner): qemu-user with binfmt_misc registration.
-EMULATION_PACKAGES = ["qemu-user-static", "binfmt-support"]
+# Foreign-arch hosts (aarch64 on an x86_64 runner): qemu-user with binfmt_misc registration;
+# the runner's own nft for them (NATIVE_PROGRAMS).
+EMULATION_PACKAGES = ["qemu-user-static", "binfmt-support", "nftables"]
+# nft cannot work under qemu-user: its linux-user layer refuses every netlink protocol but
+# NETLINK_ROUTE, KOBJECT_UEVENT and AUDIT ("mnl.c: Unable to initialize Netlink socket: Protocol
+# not supported"), and nftables speaks NETLINK_NETFILTER. So an emulated host's image carries the
+# runner's native nft and the libraries it links against in NATIVE_DIR, run by a wrapper at the
+# program's own path (the package's binary diverted with dpkg-divert): `nft` and nftables.service
+# on the host run natively, in the host's own network namespace; the package stays installed.
+NATIVE_DIR = "/usr/lib/neverdark-native"
+NATIVE_PROGRAMS = ["/usr/sbin/nft"]
 
 # mmdebstrap, not debootstrap: apt downloads everything natively in one go and dpkg installs in
 # two batches. Measured cold (downloads included) on 2 cores, back to back: amd64 30 s against
@@ -45,6 +56,8 @@ SSH_KEY_PLACEHOLDERS = ("ssh_host_rsa_key", "ssh_host_ecdsa_key", "ssh_host_ed25
 def image_key(arch: str = NATIVE_ARCH) -> str:
     recipe = f"{SUITE}|{DEBIAN_ARCH[arch]}|{','.join(INCLUDE)}|{','.join(DPKG_EXCLUDES)}|" \
              f"{IMAGE_VERSION}"
+    if arch != NATIVE_ARCH:
+        recipe += f"|native:{','.join(NATIVE_PROGRAMS)}"
     return hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
 
@@ -133,6 +146,37 @@ def _emulation_dropins(root: Path) -> list[str]:
     return units
 
 
+def _native_programs(root: Path) -> list[str]:
+    """NATIVE_PROGRAMS of the runner, with what they link against, into an emulated root (see
+    NATIVE_DIR); the programs it wrapped."""
+    dest = root / NATIVE_DIR.lstrip("/")
+    dest.mkdir(parents=True, exist_ok=True)
+    for program in NATIVE_PROGRAMS:
+        loader = None
+        for line in sh(["ldd", program]).splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[1] == "=>" and parts[2].startswith("/"):
+                lib = parts[2]
+            elif parts and parts[0].startswith("/"):
+                lib = loader = parts[0]              # the dynamic loader
+            else:
+                continue                             # linux-vdso: the kernel's
+            shutil.copy2(os.path.realpath(lib), dest / os.path.basename(lib))
+        if loader is None:
+            raise FleetError(f"{program} on the runner names no dynamic loader (ldd)")
+        shutil.copy2(program, dest / os.path.basename(program))
+        sh(["chroot", str(root), "dpkg-divert", "--quiet", "--local", "--rename", "--divert",
+            f"{program}.qemu-user", "--add", program])
+        wrapper = root / program.lstrip("/")
+        wrapper.write_text(
+            "#!/bin/sh\n# neverdark test fleet: the runner's native build (under qemu-user this "
+            "program cannot work)\n"
+            f'exec {NATIVE_DIR}/{os.path.basename(loader)} --library-path {NATIVE_DIR} '
+            f'{NATIVE_DIR}/{os.path.basename(program)} "$@"\n')
+        wrapper.chmod(0o755)
+    return list(NATIVE_PROGRAMS)
+
+
 def build_image(arch: str, target: Path, logfile: Path) -> None:
     """mmdebstrap a Debian root for `arch` into `target` (absent or empty), ready to be an image:
     no host keys, no machine-id, emulated hosts' units fixed. Removes `target` on failure."""
@@ -158,7 +202,8 @@ def build_image(arch: str, target: Path, logfile: Path) -> None:
         (target / "etc" / "machine-id").write_text("")
         if arch != NATIVE_ARCH:
             with open(logfile, "a") as out:
-                out.write(f"credential-less drop-ins: {', '.join(_emulation_dropins(target))}\n")
+                out.write(f"credential-less drop-ins: {', '.join(_emulation_dropins(target))}\n"
+                          f"native programs: {', '.join(_native_programs(target))}\n")
         (target / "etc" / "neverdark-image").write_text(f"{SUITE} {arch} {' '.join(INCLUDE)}\n")
     except BaseException:
         _remove_tree(target)

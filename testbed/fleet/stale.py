@@ -20,7 +20,7 @@ def clear_stale(log=print) -> list[str]:
     """Remove what dead runs left on a reused machine. Never touches a live run's state.
 
     A run is dead when its owner process is gone (library runs) or, for CLI runs, when none
-    of its containers is running. Also removes links, nspawn
+    of its containers is running. Also removes links, routing rules and tables, nspawn
     processes and image overlays of our naming that no registered run claims. Returns the ids
     of the registered runs it cleared.
     """
@@ -55,7 +55,7 @@ def clear_stale(log=print) -> list[str]:
             if m and m.group(1) not in live_ids:
                 log(f"testfleet: killing unregistered container {machine} (pid {pid})")
                 _kill_container(pid)
-        for what in net.clear_stale(live_ids):      # links
+        for what in net.clear_stale(live_ids):      # links, routing rules and tables
             log(f"testfleet: removed stale {what}")
         for point in _image_overlay_mounts():
             if not any(point.startswith(d.rstrip("/") + "/") for d in live_dirs):
