@@ -1,14 +1,17 @@
 """Test fleet benchmark: prints figures for the README (not a timed test).
 
     .venv/bin/python bench/testfleet_bench.py [--hosts vps1:vps,pi1:pi:aarch64:2048] [--pip]
-                                              [--cold]
+                                              [--cold] [--many N [--many-mb 256]]
 
 - base image per architecture: build time, or "cached"; with --cold, a fresh build into a
   temporary directory (downloads included, the cache untouched) for each architecture;
 - wheelhouse: build time, or "cached";
 - N-host up (overlay roots, boot to `running`, sshd answering with the run's keys), and each
   host's boot-to-SSH time (an aarch64 host runs under qemu-user);
-- each host's memory: use after boot, peak, limit (its memory_mb), OOM kills;
+- each host's memory: use after boot, peak, limit (its memory_mb), OOM kills; in all, and the
+  runner's MemAvailable before the boot and after it;
+- with --many N: N light hosts h00..h<N-1> (memory_mb --many-mb), as issue 18's status
+  benchmark boots them, instead of --hosts;
 - with --pip: offline `pip install hermes-agent[anthropic,messaging]` inside the first host from
   the runner's file server;
 - down (clean poweroff of every host) and destroy.
@@ -28,6 +31,14 @@ from neverdark import versions  # noqa: E402
 from testbed import fleet as testfleet, wheelhouse  # noqa: E402
 
 MiB = 2**20
+
+
+def mem_available() -> int:
+    """The runner's MemAvailable, bytes."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def cold_build(arch: str) -> None:
@@ -52,8 +63,13 @@ def main() -> None:
     ap.add_argument("--pip", action="store_true", help="also time an offline Hermes install")
     ap.add_argument("--cold", action="store_true",
                     help="also time a cold image build for each architecture in --hosts")
+    ap.add_argument("--many", type=int, default=0, metavar="N",
+                    help="boot N light hosts h00.. instead of --hosts")
+    ap.add_argument("--many-mb", type=int, default=256, help="memory_mb of each --many host")
     args = ap.parse_args()
-    specs = [testfleet.HostSpec.parse(h) for h in args.hosts.split(",")]
+    hosts = [f"h{i:02d}:vps:{args.many_mb}" for i in range(args.many)] if args.many \
+        else args.hosts.split(",")
+    specs = [testfleet.HostSpec.parse(h) for h in hosts]
     arches = sorted({s.arch for s in specs})
 
     if args.cold:
@@ -72,6 +88,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="neverdark-fleet-bench-") as tmp:
         fleet = testfleet.FleetContext(Path(tmp), specs, {"wheels": wheels})
         try:
+            available = mem_available()
             fleet.up()
             print(f"{len(specs)}-host up:             {fleet.timings['up_s']:7.1f} s "
                   f"({', '.join(n + '=' + h['system_state'] for n, h in fleet.hosts.items())}; "
@@ -82,6 +99,11 @@ def main() -> None:
                       f"{fleet.memory_usage(s.name) / MiB:6.0f} MB now, "
                       f"{fleet.memory_peak(s.name) / MiB:6.0f} MB peak of "
                       f"{fleet.memory_limit(s.name) / MiB:.0f} MB")
+            used = sum(fleet.memory_usage(s.name) for s in specs)
+            peaks = sum(fleet.memory_peak(s.name) for s in specs)
+            print(f"memory in all:         {used / MiB:7.0f} MB now ({used / MiB / len(specs):.0f} "
+                  f"MB a host), peaks {peaks / MiB:.0f} MB; runner MemAvailable "
+                  f"{available / MiB:.0f} -> {mem_available() / MiB:.0f} MB")
             if args.pip:
                 name = specs[0].name
                 h = fleet.hosts[name]

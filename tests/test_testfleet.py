@@ -564,3 +564,31 @@ def test_aarch64_teardown_leaves_nothing(arm, capsys):
     assert not cgroup.exists() and not Path(f"/proc/{pid1}").exists()
     assert not (testfleet.REGISTRY / f"{arm.run_id}.json").exists()
 
+
+# -- many light hosts (issue 18's status benchmark) --------------------------------------------
+
+MANY = 20
+
+
+@pytest.mark.fleet
+def test_twenty_light_hosts_in_one_run(tmp_path):
+    """Twenty 256 MB hosts boot in one run, each with systemd and sshd answering the run's key,
+    each at an address of its own that the others reach; destroy leaves nothing."""
+    specs = [f"h{i:02d}:vps:256" for i in range(MANY)]
+    with testfleet.fleet_context(hosts=specs, run_dir=tmp_path / "many") as many:
+        used = sum(many.memory_usage(n) for n in many.hosts)
+        print(f"\n{MANY} light hosts up in {many.timings['up_s']:.1f} s; memory "
+              f"{used / MiB:.0f} MB in all ({used / MiB / MANY:.0f} MB a host); slowest boot to "
+              f"SSH {max(many.timings[f'ready_s:{n}'] for n in many.hosts):.1f} s")
+        assert len(many.hosts) == MANY
+        assert len({h["address"] for h in many.hosts.values()}) == MANY
+        for name, h in many.hosts.items():
+            assert h["system_state"] in ("running", "degraded"), name
+            assert many.ssh(name, "hostname").strip() == name
+            assert many.memory_limit(name) == 256 * MiB
+        first, last = specs[0].split(":")[0], specs[-1].split(":")[0]
+        serve_peers(many, last, 7073, count=1)
+        assert connect(many, first, many.address(last), 7073) == many.address(first)
+        many.destroy()
+        assert many.leftovers() == {"links": [], "mounts": [], "processes": [], "roots": [],
+                                    "cgroups": [], "routing": []}
