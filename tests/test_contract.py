@@ -225,3 +225,23 @@ def test_validate_refuses_a_secret_hermes_would_expand(tmp_path):
     with pytest.raises(InventoryError) as err:
         validate(tmp_path / "fleet.yaml", env={})
     assert "ANTHROPIC_API_KEY" in str(err.value) and "sk-${HOME}" not in str(err.value)
+
+
+# --- the URL-root rule ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("base_url,root", [
+    ("http://127.0.0.1:8081/v1", "http://127.0.0.1:8081"),
+    ("http://127.0.0.1:8081/v1/", "http://127.0.0.1:8081"),
+    ("http://127.0.0.1:11434", "http://127.0.0.1:11434"),
+    ("http://127.0.0.1:11434/", "http://127.0.0.1:11434"),
+    ("http://10.0.0.9:8080/api/v1", "http://10.0.0.9:8080/api"),
+    ("https://generativelanguage.googleapis.com/v1beta",
+     "https://generativelanguage.googleapis.com/v1beta"),
+])
+def test_url_root_strips_a_trailing_slash_and_v1(base_url, root):
+    assert contract.url_root(base_url) == root
+
+
+def test_an_ollama_url_gets_v1_once():
+    for given in ("http://127.0.0.1:11434", "http://127.0.0.1:11434/", "http://127.0.0.1:11434/v1"):
+        assert contract.openai_base_url("ollama", given) == "http://127.0.0.1:11434/v1"
