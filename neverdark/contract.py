@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
 
 # --- names -----------------------------------------------------------------------------------
 # Every name in the inventory becomes part of a path, a Linux user, a systemd unit, a metric
@@ -303,6 +304,23 @@ DEFAULT_BASE_URLS = {
 # Ollama serves a model with this context unless its Modelfile or the request sets num_ctx
 # (the server-wide OLLAMA_CONTEXT_LENGTH is not visible through its API).
 OLLAMA_DEFAULT_CONTEXT = 4096
+
+
+def find_backend(wizard, ref):
+    """The backend of `wizard`'s chain named `ref` (a backend already, or None, comes back as
+    it is): the one lookup of a backend by name, which the plan's backend view
+    (neverdark.backends), the Hermes config and the sidecar share. `wizard` has a name and a
+    list of backends, as attributes or as keys (the Hermes config takes plain dicts)."""
+    if not isinstance(ref, str):
+        return ref
+    for b in _field(wizard, "backends"):
+        if _field(b, "name") == ref:
+            return b
+    raise KeyError(f"wizard {_field(wizard, 'name')!r} has no backend {ref!r}")
+
+
+def _field(obj, key: str):
+    return obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key)
 
 
 def url_root(base_url: str) -> str:
