@@ -36,6 +36,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from neverdark import contract  # noqa: E402
 from neverdark import hermes_config as hc  # noqa: E402
 from sidecar import engine  # noqa: E402
 from testbed.hermes_gateway import Gateway  # noqa: E402
@@ -81,7 +82,7 @@ async def scrape(base_url: str) -> engine.EngineTotals | None:
 
 
 def tokens_of(base_url: str, text: str) -> int:
-    r = httpx.post(engine.engine_root(base_url) + "/extras/tokenize", json={"input": text}, timeout=60)
+    r = httpx.post(contract.url_root(base_url) + "/extras/tokenize", json={"input": text}, timeout=60)
     r.raise_for_status()
     return len(r.json()["tokens"])
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deploys.base import BaseDeployer
+from deploys.base import BaseDeployer, JournaldDeployer
 from deploys.deployer import Deployer, each
 from deploys.hermes import HermesDeployer, WizardDeployer
 from deploys.llama import LlamaDeployer, LlamaServerDeployer
@@ -27,6 +27,7 @@ def host_deployers(p: dict, stale_wizards: list[str] = (),
     wizard_ds = [WizardDeployer(p, w["name"], w, hermes) for w in wizards]
     return [
         BaseDeployer(p),
+        JournaldDeployer(p, enabled=bool(p["base"]["journald"])),
         models,
         *[LlamaServerDeployer(p, s, s["unit"], engine, models)
           for s in servers],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
 
 # --- names -----------------------------------------------------------------------------------
 # Every name in the inventory becomes part of a path, a Linux user, a systemd unit, a metric
@@ -305,15 +306,36 @@ DEFAULT_BASE_URLS = {
 OLLAMA_DEFAULT_CONTEXT = 4096
 
 
+def find_backend(wizard, ref):
+    """The backend of `wizard`'s chain named `ref` (a backend already, or None, comes back as
+    it is): the one lookup of a backend by name, which the plan's backend view
+    (neverdark.backends), the Hermes config and the sidecar share. `wizard` has a name and a
+    list of backends, as attributes or as keys (the Hermes config takes plain dicts)."""
+    if not isinstance(ref, str):
+        return ref
+    for b in _field(wizard, "backends"):
+        if _field(b, "name") == ref:
+            return b
+    raise KeyError(f"wizard {_field(wizard, 'name')!r} has no backend {ref!r}")
+
+
+def _field(obj, key: str):
+    return obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key)
+
+
+def url_root(base_url: str) -> str:
+    """A server's root from the base URL its OpenAI-style API is reached at: a trailing '/' and
+    then a final '/v1' stripped (http://127.0.0.1:8081/v1/ -> http://127.0.0.1:8081). There a
+    local engine answers /health and /metrics, and Ollama its native /api. The one rule for
+    it: the plan, the sidecar and the tests all strip /v1 with this."""
+    url = base_url.rstrip("/")
+    return url.removesuffix("/v1").rstrip("/")
+
+
 def openai_base_url(kind: str, base_url: str) -> str:
     """Where Hermes and the probes send OpenAI-style requests: an Ollama server's root (as
     Ollama documents it) plus /v1; every other kind's base_url as given."""
-    return base_url.rstrip("/") + "/v1" if kind == "ollama" else base_url
-
-
-def server_root(kind: str, base_url: str) -> str:
-    """The inverse: an Ollama server's root from its /v1 URL (its native API lives there)."""
-    return base_url.removesuffix("/v1") if kind == "ollama" else base_url
+    return url_root(base_url) + "/v1" if kind == "ollama" else base_url
 # Hermes 0.19.0 refuses a model whose context is under 64,000 tokens (HTTP 500 per request);
 # 65536 is the smallest power of two above it, which is what llama.cpp sizes nicely.
 HERMES_MIN_CONTEXT = 64_000

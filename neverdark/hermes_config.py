@@ -116,16 +116,6 @@ def _backends(wizard) -> list:
     return backends
 
 
-def _backend(wizard, backend) -> Any:
-    """`backend` may be a backend of the wizard or its name."""
-    if isinstance(backend, str):
-        for b in _backends(wizard):
-            if _get(b, "name") == backend:
-                return b
-        raise KeyError(f"wizard {_get(wizard, 'name')!r} has no backend {backend!r}")
-    return backend
-
-
 def key_env(wizard, backend) -> str | None:
     """The environment name the wizard's .env holds this backend's key under."""
     kind = _get(backend, "kind")
@@ -264,7 +254,7 @@ def _sentence_list(items: list[str]) -> str:
 def environment_hint(wizard, backend) -> str:
     """agent.environment_hint for one backend: the degraded notice on fallbacks; on a lean
     profile also what the backend cannot do and the brevity hint."""
-    b = _backend(wizard, backend)
+    b = contract.find_backend(wizard, backend)   # a backend of the wizard, or its name
     degraded = _get(b, "name") != _get(_backends(wizard)[0], "name")
     parts = [(_get(wizard, "notice") or DEFAULT_NOTICE).strip()] if degraded else []
     if profile(b) == "lean":
@@ -299,7 +289,7 @@ def profile_sections(backend) -> dict:
 
 def render_variant(wizard, backend) -> str:
     """One backend's override for HERMES_MANAGED_DIR/config.yaml (0640: names, never values)."""
-    b = _backend(wizard, backend)
+    b = contract.find_backend(wizard, backend)   # a backend of the wizard, or its name
     degraded = _get(b, "name") != _get(_backends(wizard)[0], "name")
     sections = profile_sections(b)
     doc = {"model": _model_section(wizard, b),

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from neverdark import contract, engines, hermes_config, memory_fit, model_sources, topology
-from neverdark.schema import CloudBackend, Fleet, LocalBackend
+from neverdark.backends import WizardBackends, backend_kind, view
+from neverdark.schema import CloudBackend, Fleet
 from neverdark.versions import HERMES_REQUIREMENTS, LLAMA_REQUIREMENTS, SIDECAR_REQUIREMENTS
 from sidecar import config as sidecar_config
 
@@ -38,16 +39,15 @@ class File:
         return f"File({self.path!r}, mode={self.mode}, {self.user}:{self.group})"
 
 
-def backend_kind(backend) -> str:
-    return "local" if isinstance(backend, LocalBackend) else backend.provider
-
-
 def host_plan(fleet: Fleet, host: str) -> dict:
     h = fleet.hosts[host]
     wheelhouse = h.wheelhouse or fleet.wheelhouse
     pip = {"find_links": wheelhouse.find_links if wheelhouse else None,
            "no_index": bool(wheelhouse and not wheelhouse.index)}
-    wizards = [wizard_plan(fleet, w) for w in fleet.wizards_on(host)]
+    # Each wizard's backend chain, viewed once: its Hermes variants and the sidecar's config
+    # are both derived from it.
+    chains = [view(fleet, w) for w in fleet.wizards_on(host)]
+    wizards = [wizard_plan(fleet, chain) for chain in chains]
     return {
         "host": host,
         "arch": h.arch,
@@ -62,7 +62,7 @@ def host_plan(fleet: Fleet, host: str) -> dict:
         "models": [model_plan(fleet, m) for m in fleet.local_models(host)],
         "llama": llama_plan(fleet, host),
         "hermes": {"requirements": HERMES_REQUIREMENTS, "wizards": wizards},
-        "sidecar": sidecar_plan(fleet, host, wizards),
+        "sidecar": sidecar_plan(fleet, host, wizards, chains),
     }
 
 
@@ -171,9 +171,9 @@ def native_server_plan(arch: str) -> dict:
             "link": contract.LLAMA_SERVER_LINK, "binary": engines.NATIVE_BINARY}
 
 
-def wizard_plan(fleet: Fleet, name: str) -> dict:
-    wz = fleet.wizards[name]
-    spec = hermes_spec(fleet, name)
+def wizard_plan(fleet: Fleet, chain: WizardBackends) -> dict:
+    name = chain.name
+    spec = hermes_spec(fleet, name, chain)
     user = contract.wizard_user(name)
     secrets = {ref: fleet.secret(ref) for ref in hermes_config.secret_names(spec)}
     return {
@@ -186,16 +186,15 @@ def wizard_plan(fleet: Fleet, name: str) -> dict:
         "managed_dir": contract.wizard_managed_dir(name),
         "active_config": contract.active_config(name),
         "api_port": spec["api_port"],
-        "primary": wz.backends[0].name,
-        "backends": [b.name for b in wz.backends],
+        "primary": chain.primary.name,
+        "backends": [b.name for b in chain.backends],
         "base_config": File(contract.wizard_base_config(name),
                             hermes_config.render_base_config(spec), "0640", "root", user),
         # Only the sidecar reads these (it copies one into the managed dir, whose setgid group
         # makes the copy the wizard's); so a new wizard needs no new group for the sidecar.
-        "variants": {b.name: File(contract.variant_path(name, b.name),
-                                  hermes_config.render_variant(spec, b.name), "0640", "root",
-                                  contract.SIDECAR_USER)
-                     for b in wz.backends},
+        "variants": {b.name: File(b.variant, hermes_config.render_variant(spec, b), "0640",
+                                  "root", contract.SIDECAR_USER)
+                     for b in chain.backends},
         "env": File(f"{contract.wizard_home(name)}/.env", hermes_config.render_env(spec, secrets),
                     "0600", user, user, secret=True),
         "soul": File(f"{contract.wizard_home(name)}/SOUL.md",
@@ -205,15 +204,16 @@ def wizard_plan(fleet: Fleet, name: str) -> dict:
         "prefix": {"unit": contract.prefix_unit(name), "timer": contract.prefix_timer(name),
                    "dir": contract.wizard_prefix_dir(name),
                    "runtime": contract.prefix_runtime_dir(name),
-                   "jobs": [{"backend": b.name, "variant": contract.variant_path(name, b.name),
+                   "jobs": [{"backend": b.name, "variant": b.variant,
                              "staged": f"{contract.prefix_runtime_dir(name)}/{b.name}.yaml",
                              "out": contract.wizard_prefix(name, b.name)}
-                            for b in wz.backends if isinstance(b, LocalBackend)]},
+                            for b in chain.backends if b.kind == "local"]},
     }
 
 
-def hermes_spec(fleet: Fleet, name: str) -> dict:
-    """The wizard as neverdark.hermes_config takes it."""
+def hermes_spec(fleet: Fleet, name: str, chain: WizardBackends | None = None) -> dict:
+    """The wizard as neverdark.hermes_config takes it (plain data): its chain is the plan's
+    backend view (`chain`, built here when not given)."""
     wz = fleet.wizards[name]
     return {
         "name": name,
@@ -224,17 +224,7 @@ def hermes_spec(fleet: Fleet, name: str) -> dict:
         "telegram_api_url": wz.telegram.api_url if wz.telegram else None,
         "persona": wz.persona,
         "notice": wz.notice,
-        "backends": [{
-            "name": b.name,
-            "kind": backend_kind(b),
-            "model": b.local if isinstance(b, LocalBackend) else b.model,
-            "base_url": fleet.base_url(name, b),
-            "api_key_secret": b.api_key.secret if getattr(b, "api_key", None) else None,
-            "context_length": fleet.context_length(b),
-            "max_tokens": b.max_tokens,
-            "profile": b.profile,
-            "tools": b.tools,
-        } for b in wz.backends],
+        "backends": [asdict(b) for b in (chain or view(fleet, name)).backends],
     }
 
 
@@ -245,22 +235,20 @@ def _probe_settings(probe) -> sidecar_config.ProbeSettings:
                                            for k, v in probe.model_dump().items()})
 
 
-def sidecar_config_for(fleet: Fleet, host: str) -> sidecar_config.SidecarConfig | None:
-    """The host's sidecar config, as the sidecar's own classes (None: no wizard here)."""
+def sidecar_config_for(fleet: Fleet, host: str, chains: list[WizardBackends] | None = None
+                       ) -> sidecar_config.SidecarConfig | None:
+    """The host's sidecar config, as the sidecar's own classes (None: no wizard here); each
+    wizard's backends from the plan's backend view (`chains`, built here when not given)."""
     wizards = {}
     secrets: dict[str, str] = {}
-    for name in fleet.wizards_on(host):
-        wz = fleet.wizards[name]
-        backends = []
-        for b in wz.backends:
-            keyed = isinstance(b, CloudBackend) and b.api_key is not None
-            key_env = contract.backend_key_env(name, b.name) if keyed else None
-            key = fleet.secret(b.api_key.secret) if keyed else None
-            backends.append(sidecar_config.BackendConfig(
-                name=b.name, kind=backend_kind(b), base_url=fleet.base_url(name, b),
-                model=b.local if isinstance(b, LocalBackend) else b.model, api_key=key,
-                variant=Path(contract.variant_path(name, b.name)), api_key_env=key_env,
-                context_length=fleet.context_length(b)))
+    for chain in chains if chains is not None else [view(fleet, w)
+                                                    for w in fleet.wizards_on(host)]:
+        name, wz = chain.name, fleet.wizards[chain.name]
+        backends = tuple(sidecar_config.BackendConfig(
+            name=b.name, kind=b.kind, base_url=b.base_url, model=b.model,
+            api_key=fleet.secret(b.api_key_secret) if b.api_key_secret else None,
+            variant=Path(b.variant), api_key_env=b.key_env, context_length=b.context_length)
+            for b in chain.backends)
         api_env = wz.api_server_key.secret
         secrets[api_env] = fleet.secret(api_env)
         wizards[name] = sidecar_config.WizardConfig(
@@ -268,7 +256,7 @@ def sidecar_config_for(fleet: Fleet, host: str) -> sidecar_config.SidecarConfig 
             api_key=secrets[api_env], api_key_env=api_env,
             home=Path(contract.wizard_home(name)),
             active_config=Path(contract.active_config(name)),
-            probe=_probe_settings(fleet.probe(name)), backends=tuple(backends),
+            probe=_probe_settings(fleet.probe(name)), backends=backends,
             restart=wz.restart_on_switch)
     if not wizards:
         return None
@@ -286,8 +274,9 @@ def sidecar_config_for(fleet: Fleet, host: str) -> sidecar_config.SidecarConfig 
         wizards=wizards, secrets=secrets)
 
 
-def sidecar_plan(fleet: Fleet, host: str, wizards: list[dict]) -> dict:
-    cfg = sidecar_config_for(fleet, host)
+def sidecar_plan(fleet: Fleet, host: str, wizards: list[dict],
+                 chains: list[WizardBackends]) -> dict:
+    cfg = sidecar_config_for(fleet, host, chains)
     if cfg is None:
         return {"requirements": SIDECAR_REQUIREMENTS, "config": None, "env": None,
                 "units": [], "groups": [], "watchdog_sec": WATCHDOG_SEC}

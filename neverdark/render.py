@@ -22,7 +22,7 @@ def host_files(fleet: Fleet, host: str) -> tuple[list[plan.File], dict]:
     found: list[plan.File] = []
     for d in host_deployers(p):
         if d.enabled:
-            found += d.files()
+            found += d.uploads()
     # What a fresh host starts on: the primary's variant as the active config.
     for w in p["hermes"]["wizards"]:
         primary = w["variants"][w["primary"]]

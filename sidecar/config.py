@@ -84,10 +84,7 @@ class WizardConfig:
     api_key_env: str = ""
 
     def backend(self, name: str) -> BackendConfig:
-        for b in self.backends:
-            if b.name == name:
-                return b
-        raise KeyError(name)
+        return contract.find_backend(self, name)
 
 
 @dataclass(frozen=True)

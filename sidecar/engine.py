@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, fields
 
 import httpx
 
+from neverdark import contract
+
 # Prometheus names -> EngineTotals fields. None-valued fields: the engine does not count it.
 _METRICS = {
     "llamacpp:prompt_tokens_total": "prompt_tokens",
@@ -81,17 +83,11 @@ def parse_metrics(text: str) -> EngineTotals:
     return EngineTotals(**found)
 
 
-def engine_root(base_url: str) -> str:
-    """http://127.0.0.1:8081/v1 -> http://127.0.0.1:8081 (where /metrics lives)."""
-    url = base_url.rstrip("/")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
-
-
 async def scrape(client: httpx.AsyncClient, base_url: str, timeout: float = 5.0) -> EngineTotals | None:
     """The engine's counters now, or None when it has none to give (old launcher, native
     without --metrics, down)."""
     try:
-        r = await client.get(engine_root(base_url) + "/metrics", timeout=timeout)
+        r = await client.get(contract.url_root(base_url) + "/metrics", timeout=timeout)
         if r.status_code != 200:
             return None
         return parse_metrics(r.text)

@@ -73,7 +73,7 @@ def _request(backend, deep: bool) -> tuple[str, str, dict, dict | None]:
             return "POST", f"{base}/models/{backend.model}:generateContent", headers, body
         return "GET", f"{base}/models", headers, None
     if kind == "ollama" and not deep:
-        return "GET", f"{contract.server_root(kind, base)}/api/tags", {}, None
+        return "GET", f"{contract.url_root(base)}/api/tags", {}, None
     if kind in ("openai", "local", "ollama"):
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         if deep:
@@ -221,11 +221,6 @@ def _redact(text: str, backend) -> str:
     return text[:300]
 
 
-def local_root(base_url: str) -> str:
-    """A local server's root from its OpenAI base URL (…/v1), where /health lives."""
-    return base_url.rstrip("/").removesuffix("/v1")
-
-
 async def probe(backend, client: httpx.AsyncClient, timeout: float, deep: bool = False) -> ProbeResult:
     started = time.monotonic()
 
@@ -239,7 +234,7 @@ async def probe(backend, client: httpx.AsyncClient, timeout: float, deep: bool =
         # launcher, whose library routes all wait): 200 once the model is loaded, 503 while
         # llama-server is still loading it. Readiness is the deep probe (sidecar/warm.py's
         # check: one token after the wizard's warm prefix), sent before any switch onto it.
-        method, url, headers, body = "GET", f"{local_root(backend.base_url)}/health", {}, None
+        method, url, headers, body = "GET", f"{contract.url_root(backend.base_url)}/health", {}, None
     else:
         method, url, headers, body = _request(backend, deep)
 
@@ -288,7 +283,7 @@ async def _served_context_problem(backend, client: httpx.AsyncClient, data: dict
     if backend.kind == "openai":
         served, source = served_context.openai_models(data, backend.model)
         return served_context.too_small(served, wanted, source)
-    root = contract.server_root(backend.kind, backend.base_url.rstrip("/"))
+    root = contract.url_root(backend.base_url)
     try:
         served, source = await served_context.ollama(client, root, backend.model, timeout)
     except (httpx.HTTPError, ValueError, AttributeError) as exc:

@@ -15,6 +15,7 @@ from typing import Callable
 
 import httpx
 
+from neverdark.contract import find_backend
 from sidecar import flip
 from sidecar.gateway import GatewayControl, SystemdControl, verify, wait_ready
 
@@ -36,15 +37,6 @@ class SwitchResult:
     timings: dict[str, float] = field(default_factory=dict)
     # (backend, breakdown) of each check turn on a local backend: where its time went
     turns: list[tuple[str, dict]] = field(default_factory=list)
-
-
-def _backend(wizard, ref):
-    if ref is None or not isinstance(ref, str):
-        return ref
-    for b in wizard.backends:
-        if b.name == ref:
-            return b
-    raise KeyError(f"wizard {wizard.name} has no backend {ref!r}")
 
 
 async def _restart_and_verify(wizard, target, control: GatewayControl, client: httpx.AsyncClient,
@@ -85,7 +77,7 @@ async def switch(wizard, to, previous, client: httpx.AsyncClient, systemctl: lis
     each gateway restart (default: always allowed); `verify_timeout` must cover a local model's
     cold first turn (minutes on a Pi).
     """
-    to, previous = _backend(wizard, to), _backend(wizard, previous)
+    to, previous = find_backend(wizard, to), find_backend(wizard, previous)
     control = control or SystemdControl(systemctl, wizard.unit)
     permit = restart_permit or _always
     restarts = getattr(wizard, "restart", True)
@@ -138,7 +130,7 @@ async def check(wizard, backend, client: httpx.AsyncClient, systemctl: list[str]
     the gateway may be mid-restart already (systemd carries out a restart it was asked for), and
     Hermes re-reads the active config per request.
     """
-    backend = _backend(wizard, backend)
+    backend = find_backend(wizard, backend)
     control = control or SystemdControl(systemctl, wizard.unit)
     timings: dict[str, float] = {}
     t = time.monotonic()

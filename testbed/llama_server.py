@@ -39,7 +39,7 @@ class LlamaServer:
         self.base_url = f"{self.root}/v1"
         self.log_path = log_dir / f"llama-{self.port}.log"
         self._log = self.log_path.open("wb")
-        # The unit's flags (deploys/llama/neverdark-llama.service.j2), minus the systemd parts.
+        # The unit's flags (templates/llama/neverdark-llama.service.j2), minus the systemd parts.
         argv = [str(runtimes.LLAMA_PYTHON), str(SERVE_PY), "--model", str(runtimes.gguf()),
                 "--model_alias", alias, "--host", "127.0.0.1", "--port", str(self.port),
                 "--n_ctx", str(n_ctx), "--n_threads", str(threads),

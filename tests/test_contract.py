@@ -16,12 +16,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from dotenv import dotenv_values
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from neverdark import contract, plan
+from neverdark.backends import view
 from neverdark.cli import main as cli
 from neverdark.inventory import InventoryError, validate
 from neverdark.render import render
@@ -225,3 +227,59 @@ def test_validate_refuses_a_secret_hermes_would_expand(tmp_path):
     with pytest.raises(InventoryError) as err:
         validate(tmp_path / "fleet.yaml", env={})
     assert "ANTHROPIC_API_KEY" in str(err.value) and "sk-${HOME}" not in str(err.value)
+
+
+# --- the URL-root rule ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("base_url,root", [
+    ("http://127.0.0.1:8081/v1", "http://127.0.0.1:8081"),
+    ("http://127.0.0.1:8081/v1/", "http://127.0.0.1:8081"),
+    ("http://127.0.0.1:11434", "http://127.0.0.1:11434"),
+    ("http://127.0.0.1:11434/", "http://127.0.0.1:11434"),
+    ("http://10.0.0.9:8080/api/v1", "http://10.0.0.9:8080/api"),
+    ("https://generativelanguage.googleapis.com/v1beta",
+     "https://generativelanguage.googleapis.com/v1beta"),
+])
+def test_url_root_strips_a_trailing_slash_and_v1(base_url, root):
+    assert contract.url_root(base_url) == root
+
+
+def test_an_ollama_url_gets_v1_once():
+    for given in ("http://127.0.0.1:11434", "http://127.0.0.1:11434/", "http://127.0.0.1:11434/v1"):
+        assert contract.openai_base_url("ollama", given) == "http://127.0.0.1:11434/v1"
+
+
+# --- one backend view, one lookup -------------------------------------------------------------
+
+@pytest.mark.parametrize("path,env", INVENTORIES, ids=[p.name for p, _ in INVENTORIES])
+def test_each_sidecar_backend_names_the_variant_rendered_for_it(path, env, monkeypatch):
+    """The sidecar config and the Hermes variants come from one backend view per wizard: the
+    variant a sidecar backend names selects that backend's own model and URL."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    fleet = validate(path, env=os.environ)
+    for host in fleet.hosts:
+        p = plan.host_plan(fleet, host)
+        cfg = plan.sidecar_config_for(fleet, host)
+        for w in p["hermes"]["wizards"]:
+            variants = {f.path: f for f in w["variants"].values()}
+            for b in cfg.wizards[w["name"]].backends:
+                model = yaml.safe_load(variants[str(b.variant)].content)["model"]
+                assert (model["default"], model["base_url"]) == (b.model, b.base_url)
+
+
+def test_a_backend_is_found_by_name_in_any_shape():
+    chain = [{"name": "claude", "model": "c"}, {"name": "local", "model": "gemma"}]
+    assert contract.find_backend({"name": "merlin", "backends": chain}, "local")["model"] == "gemma"
+    given = chain[0]   # a backend already: returned as it is
+    assert contract.find_backend({"name": "merlin", "backends": chain}, given) is given
+    assert contract.find_backend({"name": "merlin", "backends": chain}, None) is None
+    with pytest.raises(KeyError, match="wizard 'merlin' has no backend 'gpt'"):
+        contract.find_backend({"name": "merlin", "backends": chain}, "gpt")
+    # The sidecar's config and the plan's view take the same lookup.
+    fleet = validate(DATA / "contract_names.yaml", env={})
+    cfg = plan.sidecar_config_for(fleet, "vps.fra-1").wizards["merlin"]
+    assert cfg.backend("local.small").kind == "local"
+    assert view(fleet, "merlin").backend("claude_s4.5").kind == "anthropic"
+    with pytest.raises(KeyError, match="no backend 'nope'"):
+        cfg.backend("nope")

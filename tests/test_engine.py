@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from neverdark import contract
 from sidecar import engine
 from sidecar.gateway import CheckTurn, check_turn, judge
 from sidecar.metrics import Metrics
@@ -163,7 +164,7 @@ def test_launcher_metrics_answer_during_a_long_prefill(llama):
     worker.start()
     time.sleep(1.0)
     started = time.monotonic()
-    text = httpx.get(f"{engine.engine_root(llama.base_url)}/metrics", timeout=5).text
+    text = httpx.get(f"{contract.url_root(llama.base_url)}/metrics", timeout=5).text
     took = time.monotonic() - started
     busy = worker.is_alive()
     worker.join(600)

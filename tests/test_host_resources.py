@@ -12,8 +12,10 @@ from pathlib import Path
 import yaml
 
 from deploys.base import resources
+from neverdark import memory_fit
 from neverdark.inventory import validate
 from neverdark.plan import host_plan
+from neverdark.schema import MemoryPolicy
 
 REPO = Path(__file__).resolve().parent.parent
 PYINFRA = Path(sys.executable).with_name("pyinfra")
@@ -200,8 +202,12 @@ def test_pyinfra_stops_before_any_operation_on_a_host_with_fewer_cores(tmp_path)
 
 def test_pyinfra_stops_on_memory_beyond_memtotal_and_the_headroom(tmp_path):
     real = memtotal_mb()
-    # memory_mb M is refused when M - real > max(15% of M, 256): M > real / 0.85 suffices.
-    too_much = max(int(real / 0.85) + 2, real + 257)
+    # memory_mb M is refused when M - real exceeds the headroom, max(ceil(15% of M), 256): the
+    # smallest such M (real / 0.85 + 2 is not always enough: 24151 MB gives 28414, whose
+    # headroom rounds up to exactly the 4263 MB over).
+    too_much = real + 1
+    while too_much - real <= memory_fit.headroom_for(MemoryPolicy(), too_much):
+        too_much += 1
     refused = local_deploy(tmp_path, memory_mb=too_much, cores=1)
     out = refused.stdout + refused.stderr
     assert refused.returncode == 1, out

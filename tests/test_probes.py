@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from neverdark import contract
 from sidecar.probes import ProbeResult, parse_retry_after, probe
 from testbed.llmock import free_port, llmock, llmock_module  # noqa: F401  (fixtures)
 
@@ -336,7 +337,7 @@ def test_local_liveness_answers_while_a_long_answer_streams(llama_server):
 def test_local_wrong_path_is_bad_response(llama_server):
     # A base_url missing /v1: the server listens (liveness passes), but the readiness probe's
     # generation gets a 404, so nothing switches onto it.
-    b = backend("local", llama_server[: -len("/v1")], "gemma3-270m", api_key=None)
+    b = backend("local", contract.url_root(llama_server), "gemma3-270m", api_key=None)
     r = run_probe(b, timeout=60, deep=True)
     assert (r.ok, r.reason, r.status) == (False, "bad_response", 404)
 

@@ -5,11 +5,11 @@ card."""
 from __future__ import annotations
 
 from pyinfra import host, logger
-from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations import apt, files, systemd
 from pyinfra.operations.util import any_changed
 
 from deploys.base import resources
-from deploys.deployer import Deployer, each, system_user
+from deploys.deployer import Deployer, Owns, each
 from neverdark import contract
 from neverdark.plan import File
 
@@ -18,10 +18,6 @@ JOURNALD = "systemd-journald.service"
 
 class BaseDeployer(Deployer):
     name = "base"
-
-    def files(self) -> list[File]:
-        dropin = self.p["base"]["journald"]
-        return [dropin] if dropin else []
 
     def install(self) -> None:
         # Read, never assumed, in one round trip: a Pi image on a VPS (or the reverse, or a
@@ -41,28 +37,32 @@ class BaseDeployer(Deployer):
         apt.packages(name="base packages", packages=self.p["base"]["packages"], update=False)
         for path in each((contract.OPT, contract.ETC, contract.VAR)):
             files.directory(name=path, path=path, user="root", group="root", mode="0755")
-        if self.p["hermes"]["wizards"]:
-            # Users more than one component names: each wizard's managed dir belongs to the
-            # sidecar's user, so it exists before any component's own install runs.
-            server.group(name="operators group (control socket)", group=contract.OPS_GROUP,
-                         system=True)
-            system_user(contract.SIDECAR_USER)
+
+
+class JournaldDeployer(Deployer):
+    """The journal's caps, on hosts of a profile that wants them (contract.JOURNALD_PROFILES);
+    disabled on any other profile, it removes the drop-in (a host that was a Pi in an earlier
+    inventory), so the operator's journald settings rule."""
+
+    name = "journald"
+
+    def owns(self) -> Owns:
+        return Owns(files=[contract.JOURNALD_DROPIN])
+
+    def files(self) -> list[File]:
+        return [self.p["base"]["journald"]]
 
     def configure(self) -> None:
-        # The journal's caps on Pi hosts; on any other profile the drop-in is removed (a host
-        # that was a Pi in an earlier inventory), so the operator's journald settings rule.
-        dropin = self.p["base"]["journald"]
-        if dropin:
-            files.directory(name="base: journald drop-in dir", path=_parent(dropin.path),
+        if self.enabled:   # systemd's own directory: created, never removed
+            files.directory(name="journald: drop-in dir", path=_parent(contract.JOURNALD_DROPIN),
                             user="root", group="root", mode="0755")
-            self.put(dropin)
-        else:
-            self.remove(contract.JOURNALD_DROPIN, effect="restart")
+        super().configure()
 
     def activate(self) -> None:
+        super().activate()
         # journald reads its configuration only when it starts; stream connections of running
         # services survive its restart (it keeps them in its file descriptor store).
-        systemd.service(name="base: restart systemd-journald (its limits changed)",
+        systemd.service(name="journald: restart systemd-journald (its limits changed)",
                         service=JOURNALD, restarted=True, _if=any_changed(*self.restart_ops))
 
 

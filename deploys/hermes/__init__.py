@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pyinfra.operations import files, server, systemd
+from pyinfra.operations import files, systemd
 from pyinfra.operations.util import any_changed
 
 from deploys import ops
-from deploys.deployer import Deployer, component_venv, each, render
+from deploys.deployer import Deployer, Dir, Owns, User, Venv, each, render, unit_path
 from neverdark import contract
 from neverdark.plan import File
 
@@ -31,23 +31,20 @@ class HermesDeployer(Deployer):
         super().__init__(p, enabled)
         self.prefix_ops: list = []   # a change re-captures every wizard's local prefix
 
+    def owns(self) -> Owns:
+        return Owns(venv=Venv("hermes", tuple(self.p["hermes"]["requirements"])))
+
     def install(self) -> None:
+        super().install()
         if self.enabled:
-            self.restart_ops.append(component_venv("hermes", self.p["hermes"]["requirements"],
-                                                     self.p["pip"]))
             self.prefix_ops += [*self.restart_ops, files.put(
                 name="hermes: prefix capture (deploys/hermes/prefix.py)",
                 src=str(HERE / "prefix.py"), dest=PREFIX_SCRIPT, mode="0644")]
 
-    def activate(self) -> None:
-        if not self.enabled:
-            files.directory(name="hermes: remove the install (no wizard on this host)",
-                            path=contract.HERMES_DIR, present=False)
-
 
 class WizardDeployer(Deployer):
     """One wizard's gateway. Disabled (a wizard gone from the inventory) it stops and removes
-    the unit, archives the wizard's data and removes its deploy-owned config."""
+    the unit, archives the wizard's data, removes its deploy-owned config and its user."""
 
     def __init__(self, p: dict, name: str, w: dict | None = None,
                  hermes: HermesDeployer | None = None, enabled: bool = True) -> None:
@@ -57,9 +54,29 @@ class WizardDeployer(Deployer):
         self.unit = contract.wizard_unit(name)
         self.variant_ops: list = []   # the sidecar reloads when a variant changed
 
+    def owns(self) -> Owns:
+        n = self.wizard
+        user = contract.wizard_user(n)
+        return Owns(
+            users=[User(user, home=contract.wizard_home(n))],
+            dirs=[Dir(contract.wizard_etc(n)),
+                  Dir(f"{contract.wizard_etc(n)}/backends", "root", contract.SIDECAR_USER,
+                      "0750"),
+                  # Sessions and memories: archived, never deleted, when the wizard goes.
+                  Dir(contract.wizard_var(n), archive=True),
+                  # 0700, as Hermes itself sets it at every start (a looser mode would be
+                  # undone and never converge); the sidecar reads the gateway's errors from the
+                  # journal instead.
+                  Dir(contract.wizard_home(n), user, user, "0700"),
+                  # setgid: the active config the sidecar writes here is the wizard's group's
+                  # to read, without the sidecar being a member of it.
+                  Dir(contract.wizard_managed_dir(n), contract.SIDECAR_USER, user, "2750")],
+            units=[self.unit],
+            files=[unit_path(contract.prefix_timer(n)), unit_path(contract.prefix_unit(n))])
+
     def unit_file(self) -> File:
         return File(f"{contract.UNIT_DIR}/{self.unit}",
-                    render(HERE, "neverdark-wizard.service.j2", w=self.w,
+                    render("hermes", "neverdark-wizard.service.j2", w=self.w,
                            hermes=f"{contract.venv('hermes')}/bin/hermes"))
 
     def prefix_files(self) -> list[File]:
@@ -67,7 +84,7 @@ class WizardDeployer(Deployer):
         if not w["prefix"]["jobs"]:
             return []
         return [File(f"{contract.UNIT_DIR}/{w['prefix'][kind]}",
-                     render(HERE, f"neverdark-prefix.{suffix}.j2", w=w, python=HERMES_PYTHON,
+                     render("hermes", f"neverdark-prefix.{suffix}.j2", w=w, python=HERMES_PYTHON,
                             script=PREFIX_SCRIPT))
                 for kind, suffix in (("unit", "service"), ("timer", "timer"))]
 
@@ -76,45 +93,31 @@ class WizardDeployer(Deployer):
         return [*w["variants"].values(), w["base_config"], w["env"], w["soul"], self.unit_file(),
                 *self.prefix_files()]
 
-    def install(self) -> None:
-        if not self.enabled:
-            return
-        w, user = self.w, self.w["user"]
-        server.group(name=f"{user} group", group=user, system=True)
-        server.user(name=f"{user} user", user=user, group=user, system=True, home=w["home"],
-                    create_home=False, ensure_home=False, shell="/usr/sbin/nologin")
-        files.directory(name=f"{self.name}: etc", path=f"{w['etc']}/backends", user="root",
-                        group=contract.SIDECAR_USER, mode="0750")
-        files.directory(name=f"{self.name}: var", path=w["var"], user="root", group="root",
-                        mode="0755")
-        # 0700, as Hermes itself sets it at every start (a looser mode would be undone and never
-        # converge); the sidecar reads the gateway's errors from the journal instead.
-        files.directory(name=f"{self.name}: home", path=w["home"], user=user, group=user,
-                        mode="0700")
-        # setgid: the active config the sidecar writes here is the wizard's group's to read,
-        # without the sidecar being a member of it.
-        files.directory(name=f"{self.name}: managed dir", path=w["managed_dir"],
-                        user=contract.SIDECAR_USER, group=user, mode="2750")
-        if w["prefix"]["jobs"]:
-            # Written by the wizard's user, read by the sidecar's warmer: the sidecar's group's
-            # (setgid, so each capture file is too), never the wizard's group's.
-            files.directory(name=f"{self.name}: prefix dir", path=w["prefix"]["dir"], user=user,
-                            group=contract.SIDECAR_USER, mode="2750")
+    def effect(self, f: File) -> str | None:
+        # Hermes reads the active copy, not the variants: a variant change is the sidecar's
+        # news; the prefix capture's units are nothing the gateway reads.
+        quiet = {v.path for v in self.w["variants"].values()}
+        quiet |= {p.path for p in self.prefix_files()}
+        return None if f.path in quiet else "restart"
 
     def configure(self) -> None:
+        super().configure()   # its directories, then variants, base config, .env, SOUL.md, unit
         if not self.enabled:
             return
         w = self.w
-        for f in each(w["variants"].values()):
-            # Hermes reads the active copy, not these: a variant change is the sidecar's news.
-            self.variant_ops.append(self.put(f, effect=None))
+        if w["prefix"]["jobs"]:
+            # Written by the wizard's user, read by the sidecar's warmer: the sidecar's group's
+            # (setgid, so each capture file is too), never the wizard's group's.
+            files.directory(name=f"{self.name}: prefix dir", path=w["prefix"]["dir"],
+                            user=w["user"], group=contract.SIDECAR_USER, mode="2750")
+        self.variant_ops = [self.uploaded[f.path] for f in w["variants"].values()]
         for stale in each(ops.listed_names(f"{w['etc']}/backends")):
             if stale.removesuffix(".yaml") not in w["variants"]:
                 self.variant_ops.append(self.remove(f"{w['etc']}/backends/{stale}"))
         ops.write_if_missing(name=f"{self.name}: seed the active config (primary)",
                              path=w["active_config"], source=w["variants"][w["primary"]].path,
                              user=contract.SIDECAR_USER, group=w["user"], mode="0640")
-        base = self.put(w["base_config"])
+        base = self.uploaded[w["base_config"].path]
         # Hermes rewrites the config in its home at runtime; ours is copied over only when ours
         # changed, or a deploy would fight the gateway and never reach zero changes.
         self.track(ops.copy_on_change(name=f"{self.name}: HERMES_HOME/config.yaml",
@@ -122,26 +125,18 @@ class WizardDeployer(Deployer):
                                       dest=f"{w['home']}/config.yaml", user=w["user"],
                                       mode="0600", changed=base.did_change),
                    f"{w['home']}/config.yaml")
-        self.put(w["env"])
-        self.soul_op = self.put(w["soul"])
-        self.base_op = base
-        self.put(self.unit_file())
-        self.prefix_inputs = [self.soul_op, base, *self.variant_ops,
-                              *[self.put(f, effect=None) for f in each(self.prefix_files())]]
+        self.prefix_inputs = [self.uploaded[w["soul"].path], base, *self.variant_ops,
+                              *[self.uploaded[f.path] for f in self.prefix_files()]]
 
     def activate(self) -> None:
         if not self.enabled:
-            self.stop_unit(self.unit)
-            ops.archive_directory(name=f"{self.name}: archive sessions and memories",
-                                  path=contract.wizard_var(self.wizard),
-                                  archive_root=contract.ARCHIVE_DIR, prefix=self.wizard)
-            files.directory(name=f"{self.name}: remove config",
-                            path=contract.wizard_etc(self.wizard), present=False)
             for unit in each((contract.prefix_timer(self.wizard),
                               contract.prefix_unit(self.wizard))):
-                if ops.host_has_file(f"{contract.UNIT_DIR}/{unit}"):   # none without a local
+                if ops.host_has_file(unit_path(unit)):   # none without a local backend
                     self.stop_unit(unit)
-            return
+        super().activate()
+
+    def start(self) -> None:
         self.run_unit(self.unit, also_restart_on=self.hermes.restart_ops if self.hermes else [])
         self._capture_prefixes()
 

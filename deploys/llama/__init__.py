@@ -13,7 +13,7 @@ from pathlib import Path
 from pyinfra.operations import files
 
 from deploys import ops
-from deploys.deployer import Deployer, component_venv, each, render, system_user
+from deploys.deployer import Deployer, Dir, Owns, User, Venv, each, render
 from neverdark import contract, engines
 from neverdark.plan import File
 
@@ -42,7 +42,7 @@ def exec_start(argv: list[str]) -> str:
 
 class LlamaDeployer(Deployer):
     """The engines the host's models use; disabled (no local model on the host) it removes
-    both."""
+    both, the model servers' state and their user."""
 
     name = "llama"
 
@@ -54,15 +54,19 @@ class LlamaDeployer(Deployer):
         self.python_ops: list = []    # a change restarts the llama-cpp-python servers
         self.native_ops: list = []    # ... the llama-server ones
 
+    def owns(self) -> Owns:
+        # The engines' files (venv, wheel, launcher, llama-server builds) all live in LLAMA_DIR,
+        # installed by `install` below as the models ask.
+        return Owns(users=[User(contract.LLAMA_USER)],
+                    dirs=[Dir(contract.LLAMA_DIR), Dir(contract.LLAMA_STATE_DIR)])
+
     def files(self) -> list[File]:
         return [File(engines.LAUNCHER, (HERE / "serve.py").read_text())] if self.python else []
 
     def install(self) -> None:
+        super().install()
         if not self.enabled:
             return
-        system_user(contract.LLAMA_USER)
-        files.directory(name="llama: state dir", path=contract.LLAMA_STATE_DIR, user="root",
-                        group="root", mode="0755")
         if self.python:
             wheel = self.p["llama"]["wheel"]
             files.directory(name="llama: wheel dir", path=wheel["dir"], user="root",
@@ -70,8 +74,7 @@ class LlamaDeployer(Deployer):
             self.python_ops += self._upload_verified("llama-cpp-python wheel", wheel["dir"], [
                 {"name": wheel["name"], "sha256": wheel["sha256"], "src": wheel["src"],
                  "mode": "0644"}])
-            self.python_ops.append(component_venv("llama", self.p["llama"]["requirements"],
-                                                  self.p["pip"]))
+            self.python_ops.append(self.venv(Venv("llama", tuple(self.p["llama"]["requirements"]))))
             self._remove_old(contract.LLAMA_WHEEL_PREFIX, keep=wheel["dir"], what="wheel")
             for f in each(self.files()):
                 self.python_ops.append(self.put(f))
@@ -125,24 +128,18 @@ class LlamaDeployer(Deployer):
                        present=False)
 
     def configure(self) -> None:
-        pass
-
-    def activate(self) -> None:
-        if not self.enabled:
-            files.directory(name="llama: remove the install (no local model on this host)",
-                            path=contract.LLAMA_DIR, present=False)
-            files.directory(name="llama: remove the kept prefixes",
-                            path=contract.LLAMA_STATE_DIR, present=False)
+        """The directories only: the launcher is uploaded in install, with the engine."""
+        if self.enabled:
+            for d in each(self.owns().dirs):
+                self.directory(d)
 
     def restart_ops_for(self, engine: str) -> list:
         return self.native_ops if engine == "llama-server" else self.python_ops
 
 
 class LlamaServerDeployer(Deployer):
-    """One model's server unit; disabled, it stops and removes the unit of a model no longer
-    served here, and the prefixes it kept."""
-
-    name = "llama server"
+    """One model's server unit and state; disabled, it stops and removes the unit of a model no
+    longer served here, and the prefixes it kept."""
 
     def __init__(self, p: dict, server: dict | None, unit: str,
                  engine: LlamaDeployer | None = None, models=None,
@@ -150,34 +147,29 @@ class LlamaServerDeployer(Deployer):
         super().__init__(p, enabled)
         self.server, self.unit = server, unit
         self.engine, self.models = engine, models   # their installs can restart this server
+        self.model = unit.removeprefix(contract.LLAMA_UNIT_PREFIX).removesuffix(".service")
+        self.name = f"llama server {self.model}"
+
+    def owns(self) -> Owns:
+        # Its state dir is the llama user's: created in configure, once the engine made it.
+        return Owns(dirs=[Dir(contract.llama_state_dir(self.model), contract.LLAMA_USER,
+                              contract.LLAMA_USER, "0750")],
+                    units=[self.unit])
 
     def unit_file(self) -> File:
         return File(f"{contract.UNIT_DIR}/{self.unit}",
-                    render(HERE, "neverdark-llama.service.j2", s=self.server,
+                    render("llama", "neverdark-llama.service.j2", s=self.server,
                            exec_start=exec_start(self.server["argv"]),
                            user=contract.LLAMA_USER, models_dir=contract.MODELS_DIR))
 
     def files(self) -> list[File]:
-        if self.server is None:
-            return []
         return [self.unit_file(), self.server["server_json"]]
 
-    def configure(self) -> None:
-        if self.enabled:
-            # Here, not in install: the engine's install creates the user first.
-            files.directory(name=f"{self.name}: {self.server['model']} state dir",
-                            path=self.server["state_dir"], user=contract.LLAMA_USER,
-                            group=contract.LLAMA_USER, mode="0750")
-            self.put(self.unit_file())
-            self.put(self.server["server_json"], effect=None)   # read by the sidecar only
+    def effect(self, f: File) -> str | None:
+        # server.json is the sidecar's to read, nothing the server itself reads
+        return None if f.path == self.server["server_json"].path else "restart"
 
-    def activate(self) -> None:
-        if not self.enabled:
-            self.stop_unit(self.unit)
-            model = self.unit.removeprefix(contract.LLAMA_UNIT_PREFIX).removesuffix(".service")
-            files.directory(name=f"{self.name}: remove {model}'s kept prefixes",
-                            path=contract.llama_state_dir(model), present=False)
-            return
+    def start(self) -> None:
         engine = self.engine.restart_ops_for(self.server["engine"]) if self.engine else []
         model = self.models.changes.get(self.server["model"], ()) if self.models else ()
         self.run_unit(self.unit, also_restart_on=[*engine, *model])

@@ -3,16 +3,13 @@ secrets, sudo rule and unit."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pyinfra.operations import files
 
 from deploys import ops
-from deploys.deployer import REPO, Deployer, component_venv, each, render, system_user
+from deploys.deployer import REPO, Deployer, Dir, Owns, User, Venv, each, render
 from neverdark import contract
 from neverdark.plan import File
 
-HERE = Path(__file__).parent
 SUDOERS_STAGED = f"{contract.ETC}/sidecar.sudoers"
 
 
@@ -25,26 +22,48 @@ class SidecarDeployer(Deployer):
         super().__init__(p, enabled)
         self.wizards = wizards or []   # WizardDeployer objects: their variants are our input
 
+    def owns(self) -> Owns:
+        p = self.p["sidecar"]
+        # The ops group lets it hand its control socket to the operators.
+        return Owns(users=[User(contract.SIDECAR_USER, tuple(p["groups"]))],
+                    groups=[contract.OPS_GROUP],
+                    venv=Venv("sidecar", tuple(p["requirements"])),
+                    dirs=[Dir(contract.SIDECAR_STATE_DIR, contract.SIDECAR_USER,
+                              contract.SIDECAR_USER, "0700")],
+                    units=[contract.SIDECAR_UNIT],
+                    files=[contract.SIDECAR_CONFIG, contract.SIDECAR_ENV, SUDOERS_STAGED,
+                           contract.SIDECAR_SUDOERS])
+
     def unit_file(self) -> File:
         p = self.p["sidecar"]
         return File(f"{contract.UNIT_DIR}/{contract.SIDECAR_UNIT}",
-                    render(HERE, "neverdark-sidecar.service.j2", watchdog_sec=p["watchdog_sec"],
-                           user=contract.SIDECAR_USER, lib=contract.SIDECAR_LIB,
-                           python=contract.SIDECAR_PYTHON, config=contract.SIDECAR_CONFIG))
+                    render("sidecar", "neverdark-sidecar.service.j2",
+                           watchdog_sec=p["watchdog_sec"], user=contract.SIDECAR_USER,
+                           lib=contract.SIDECAR_LIB, python=contract.SIDECAR_PYTHON,
+                           config=contract.SIDECAR_CONFIG))
 
     def sudoers(self) -> File:
-        return File(SUDOERS_STAGED, render(HERE, "sudoers.j2", units=self.p["sidecar"]["units"],
+        return File(SUDOERS_STAGED, render("sidecar", "sudoers.j2",
+                                           units=self.p["sidecar"]["units"],
                                            user=contract.SIDECAR_USER), "0440")
 
     def files(self) -> list[File]:
         p = self.p["sidecar"]
         return [p["config"], p["env"], self.sudoers(), self.unit_file()]
 
+    def effect(self, f: File) -> str | None:
+        # What the sidecar re-reads on SIGHUP (its config and secrets, and the variants) needs
+        # a reload, which keeps every wizard's state and probes in flight; its code, venv, unit,
+        # groups and sudo rule need a restart. sudo reads its rules at every call: nothing to
+        # restart for the staged copy.
+        if f.path in (contract.SIDECAR_CONFIG, contract.SIDECAR_ENV):
+            return "reload"
+        return None if f.path == SUDOERS_STAGED else "restart"
+
     def install(self) -> None:
+        super().install()   # its group, user (with its groups) and venv
         if not self.enabled:
             return
-        self.restart_ops.append(component_venv("sidecar", self.p["sidecar"]["requirements"],
-                                                     self.p["pip"]))
         self.restart_ops.append(files.sync(
             name="sidecar: code", src=str(REPO / "sidecar"), dest=f"{contract.SIDECAR_LIB}/sidecar",
             mode="0644", dir_mode="0755", delete=True, exclude=["*.pyc"],
@@ -58,33 +77,12 @@ class SidecarDeployer(Deployer):
                 dest=f"{contract.SIDECAR_LIB}/neverdark/{name}", mode="0644"))
 
     def configure(self) -> None:
-        if not self.enabled:
-            return
-        p = self.p["sidecar"]
-        self.restart_ops.append(system_user(contract.SIDECAR_USER, groups=p["groups"],
-                                            label="sidecar reads wizard variants"))
-        files.directory(name="sidecar: state", path=contract.SIDECAR_STATE_DIR,
-                        user=contract.SIDECAR_USER, group=contract.SIDECAR_USER, mode="0700")
-        # What the sidecar re-reads on SIGHUP (its config and secrets, and the variants) needs
-        # a reload, which keeps every wizard's state and probes in flight; its code, venv, unit,
-        # groups and sudo rule need a restart.
-        self.put(p["config"], effect="reload")
-        self.put(p["env"], effect="reload")
-        self.put(self.sudoers(), effect=None)
-        # sudo reads its rules at every call: nothing to restart.
-        ops.install_if_valid(name="sidecar: may restart its gateways only",
-                             source=SUDOERS_STAGED, dest=contract.SIDECAR_SUDOERS,
-                             check="visudo -cqf", mode="0440")
-        self.put(self.unit_file())
+        super().configure()   # its state dir, config, secrets, staged sudo rule and unit
+        if self.enabled:
+            ops.install_if_valid(name="sidecar: may restart its gateways only",
+                                 source=SUDOERS_STAGED, dest=contract.SIDECAR_SUDOERS,
+                                 check="visudo -cqf", mode="0440")
 
-    def activate(self) -> None:
-        if not self.enabled:
-            self.stop_unit(contract.SIDECAR_UNIT)
-            for path in each((contract.SIDECAR_SUDOERS, SUDOERS_STAGED, contract.SIDECAR_CONFIG,
-                              contract.SIDECAR_ENV)):
-                self.remove(path)
-            files.directory(name="sidecar: remove the install", path=contract.SIDECAR_DIR,
-                            present=False)
-            return
+    def start(self) -> None:
         variants = [op for w in self.wizards for op in w.variant_ops]
         self.run_unit(contract.SIDECAR_UNIT, also_reload_on=variants)
