@@ -18,8 +18,8 @@ def test_the_wheel_holds_the_product_and_no_test_bench(tmp_path):
     wheel, = tmp_path.glob("neverdark-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if "/" in n and ".dist-info" not in n}
-    assert tops == {"neverdark", "sidecar", "deploys"}, tops
-    for needed in ("neverdark/contract.py", "deploys/llama/serve.py",
+    assert tops == {"neverdark", "sidecar", "llama_launcher", "deploys"}, tops
+    for needed in ("neverdark/contract.py", "llama_launcher/__main__.py",
                    "deploys/llama/neverdark-llama.service.j2", "deploys/sidecar/sudoers.j2",
                    "deploys/hermes/neverdark-wizard.service.j2"):
         assert needed in names, needed

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pyinfra.operations import files, server, systemd
-from pyinfra.operations.util import any_changed
+from pyinfra.operations import files, server
 
 from deploys import ops
 from deploys.deployer import Deployer, component_venv, each, render
@@ -18,8 +17,6 @@ from neverdark import contract
 from neverdark.plan import File
 
 HERE = Path(__file__).parent
-PREFIX_SCRIPT = f"{contract.HERMES_DIR}/prefix.py"
-HERMES_PYTHON = f"{contract.venv('hermes')}/bin/python"
 
 
 class HermesDeployer(Deployer):
@@ -27,17 +24,10 @@ class HermesDeployer(Deployer):
 
     name = "hermes"
 
-    def __init__(self, p: dict, enabled: bool = True) -> None:
-        super().__init__(p, enabled)
-        self.prefix_ops: list = []   # a change re-captures every wizard's local prefix
-
     def install(self) -> None:
         if self.enabled:
             self.restart_ops.append(component_venv("hermes", self.p["hermes"]["requirements"],
                                                      self.p["pip"]))
-            self.prefix_ops += [*self.restart_ops, files.put(
-                name="hermes: prefix capture (deploys/hermes/prefix.py)",
-                src=str(HERE / "prefix.py"), dest=PREFIX_SCRIPT, mode="0644")]
 
     def activate(self) -> None:
         if not self.enabled:
@@ -62,19 +52,9 @@ class WizardDeployer(Deployer):
                     render(HERE, "neverdark-wizard.service.j2", w=self.w,
                            hermes=f"{contract.venv('hermes')}/bin/hermes"))
 
-    def prefix_files(self) -> list[File]:
-        w = self.w
-        if not w["prefix"]["jobs"]:
-            return []
-        return [File(f"{contract.UNIT_DIR}/{w['prefix'][kind]}",
-                     render(HERE, f"neverdark-prefix.{suffix}.j2", w=w, python=HERMES_PYTHON,
-                            script=PREFIX_SCRIPT))
-                for kind, suffix in (("unit", "service"), ("timer", "timer"))]
-
     def files(self) -> list[File]:
         w = self.w
-        return [*w["variants"].values(), w["base_config"], w["env"], w["soul"], self.unit_file(),
-                *self.prefix_files()]
+        return [*w["variants"].values(), w["base_config"], w["env"], w["soul"], self.unit_file()]
 
     def install(self) -> None:
         if not self.enabled:
@@ -95,11 +75,6 @@ class WizardDeployer(Deployer):
         # without the sidecar being a member of it.
         files.directory(name=f"{self.name}: managed dir", path=w["managed_dir"],
                         user=contract.SIDECAR_USER, group=user, mode="2750")
-        if w["prefix"]["jobs"]:
-            # Written by the wizard's user, read by the sidecar's warmer: the sidecar's group's
-            # (setgid, so each capture file is too), never the wizard's group's.
-            files.directory(name=f"{self.name}: prefix dir", path=w["prefix"]["dir"], user=user,
-                            group=contract.SIDECAR_USER, mode="2750")
 
     def configure(self) -> None:
         if not self.enabled:
@@ -123,11 +98,8 @@ class WizardDeployer(Deployer):
                                       mode="0600", changed=base.did_change),
                    f"{w['home']}/config.yaml")
         self.put(w["env"])
-        self.soul_op = self.put(w["soul"])
-        self.base_op = base
+        self.put(w["soul"])
         self.put(self.unit_file())
-        self.prefix_inputs = [self.soul_op, base, *self.variant_ops,
-                              *[self.put(f, effect=None) for f in each(self.prefix_files())]]
 
     def activate(self) -> None:
         if not self.enabled:
@@ -137,31 +109,8 @@ class WizardDeployer(Deployer):
                                   archive_root=contract.ARCHIVE_DIR, prefix=self.wizard)
             files.directory(name=f"{self.name}: remove config",
                             path=contract.wizard_etc(self.wizard), present=False)
-            for unit in each((contract.prefix_timer(self.wizard),
-                              contract.prefix_unit(self.wizard))):
-                if ops.host_has_file(f"{contract.UNIT_DIR}/{unit}"):   # none without a local
-                    self.stop_unit(unit)
             return
         self.run_unit(self.unit, also_restart_on=self.hermes.restart_ops if self.hermes else [])
-        self._capture_prefixes()
-
-    def _capture_prefixes(self) -> None:
-        """Run the capture when what the prompt is built from changed (or its output is
-        missing), and keep its nightly timer on; a wizard without a local backend has none."""
-        pre = self.w["prefix"]
-        if not pre["jobs"]:
-            for unit in each((pre["timer"], pre["unit"])):
-                if ops.host_has_file(f"{contract.UNIT_DIR}/{unit}"):
-                    self.stop_unit(unit)
-            return
-        systemd.service(name=f"{self.name}: prefix timer", service=pre["timer"], running=True,
-                        enabled=True)
-        inputs = [*self.prefix_inputs, *(self.hermes.prefix_ops if self.hermes else [])]
-        outputs = [job["out"] for job in pre["jobs"]]
-        systemd.service(name=f"{self.name}: capture its local prompt prefix",
-                        service=pre["unit"], restarted=True,
-                        _if=lambda: any_changed(*inputs)()
-                        or not all(ops.host_has_file(o) for o in outputs))
 
 
 def stale_wizards(wanted: set[str]) -> list[str]:

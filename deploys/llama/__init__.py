@@ -1,7 +1,8 @@
 """Local model servers: the engines, and one server unit per distinct local model on the host.
 
-Two engines (neverdark.engines): llama-cpp-python in a venv with deploys/llama/serve.py, and
-llama.cpp's own llama-server, uploaded from the operator's machine (neverdark.artifacts builds
+Two engines (neverdark.engines): llama-cpp-python in a venv with neverdark's launcher (the
+llama_launcher package, its modules uploaded to /opt/neverdark/llama/lib), and llama.cpp's own
+llama-server, uploaded from the operator's machine (neverdark.artifacts builds
 it), each file checked against its recorded sha256 before the `server` link is switched to the
 new build. A host gets only the engines its models use; the other is removed.
 """
@@ -13,11 +14,13 @@ from pathlib import Path
 from pyinfra.operations import files
 
 from deploys import ops
-from deploys.deployer import Deployer, component_venv, each, render, system_user
+from deploys.deployer import REPO, Deployer, component_venv, each, render, system_user
 from neverdark import contract, engines
 from neverdark.plan import File
 
 HERE = Path(__file__).parent
+LAUNCHER_SRC = REPO / engines.LAUNCHER
+LAUNCHER_DIR = f"{contract.LLAMA_LIB}/{engines.LAUNCHER}"
 
 
 def systemd_quote(arg: str) -> str:
@@ -55,14 +58,17 @@ class LlamaDeployer(Deployer):
         self.native_ops: list = []    # ... the llama-server ones
 
     def files(self) -> list[File]:
-        return [File(engines.LAUNCHER, (HERE / "serve.py").read_text())] if self.python else []
+        """The launcher package, module by module (a change to any restarts the
+        llama-cpp-python servers)."""
+        if not self.python:
+            return []
+        return [File(f"{LAUNCHER_DIR}/{m.name}", m.read_text())
+                for m in sorted(LAUNCHER_SRC.glob("*.py"))]
 
     def install(self) -> None:
         if not self.enabled:
             return
         system_user(contract.LLAMA_USER)
-        files.directory(name="llama: state dir", path=contract.LLAMA_STATE_DIR, user="root",
-                        group="root", mode="0755")
         if self.python:
             wheel = self.p["llama"]["wheel"]
             files.directory(name="llama: wheel dir", path=wheel["dir"], user="root",
@@ -73,17 +79,29 @@ class LlamaDeployer(Deployer):
             self.python_ops.append(component_venv("llama", self.p["llama"]["requirements"],
                                                   self.p["pip"]))
             self._remove_old(contract.LLAMA_WHEEL_PREFIX, keep=wheel["dir"], what="wheel")
-            for f in each(self.files()):
-                self.python_ops.append(self.put(f))
+            self._launcher()
         else:
             files.directory(name="llama: remove the llama-cpp-python venv (no model uses it)",
                             path=contract.venv("llama"), present=False)
-            files.file(name="llama: remove the launcher", path=engines.LAUNCHER, present=False)
+            files.directory(name="llama: remove the launcher", path=contract.LLAMA_LIB,
+                            present=False)
             self._remove_old(contract.LLAMA_WHEEL_PREFIX, keep=None, what="wheel")
         if self.native:
             self.native_ops += self._native(self.native)
         else:
             self._remove_native_builds(keep=None)
+
+    def _launcher(self) -> None:
+        for d in each((contract.LLAMA_LIB, LAUNCHER_DIR)):
+            files.directory(name=f"llama: {d}", path=d, user="root", group="root", mode="0755")
+        wanted = self.files()
+        for f in each(wanted):
+            self.python_ops.append(self.put(f))
+        keep = {f.path for f in wanted}
+        for name in each(ops.listed_names(LAUNCHER_DIR)):
+            path = f"{LAUNCHER_DIR}/{name}"
+            if name.endswith(".py") and path not in keep:   # a module it no longer has
+                self.python_ops.append(self.remove(path))
 
     def _upload_verified(self, what: str, d: str, uploads: list[dict]) -> list:
         """Upload each file to a staging name and keep it only once its sha256 matches (a file
@@ -131,8 +149,6 @@ class LlamaDeployer(Deployer):
         if not self.enabled:
             files.directory(name="llama: remove the install (no local model on this host)",
                             path=contract.LLAMA_DIR, present=False)
-            files.directory(name="llama: remove the kept prefixes",
-                            path=contract.LLAMA_STATE_DIR, present=False)
 
     def restart_ops_for(self, engine: str) -> list:
         return self.native_ops if engine == "llama-server" else self.python_ops
@@ -140,7 +156,7 @@ class LlamaDeployer(Deployer):
 
 class LlamaServerDeployer(Deployer):
     """One model's server unit; disabled, it stops and removes the unit of a model no longer
-    served here, and the prefixes it kept."""
+    served here."""
 
     name = "llama server"
 
@@ -160,23 +176,11 @@ class LlamaServerDeployer(Deployer):
     def files(self) -> list[File]:
         if self.server is None:
             return []
-        return [self.unit_file(), self.server["server_json"]]
-
-    def configure(self) -> None:
-        if self.enabled:
-            # Here, not in install: the engine's install creates the user first.
-            files.directory(name=f"{self.name}: {self.server['model']} state dir",
-                            path=self.server["state_dir"], user=contract.LLAMA_USER,
-                            group=contract.LLAMA_USER, mode="0750")
-            self.put(self.unit_file())
-            self.put(self.server["server_json"], effect=None)   # read by the sidecar only
+        return [self.unit_file()]
 
     def activate(self) -> None:
         if not self.enabled:
             self.stop_unit(self.unit)
-            model = self.unit.removeprefix(contract.LLAMA_UNIT_PREFIX).removesuffix(".service")
-            files.directory(name=f"{self.name}: remove {model}'s kept prefixes",
-                            path=contract.llama_state_dir(model), present=False)
             return
         engine = self.engine.restart_ops_for(self.server["engine"]) if self.engine else []
         model = self.models.changes.get(self.server["model"], ()) if self.models else ()
