@@ -130,10 +130,11 @@ def check_turn_keeps_prefixes(bed, engine: str) -> dict:
             cli(bed, "failover", w, "--to", "claude")
     record(bed, f"prefix kept {engine}", figures)
     for w, f in figures.items():
-        # What the engine did, whatever the small test model answered (it answers empty now
-        # and then, and Hermes resends the same request: each resend is cached whole, so a
-        # turn evaluates its new message a few times at most, never the prefix).
-        assert f["cached"] > 300 and f["evaluated"] < 100, (w, f)
+        # What the engine did, whatever the small test model answered. The wizards' lean
+        # prefix is ~450 tokens: a cold turn evaluates all of it at once. Warm, a turn
+        # evaluates its own new part only, once per request (Hermes resends a request the
+        # model answered empty, up to 3 times: measured 25-90 tokens a turn).
+        assert f["cached"] > 300 and f["evaluated"] < 300, (w, f)
     return figures
 
 
