@@ -59,6 +59,7 @@ def capture_prompts(tmp: Path) -> dict[str, list[dict]]:
     """What each wizard's real Hermes gateway sends its local backend (recorded by an LLMock
     standing in for the model): the messages of its first turn."""
     out = {}
+    tmp.mkdir(parents=True, exist_ok=True)
     mock = LLMock(tmp)
     try:
         for w in WIZARDS:
