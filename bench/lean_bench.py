@@ -3,8 +3,8 @@
     .venv/bin/python bench/lean_bench.py [--gen-tokens N]
 
 Runs on the runner with real parts: a real `hermes gateway run` (hermes-agent 0.19.0), its
-primary an LLMock, its local backend the deployed launcher (deploys/llama/serve.py,
-llama-cpp-python, chatml, n_ctx 65536, 2 threads) with the real Gemma 3 270M. For each profile the
+primary an LLMock, its local backend the deployed launcher (llama_launcher on llama-cpp-python,
+with the unit's command line: chatml, n_ctx 65536, 2 threads) with the real Gemma 3 270M. For each profile the
 llama server is restarted (a cold prefix), the wizard is switched onto it the way the sidecar
 does, and three turns are timed:
 
@@ -170,7 +170,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="neverdark-lean-bench-"))
     results = {p: run_profile(root, p, secrets_) for p in ("lean", "full")}
     tools = tool_schema_tokens(root, secrets_)
-    print("Real gateway, real Gemma 3 270M on deploys/llama/serve.py (2 threads), per turn:")
+    print("Real gateway, real Gemma 3 270M on llama_launcher (2 threads), per turn:")
     for profile, res in results.items():
         print(f"\nprofile {profile}:")
         for t in res["turns"]:

@@ -3,16 +3,19 @@
     .venv/bin/python bench/llama_engine_bench.py [--seconds 60] [--fleet-report PATH]
 
 Each engine runs with the command line and environment its unit gets (neverdark.engines via
-testbed.localserver), on the runner, with a real Hermes prompt: deploys/hermes/prefix.py
-captures what Hermes 0.19.0 would send a local backend for three wizards (same config
-neverdark renders, different personas). Printed, one table per question:
+testbed.localserver), on the runner, with a real Hermes prompt: what a real Hermes 0.19.0
+gateway (testbed.hermes_gateway, configured as the deploy configures three wizards with
+different personas) sends its local backend, recorded by an LLMock standing in for the model.
+Printed, one table per question:
 
 1. Memory: RSS when ready, and after the load of question 4 (three wizards at once), against
    the memory fit's figure for the same server and against native llama-server at rest.
-2. A new conversation's first turn: prefix warm (sidecar/warm.py warmed it), restored after a
-   restart (llama-cpp-python reads it back; llama-server recomputes it for Gemma's
-   sliding-window layers unless swa_full), and cold; wall time and the prompt tokens the
-   server evaluated (its own counters).
+2. A new conversation's first turn: cold (nothing cached: what the sidecar's check turn pays
+   when it switches a wizard onto the model), and warm (after every wizard's check turn, and
+   another wizard's turn since: what the engine's own cache kept, llama-server in the wizard's
+   slot, llama-cpp-python in its RAM prompt cache); wall time and the prompt tokens the server
+   evaluated (its own counters). A server restart empties both caches: the first turn after it
+   is a cold one again.
 3. Decode tokens/s: the engine's own counters over 128 generated tokens (EOS suppressed),
    against llama-bench where neverdark.artifacts built one (it does not yet: the native
    server's own counters stand in, as said in the output).
@@ -29,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,13 +41,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import asyncio  # noqa: E402
-
 import httpx  # noqa: E402
 
 from neverdark import hermes_config, memory_fit  # noqa: E402
-from sidecar.warm import Warmer, _with_user  # noqa: E402
-from testbed import runtimes  # noqa: E402
+from testbed.hermes_gateway import Gateway  # noqa: E402
+from testbed.llmock import LLMock, free_port  # noqa: E402
 from testbed.localserver import LocalServer, gemma_model, server_spec  # noqa: E402
 
 WIZARDS = ("gandalf", "merlin", "radagast")
@@ -55,62 +55,46 @@ PERSONAS = {"merlin": "You are Merlin, keeper of the northern tower.",
 POLICY = None
 
 
-def capture_prompts(tmp: Path) -> dict[str, Path]:
-    """What Hermes would send each wizard's local backend, captured with Hermes' own code."""
-    hermes_python = runtimes.HERMES_BIN.parent / "python"
+def capture_prompts(tmp: Path) -> dict[str, list[dict]]:
+    """What each wizard's real Hermes gateway sends its local backend (recorded by an LLMock
+    standing in for the model): the messages of its first turn."""
     out = {}
-    for w in WIZARDS:
-        home = tmp / w / "home"
-        home.mkdir(parents=True)
-        spec = {"name": w, "api_port": 8642, "api_key_secret": "K", "telegram_token_secret": None,
-                "telegram_allowed_users": [], "telegram_api_url": None, "persona": PERSONAS[w],
-                "notice": hermes_config.DEFAULT_NOTICE, "backends": [
-                    {"name": "claude", "kind": "anthropic", "model": "claude-sonnet-4-5",
-                     "base_url": "http://127.0.0.1:9/anthropic", "api_key_secret": "A",
-                     "context_length": 200000, "max_tokens": 1024},
-                    {"name": "local", "kind": "local", "model": "gemma3-270m",
-                     "base_url": "http://127.0.0.1:9/v1", "api_key_secret": None,
-                     "context_length": 65536, "max_tokens": 64}]}
-        (home / "config.yaml").write_text(hermes_config.render_base_config(spec))
-        (home / "SOUL.md").write_text(hermes_config.render_soul(spec))
-        (home / ".env").write_text("API_SERVER_KEY=bench-key-0123456789abcdef\n")
-        variant = tmp / w / "local.yaml"
-        variant.write_text(hermes_config.render_variant(spec, "local"))
-        out[w] = tmp / w / "prefix.json"
-        subprocess.run([str(hermes_python), str(REPO / "deploys/hermes/prefix.py"),
-                        "--variant", str(variant), "--out", str(out[w])], check=True,
-                       env={"PATH": "/usr/bin:/bin", "HOME": str(home), "HERMES_HOME": str(home),
-                            "LANG": "C.UTF-8"}, capture_output=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    mock = LLMock(tmp)
+    try:
+        for w in WIZARDS:
+            spec = {"name": w, "api_port": free_port(), "api_key_secret": "K",
+                    "telegram_token_secret": None, "telegram_allowed_users": [],
+                    "telegram_api_url": None, "persona": PERSONAS[w],
+                    "notice": hermes_config.DEFAULT_NOTICE, "backends": [
+                        {"name": "claude", "kind": "anthropic", "model": "claude-sonnet-4-5",
+                         "base_url": "http://127.0.0.1:9/anthropic", "api_key_secret": "A",
+                         "context_length": 200000, "max_tokens": 1024},
+                        {"name": "local", "kind": "local", "model": "gemma3-270m",
+                         "base_url": mock.openai_base, "api_key_secret": None,
+                         "context_length": 65536, "max_tokens": 64}]}
+            gw = Gateway.for_wizard(tmp / w, spec, {"K": "bench-key-0123456789abcdef",
+                                                    "A": "sk-ant-bench-0000"})
+            try:
+                gw.activate("local")
+                since = time.monotonic()
+                gw.post([{"role": "user", "content": "Hello!"}]).raise_for_status()
+                bodies = [r["body"] for r in mock.chats(since)
+                          if isinstance((r.get("body") or {}).get("messages"), list)]
+                out[w] = bodies[0]["messages"]
+            finally:
+                gw.stop()
+    finally:
+        mock.stop()
     return out
 
 
-def messages(prefix: Path, text: str) -> list[dict]:
-    return _with_user(json.loads(prefix.read_text())["messages"], text)
-
-
-def config(base_url: str, wizards) -> object:
-    from types import SimpleNamespace
-    return SimpleNamespace(wizards={w: SimpleNamespace(name=w, backends=(SimpleNamespace(
-        name="local", kind="local", base_url=base_url, model="gemma3-270m"),)) for w in wizards})
-
-
-def warm(server: LocalServer, prefixes: dict, wizards, tmp: Path) -> dict:
-    async def main():
-        async with httpx.AsyncClient() as client:
-            w = Warmer(config(server.base_url, wizards), client, interval=0.3, state_root=tmp,
-                       prefix_path=lambda wz, b: prefixes[wz])
-            await w.start()
-            try:
-                deadline = time.monotonic() + 900
-                while time.monotonic() < deadline:
-                    st = w.status()["gemma3-270m"]["wizards"]
-                    if all(x["warm"] for x in st.values()):
-                        return st
-                    await asyncio.sleep(0.3)
-                raise RuntimeError(f"not warm: {w.status()}")
-            finally:
-                await w.close()
-    return asyncio.run(main())
+def messages(prompt: list[dict], text: str) -> list[dict]:
+    """The wizard's prompt with `text` as its user message: a new conversation."""
+    msgs = [dict(m) for m in prompt]
+    last = max(i for i, m in enumerate(msgs) if m.get("role") == "user")
+    msgs[last]["content"] = text
+    return msgs
 
 
 def turn(server: LocalServer, msgs: list[dict], max_tokens: int = 16, **extra) -> dict:
@@ -147,7 +131,7 @@ def decode_rate(server: LocalServer) -> float:
     return (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 2 else 0.0
 
 
-def load(server: LocalServer, prefixes: dict, wizards, seconds: float) -> list[float]:
+def load(server: LocalServer, prompts: dict, wizards, seconds: float) -> list[float]:
     """Each wizard sends new conversations back to back; every turn's latency."""
     lat: list[float] = []
     stop = time.monotonic() + seconds
@@ -156,7 +140,7 @@ def load(server: LocalServer, prefixes: dict, wizards, seconds: float) -> list[f
         n = 0
         while time.monotonic() < stop:
             n += 1
-            lat.append(turn(server, messages(prefixes[w], f"{w} question {n}: hello?"))["wall_s"])
+            lat.append(turn(server, messages(prompts[w], f"{w} question {n}: hello?"))["wall_s"])
     threads = [threading.Thread(target=run, args=(w,)) for w in wizards]
     for t in threads:
         t.start()
@@ -165,34 +149,34 @@ def load(server: LocalServer, prefixes: dict, wizards, seconds: float) -> list[f
     return lat
 
 
-def engine_run(engine: str, prefixes: dict, seconds: float, tmp: Path) -> dict:
+def engine_run(engine: str, prompts: dict, seconds: float, tmp: Path) -> dict:
     res: dict = {"engine": engine}
     spec = server_spec(engine, WIZARDS, prompt_tokens=POLICY.prompt_tokens)
     model = gemma_model(engine)
     res["fit_mb"] = {n: memory_fit.server_mb(model, n, POLICY) for n in (1, 3)}
-    server = LocalServer(spec, tmp / engine / "state", tmp / f"{engine}.log").start()
+    server = LocalServer(spec, tmp / f"{engine}.log").start()
     try:
         res["ready_s"] = round(server.ready_s, 1)
         res["rss_ready_mb"] = round(server.rss_mb())
-        cold = turn(server, messages(prefixes["merlin"], "Hello, who are you?"))
-        res["cold"] = {"wall_s": round(cold["wall_s"], 2), "evaluated": cold["evaluated"]}
-        # Before warming: on llama-server a request that names no slot takes the least
-        # recently used one, and this one would evict a warm prefix.
         res["decode_tok_s"] = round(decode_rate(server), 1)
-        res["warmup"] = warm(server, prefixes, WIZARDS, tmp / engine)
-        fresh = turn(server, messages(prefixes["gandalf"], "A new conversation: hello?"))
+        # Each wizard's check turn, as the sidecar sends one when it switches the wizard onto
+        # the model (merlin's is the cold first turn measured); then gandalf's new conversation
+        # after radagast's turn took the context (llama-cpp-python) or a slot (llama-server).
+        checks = {w: turn(server, messages(prompts[w], "Hello, who are you?"))
+                  for w in ("merlin", "radagast", "gandalf")}
+        cold = checks["merlin"]
+        res["prefix_tokens"] = cold["usage"]["prompt_tokens"]
+        res["cold"] = {"wall_s": round(cold["wall_s"], 2), "evaluated": cold["evaluated"]}
+        turn(server, messages(prompts["radagast"], "A question in between: why?"))
+        fresh = turn(server, messages(prompts["gandalf"], "A new conversation: hello?"))
         res["warm"] = {"wall_s": round(fresh["wall_s"], 2), "evaluated": fresh["evaluated"]}
-        solo = load(server, prefixes, WIZARDS[:1], seconds)
+        solo = load(server, prompts, WIZARDS[:1], seconds)
         res["queue"] = {1: {"median_s": round(statistics.median(solo), 2), "wait_s": 0.0}}
         for n in (2, 3):
-            lat = load(server, prefixes, WIZARDS[:n], seconds)
+            lat = load(server, prompts, WIZARDS[:n], seconds)
             res["queue"][n] = {"median_s": round(statistics.median(lat), 2),
                                "wait_s": round(statistics.median(lat) - statistics.median(solo), 2)}
         res["rss_after_load_mb"] = round(server.rss_mb())
-        server.restart()
-        res["restart_warm"] = warm(server, prefixes, WIZARDS, tmp / engine)
-        again = turn(server, messages(prefixes["radagast"], "After a restart: hello?"))
-        res["restored"] = {"wall_s": round(again["wall_s"], 2), "evaluated": again["evaluated"]}
     finally:
         server.stop()
     return res
@@ -201,7 +185,7 @@ def engine_run(engine: str, prefixes: dict, seconds: float, tmp: Path) -> dict:
 def native_at_rest(tmp: Path) -> int:
     """Native llama-server, one slot, nothing but the model: the yardstick for RSS."""
     spec = server_spec("llama-server", ("merlin",))
-    s = LocalServer(spec, tmp / "rest" / "state", tmp / "rest.log").start()
+    s = LocalServer(spec, tmp / "rest.log").start()
     try:
         return round(s.rss_mb())
     finally:
@@ -219,16 +203,16 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="nd-engine-bench-") as d:
         tmp = Path(d)
-        prefixes = capture_prompts(tmp / "prompts")
+        prompts = capture_prompts(tmp / "prompts")
         rest = native_at_rest(tmp)
-        runs = [engine_run(e, prefixes, args.seconds, tmp) for e in args.engines.split(",")]
+        runs = [engine_run(e, prompts, args.seconds, tmp) for e in args.engines.split(",")]
     print(json.dumps({"native_at_rest_mb": rest, "runs": runs}, indent=1))
     print("\nGemma 3 270M Q4_K_M, n_ctx 65536, 2 threads; prompt: Hermes 0.19.0's own request "
-          f"({runs[0]['warmup']['merlin']['tokens']} prefix tokens)")
+          f"({runs[0]['prefix_tokens']} prompt tokens)")
     print("| engine | RSS ready | RSS after 3-wizard load | fit (1 / 3 wizards) | "
           "vs native at rest, same contexts | cold first turn | warm first turn | "
-          "restored first turn | decode tok/s | queue wait 1 / 2 / 3 wizards |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "decode tok/s | queue wait 1 / 2 / 3 wizards |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         q = r["queue"]
         # llama-cpp-python has one context: native with one slot; llama-server: itself, ready.
@@ -237,7 +221,6 @@ def main() -> None:
               f"{r['fit_mb'][1]} / {r['fit_mb'][3]} MB | {r['rss_after_load_mb'] / base:.2f}x | "
               f"{r['cold']['wall_s']} s ({r['cold']['evaluated']} tok) | "
               f"{r['warm']['wall_s']} s ({r['warm']['evaluated']} tok) | "
-              f"{r['restored']['wall_s']} s ({r['restored']['evaluated']} tok) | "
               f"{r['decode_tok_s']} | {q[1]['wait_s']} / {q[2]['wait_s']} / {q[3]['wait_s']} s |")
     print(f"\nload average at the end: {open('/proc/loadavg').read().split()[:3]} on "
           f"{__import__('os').cpu_count()} cores (timings are only as quiet as the machine).")

@@ -7,6 +7,7 @@ from deploys.deployer import Deployer, each
 from deploys.hermes import HermesDeployer, WizardDeployer
 from deploys.llama import LlamaDeployer, LlamaServerDeployer
 from deploys.models import ModelsDeployer
+from deploys.retired import RetiredDeployer
 from deploys.sidecar import SidecarDeployer
 
 STAGES = ("install", "configure", "activate")
@@ -18,7 +19,8 @@ def host_deployers(p: dict, stale_wizards: list[str] = (),
     disabled deployers, which remove what a wizard or a model server had installed.
 
     Within each stage, model servers come before the gateways that fall back onto them and the
-    sidecar last; an engine or venv (and its removal) after the units that run from it."""
+    sidecar; an engine or venv (and its removal) after the units that run from it; what earlier
+    versions installed is removed last, once every service runs from its new files."""
     servers = p["llama"]["servers"]
     wizards = p["hermes"]["wizards"]
     models = ModelsDeployer(p)
@@ -37,6 +39,7 @@ def host_deployers(p: dict, stale_wizards: list[str] = (),
         *[WizardDeployer(p, name, enabled=False) for name in stale_wizards],
         hermes,
         SidecarDeployer(p, wizard_ds, enabled=bool(wizards)),
+        RetiredDeployer(p),
     ]
 
 

@@ -98,7 +98,7 @@ def local_path_problem(value: object) -> str | None:
 
 def _units_named_by(value: str, what: str) -> list[str]:
     if what == "wizard":
-        return [wizard_unit(value), prefix_timer(value)]
+        return [wizard_unit(value)]
     if what == "model":
         return [llama_unit(value)]
     return []
@@ -129,6 +129,9 @@ SIDECAR_STATE_DIR = f"{VAR}/sidecar/state"
 SIDECAR_SUDOERS = "/etc/sudoers.d/neverdark-sidecar"
 CONTROL_SOCKET = "/run/neverdark-sidecar/control.sock"
 LLAMA_DIR = f"{OPT}/llama"
+# The llama-cpp-python launcher (the package llama_launcher), run as `python -m llama_launcher`
+# with this on its path.
+LLAMA_LIB = f"{LLAMA_DIR}/lib"
 HERMES_DIR = f"{OPT}/hermes"
 
 # Model files are written once (hash-named, renamed into place after the check) and never
@@ -162,8 +165,6 @@ def llama_unit(model: str) -> str:
 
 
 LLAMA_UNIT_PREFIX = "neverdark-llama-"
-LLAMA_STATE_DIR = f"{VAR}/llama"
-LLAMA_SERVER_JSON = "server.json"     # in each model's state dir: what the warmer needs
 # The native llama-server and the libraries beside it: one folder per build (named by a digest
 # of its files), the link switched to a new build only once every file is verified.
 LLAMA_SERVER_LINK = f"{LLAMA_DIR}/server"
@@ -173,23 +174,12 @@ LLAMA_SERVER_BUILD_PREFIX = "server-"
 LLAMA_WHEEL_PREFIX = "wheel-"
 
 
-def llama_state_dir(model: str) -> str:
-    """Where a model's server keeps its prefixes across restarts (its one writable path)."""
-    return f"{LLAMA_STATE_DIR}/{model}"
-
-
 def llama_server_build(digest: str) -> str:
     return f"{LLAMA_DIR}/{LLAMA_SERVER_BUILD_PREFIX}{digest}"
 
 
 def llama_wheel_dir(sha256: str) -> str:
     return f"{LLAMA_DIR}/{LLAMA_WHEEL_PREFIX}{sha256[:16]}"
-
-
-def llama_slot(wizard: str, wizards) -> int:
-    """The wizard's own slot on a model server shared by `wizards` (every wizard of the host
-    that can fall back onto that model): its place in name order, the same on both sides."""
-    return sorted(wizards).index(wizard)
 
 
 def wizard_user(wizard: str) -> str:
@@ -221,31 +211,6 @@ def wizard_home(wizard: str) -> str:
     return f"{wizard_var(wizard)}/home"
 
 
-def wizard_prefix_dir(wizard: str) -> str:
-    """What the wizard's gateway would send each local backend (deploys/hermes/prefix.py),
-    written by the wizard's user, read by the sidecar's warmer (the directory is the sidecar's
-    group's, setgid)."""
-    return f"{wizard_var(wizard)}/prefix"
-
-
-def prefix_runtime_dir(wizard: str) -> str:
-    """The capture's RuntimeDirectory: its variants copied there for the wizard's user by a
-    privileged ExecStartPre (the variants themselves are root's and the sidecar's group's)."""
-    return f"/run/neverdark-prefix-{wizard}"
-
-
-def wizard_prefix(wizard: str, backend: str) -> str:
-    return f"{wizard_prefix_dir(wizard)}/{backend}.json"
-
-
-def prefix_unit(wizard: str) -> str:
-    return f"neverdark-prefix-{wizard}.service"
-
-
-def prefix_timer(wizard: str) -> str:
-    return f"neverdark-prefix-{wizard}.timer"
-
-
 def wizard_managed_dir(wizard: str) -> str:
     return f"{wizard_var(wizard)}/managed"
 
@@ -272,8 +237,9 @@ def local_base_url(port: int) -> str:
 
 
 # --- local model engines ---------------------------------------------------------------------
-# llama-cpp-python's server (deploys/llama/serve.py), or llama.cpp's own llama-server (one slot
-# per wizard). neverdark.engines says what each needs and how it is run.
+# llama-cpp-python's server (through neverdark's launcher, the llama_launcher package), or
+# llama.cpp's own llama-server (one slot per wizard). neverdark.engines says what each needs
+# and how it is run.
 ENGINES = ("llama-cpp-python", "llama-server")
 DEFAULT_ENGINE = "llama-cpp-python"
 

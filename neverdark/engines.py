@@ -2,19 +2,20 @@
 
 Both run under the same unit (`neverdark-llama-<model>.service`), listen on the same loopback
 port, answer `/health` without waiting for a generation, speak the OpenAI chat API Hermes uses,
-and keep each wizard's stable prompt prefix warm across restarts (sidecar/warm.py drives it):
+and keep each wizard's prompt prefix in their own prompt cache once a turn has computed it (the
+sidecar's check turn before a switch onto the model does, through the wizard's real gateway):
 
-llama-cpp-python   deploys/llama/serve.py: one context, requests one at a time; a prefix per
-                   wizard in a byte-bounded cache, persisted to the model's state directory and
-                   restored at start (any model: a saved state is the whole context).
+llama-cpp-python   the llama_launcher package, run as `python -m llama_launcher`: one
+                   context, requests one at a time; its RAM prompt cache holds saved states
+                   (a wizard's prefix and conversation) bounded in bytes, the least recently
+                   used evicted first.
 llama-server       llama.cpp's own server (neverdark.artifacts builds it from the same pinned
                    source): one slot per wizard that can fall back onto the model (`-np`), so
                    no wizard evicts another's prefix or waits for another's turn; its own
-                   `/health`, `/props`, `/slots` and `--metrics`; `--slot-save-path` keeps a
-                   slot across restarts, which llama.cpp only uses again for models without
-                   sliding-window layers or with `swa_full` (others are recomputed after a
-                   restart, in the background); its RAM prompt cache is off (`-cram 0`): the
-                   slots are the cache.
+                   `/health`, `/props`, `/slots` and `--metrics`; its RAM prompt cache is off
+                   (`-cram 0`): the slots are the cache.
+
+A server restart loses the prefixes on both: the next turn computes them again.
 
 The context: llama-server caps every slot at the model's training context (GGUF
 `<arch>.context_length`: 32,768 for Gemma 3 270M) whatever `-c` says, and Hermes refuses a model
@@ -31,7 +32,7 @@ from neverdark import contract
 
 KV_TYPE_IDS = {"f16": 1, "q4_0": 2, "q8_0": 8}   # ggml_type values llama-cpp-python's CLI takes
 NATIVE_BINARY = f"{contract.LLAMA_SERVER_LINK}/llama-server"
-LAUNCHER = f"{contract.LLAMA_DIR}/serve.py"
+LAUNCHER = "llama_launcher"          # the package, run with `python -m` from contract.LLAMA_LIB
 PYTHON = f"{contract.venv('llama')}/bin/python"
 # llama-server's built-in chat templates that neverdark's chat_format names map to one to one.
 # (llama-server --help, commit 0c1e570; a name it lacks makes it exit at start.)
@@ -70,8 +71,7 @@ def served_context(engine: str, n_ctx: int, training: int | None, extend: bool) 
     return Context(n_ctx, "n_ctx")
 
 
-def native_argv(s, binary: str = NATIVE_BINARY, model_path: str | None = None,
-                state_dir: str | None = None) -> list[str]:
+def native_argv(s, binary: str = NATIVE_BINARY, model_path: str | None = None) -> list[str]:
     """llama-server's command line for a topology.LlamaServer `s` (the paths can be pointed
     elsewhere to run the same command off a host, as the tests and benchmarks do)."""
     slots = len(s.wizards) or 1
@@ -81,7 +81,7 @@ def native_argv(s, binary: str = NATIVE_BINARY, model_path: str | None = None,
             "--ctx-size", str(s.n_ctx * slots), "--parallel", str(slots), "--no-kv-unified",
             "--threads", str(s.threads), "--threads-batch", str(s.threads),
             "--chat-template", s.chat_format,
-            "--metrics", "--slot-save-path", state_dir or s.state_dir,
+            "--metrics",
             # the slots are the prompt cache: no second copy in RAM
             "--cache-ram", "0", "--ctx-checkpoints", str(s.ctx_checkpoints),
             "--cache-reuse", str(s.cache_reuse),
@@ -105,10 +105,10 @@ def native_argv(s, binary: str = NATIVE_BINARY, model_path: str | None = None,
     return argv
 
 
-def python_argv(s, python: str = PYTHON, launcher: str = LAUNCHER,
-                model_path: str | None = None) -> list[str]:
-    """deploys/llama/serve.py's command line (llama-cpp-python's own server options)."""
-    argv = [python, launcher, "--model", model_path or s.model_path, "--model_alias", s.model,
+def python_argv(s, python: str = PYTHON, model_path: str | None = None) -> list[str]:
+    """The launcher's command line (llama-cpp-python's own server options); it finds the
+    package on the PYTHONPATH `environment` sets."""
+    argv = [python, "-m", LAUNCHER, "--model", model_path or s.model_path, "--model_alias", s.model,
             "--host", contract.LOOPBACK, "--port", str(s.port),
             "--n_ctx", str(s.n_ctx), "--n_threads", str(s.threads),
             "--n_threads_batch", str(s.threads), "--chat_format", s.chat_format,
@@ -129,17 +129,11 @@ def argv(s) -> list[str]:
 MALLOC_ENV = {"MALLOC_ARENA_MAX": "2"}
 
 
-def environment(s, state_dir: str | None = None) -> dict[str, str]:
+def environment(s, launcher_lib: str = contract.LLAMA_LIB) -> dict[str, str]:
+    """The unit's environment (`launcher_lib`: where the llama_launcher package is, pointed
+    elsewhere to run the same command off a host)."""
     if s.engine == "llama-server":
         return dict(MALLOC_ENV)
-    return {**MALLOC_ENV, "NEVERDARK_SWA_FULL": "true" if s.swa_full else "false",
-            "NEVERDARK_CACHE_BYTES": str(s.prompt_cache_bytes),
-            "NEVERDARK_PREFIX_DIR": state_dir or s.state_dir}
-
-
-def restores_slots(s) -> bool:
-    """Does a restart keep the prefixes by reading them back (rather than recomputing them)?
-    llama-cpp-python: always. llama-server: only where llama.cpp accepts a restored slot, i.e.
-    without sliding-window layers or with swa_full (FIELD-NOTES: a restored Gemma 3 slot is
-    re-processed in full: its check wants one window position more than a slot keeps)."""
-    return s.engine == "llama-cpp-python" or s.swa_full or not s.sliding_window
+    return {**MALLOC_ENV, "PYTHONPATH": launcher_lib,
+            "NEVERDARK_SWA_FULL": "true" if s.swa_full else "false",
+            "NEVERDARK_CACHE_BYTES": str(s.prompt_cache_bytes)}

@@ -4,8 +4,8 @@ Per distinct local model served on the host, by engine (`models.<m>.engine`):
 
 llama-cpp-python (one context, requests one at a time):
   file size + KV cache at n_ctx + runtime overhead
-  + its prompt cache: a saved prefix per wizard that can fall back onto the model, and room for
-    the latest turn's state (deploys/llama/serve.py counts every byte of it)
+  + its prompt cache: a saved state (prefix and conversation) per wizard that can fall back onto
+    the model, and room for one more (the llama_launcher package counts every byte of it)
 llama-server (one slot per wizard that can fall back onto the model, all at once):
   file size + slots x KV cache at n_ctx + slots x window checkpoints + runtime overhead
   (its RAM prompt cache is off: each slot keeps its own prefix)
@@ -70,9 +70,10 @@ def state_bytes(model: Model, tokens: int) -> float:
 
 
 def prompt_cache_bytes(model: Model, wizards: int, prompt_tokens: int) -> float:
-    """llama-cpp-python's cache: one pinned prefix per wizard sharing the server, so none
-    evicts another's, and the latest turn's state. deploys/llama/serve.py gets exactly this
-    many bytes (NEVERDARK_CACHE_BYTES) and never holds more."""
+    """llama-cpp-python's cache: a saved state per wizard sharing the server and one more, so
+    while each wizard's prompt stays within `prompt_tokens` no wizard's turn evicts another's
+    prefix (the least recently used state goes first). The launcher gets exactly this many
+    bytes (NEVERDARK_CACHE_BYTES) and never holds more."""
     return (max(wizards, 1) + 1) * state_bytes(model, prompt_tokens)
 
 

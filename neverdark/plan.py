@@ -10,7 +10,6 @@ written with the sidecar's own `dump`, so the two sides cannot disagree.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -105,22 +104,13 @@ def llama_server_plan(fleet: Fleet, s: topology.LlamaServer) -> dict:
     d = asdict(s)
     d["unit"] = contract.llama_unit(s.model)
     d["model_path"] = s.model_path
-    d["state_dir"] = s.state_dir
     d["slots"] = s.slots
     d["argv"] = engines.argv(s)
     d["env"] = engines.environment(s)
-    d["restores_slots"] = engines.restores_slots(s)
     # systemd kills the server, not a gateway, when it outgrows what the memory fit granted it
     granted = memory_fit.server_mb(model, len(s.wizards), fleet.memory)
     d["memory_max_mb"] = int(granted * 1.25) + 64
     d["wizards"] = list(s.wizards)
-    # What the sidecar's warmer needs to know about this server (sidecar/warm.py reads it).
-    d["server_json"] = File(
-        f"{s.state_dir}/{contract.LLAMA_SERVER_JSON}",
-        json.dumps({"model": s.model, "engine": s.engine, "base_url": s.base_url,
-                    "slots": {w: s.slot_of(w) for w in s.wizards},
-                    "restores_slots": d["restores_slots"]}, indent=1, sort_keys=True) + "\n",
-        "0640", "root", contract.LLAMA_USER)
     return d
 
 
@@ -199,15 +189,6 @@ def wizard_plan(fleet: Fleet, chain: WizardBackends) -> dict:
                     "0600", user, user, secret=True),
         "soul": File(f"{contract.wizard_home(name)}/SOUL.md",
                      hermes_config.render_soul(spec, degraded=False), "0600", user, user),
-        # What the gateway would send each local backend, captured on the host for the
-        # sidecar's warmer (none without a local backend).
-        "prefix": {"unit": contract.prefix_unit(name), "timer": contract.prefix_timer(name),
-                   "dir": contract.wizard_prefix_dir(name),
-                   "runtime": contract.prefix_runtime_dir(name),
-                   "jobs": [{"backend": b.name, "variant": b.variant,
-                             "staged": f"{contract.prefix_runtime_dir(name)}/{b.name}.yaml",
-                             "out": contract.wizard_prefix(name, b.name)}
-                            for b in chain.backends if b.kind == "local"]},
     }
 
 
@@ -289,11 +270,9 @@ def sidecar_plan(fleet: Fleet, host: str, wizards: list[dict],
         "units": [w["unit"] for w in wizards],
         # The ops group lets it hand its control socket to the operators; systemd-journal lets
         # it read the gateways' logged provider errors (Hermes keeps its own log directory
-        # 0700); the model servers' group, what each server is (server.json). No wizard's group:
-        # it never reads a wizard's files (a wizard added or removed is a reload, not a restart
-        # for new group membership; its prefix captures are the sidecar's group's).
-        "groups": [contract.OPS_GROUP, "systemd-journal"]
-        + ([contract.LLAMA_USER] if topology.llama_servers(fleet, host) else []),
+        # 0700). No wizard's group: it never reads a wizard's files (a wizard added or removed
+        # is a reload, not a restart for new group membership).
+        "groups": [contract.OPS_GROUP, "systemd-journal"],
         "watchdog_sec": WATCHDOG_SEC,
     }
 

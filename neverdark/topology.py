@@ -27,7 +27,7 @@ class LlamaServer:
     chat_format: str
     context_length: int        # what Hermes is told
     wizards: tuple[str, ...]   # every wizard of the host that can fall back onto it
-    prompt_cache_mb: int       # llama-cpp-python's prefix cache (0 on llama-server)
+    prompt_cache_mb: int       # llama-cpp-python's prompt cache (0 on llama-server)
     prompt_cache_bytes: int
     sliding_window: int | None
     training_context: int | None
@@ -45,16 +45,9 @@ class LlamaServer:
         return contract.model_link(self.model)
 
     @property
-    def state_dir(self) -> str:
-        return contract.llama_state_dir(self.model)
-
-    @property
     def slots(self) -> int:
         """llama-server's slots, one per wizard (llama-cpp-python has one context)."""
         return memory_fit.slots(len(self.wizards)) if self.engine == "llama-server" else 1
-
-    def slot_of(self, wizard: str) -> int:
-        return contract.llama_slot(wizard, self.wizards)
 
 
 def llama_servers(fleet: Fleet, host: str) -> list[LlamaServer]:

@@ -9,7 +9,7 @@ Both engines neverdark runs speak llama.cpp's vocabulary:
   every completion response carries `timings` {cache_n, prompt_n, prompt_ms, predicted_n,
   predicted_ms, ...}; each finished task logs a block ending in "prompt eval time = ... ms / N
   tokens", "eval time = ...", "total time = ..." (tools/server/server-context.cpp print_timings).
-- llama-cpp-python through neverdark's launcher (deploys/llama/serve.py): the same /metrics names
+- llama-cpp-python through neverdark's launcher (llama_launcher): the same /metrics names
   and `timings` keys, plus what only it has: `queue_ms` (waiting for its single lock),
   `cache_save_ms`/`cache_load_ms` (RAM prompt cache) and `neverdark_engine_*` counters; one
   `neverdark-timings {json}` line per completion on stderr.

@@ -232,8 +232,8 @@ async def probe(backend, client: httpx.AsyncClient, timeout: float, deep: bool =
         # Liveness of the local server is its /health, which both engines answer without
         # waiting for a generation (llama-server itself; llama-cpp-python through neverdark's
         # launcher, whose library routes all wait): 200 once the model is loaded, 503 while
-        # llama-server is still loading it. Readiness is the deep probe (sidecar/warm.py's
-        # check: one token after the wizard's warm prefix), sent before any switch onto it.
+        # llama-server is still loading it. Readiness is the deep probe (a one-token
+        # generation), sent just before a switch onto it.
         method, url, headers, body = "GET", f"{contract.url_root(backend.base_url)}/health", {}, None
     else:
         method, url, headers, body = _request(backend, deep)

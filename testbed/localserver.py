@@ -1,7 +1,7 @@
 """Run a local model server on the runner exactly as a host's unit runs it (the command line and
 environment from neverdark.engines), with the paths pointed at the runner: the real Gemma 3 270M
-GGUF, a temporary state directory, the runner's llama-cpp-python or the native llama-server that
-neverdark.artifacts built. For tests and benchmarks that need a real engine without a fleet.
+GGUF, the checkout's llama_launcher on the runner's llama-cpp-python, or the native llama-server
+that neverdark.artifacts built. For tests and benchmarks that need a real engine without a fleet.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from neverdark.schema import Model
 from neverdark.topology import LlamaServer
 from testbed import runtimes
 from testbed.bed import GEMMA_KV, GEMMA_SHA256, free_port
-from testbed.wait import wait_http
+from testbed.wait import NotReady, wait_http
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,9 +61,8 @@ def native_binary() -> Path:
 class LocalServer:
     """One engine process on a free loopback port, with the unit's command line."""
 
-    def __init__(self, spec: LlamaServer, state_dir: Path, log: Path) -> None:
-        self.spec, self.state_dir, self.log_path = spec, Path(state_dir), log
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, spec: LlamaServer, log: Path) -> None:
+        self.spec, self.log_path = spec, Path(log)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -77,20 +76,19 @@ class LocalServer:
     def argv(self) -> list[str]:
         model = str(runtimes.gguf())
         if self.spec.engine == "llama-server":
-            return engines.native_argv(self.spec, binary=str(native_binary()), model_path=model,
-                                       state_dir=str(self.state_dir))
+            return engines.native_argv(self.spec, binary=str(native_binary()), model_path=model)
         return engines.python_argv(self.spec, python=str(runtimes.LLAMA_PYTHON),
-                                   launcher=str(REPO / "deploys/llama/serve.py"),
                                    model_path=model)
 
-    def start(self, timeout: float = 180) -> LocalServer:
-        env = dict(os.environ, **engines.environment(self.spec, state_dir=str(self.state_dir)))
+    def start(self, timeout: float = 180, error: type[Exception] = NotReady) -> LocalServer:
+        # The launcher package from this checkout, where a host has /opt/neverdark/llama/lib.
+        env = dict(os.environ, **engines.environment(self.spec, launcher_lib=str(REPO)))
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv(), env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self.started = time.monotonic()
         wait_http(f"{self.root}/health", self.proc, timeout=timeout, what=self.spec.engine,
-                  log=self.log_path, on_fail=self.stop)
+                  log=self.log_path, error=error, on_fail=self.stop)
         self.ready_s = time.monotonic() - self.started
         return self
 
@@ -116,4 +114,4 @@ class LocalServer:
         raise RuntimeError("no VmRSS")
 
     def with_port(self, port: int) -> LocalServer:
-        return LocalServer(replace(self.spec, port=port), self.state_dir, self.log_path)
+        return LocalServer(replace(self.spec, port=port), self.log_path)

@@ -67,28 +67,6 @@ def file_secrets(env: dict, path: Path) -> dict[str, str]:
     return {n: fleet.secret(n) for n in fleet.secret_names()}
 
 
-def prefix_unit(out: Path, wizard: str, local: list[str]) -> None:
-    """The capture runs as the wizard's user, who may not read the variants (root's, the
-    sidecar's group's): it reads copies a privileged ExecStartPre put in its runtime dir."""
-    unit = out / f"{contract.UNIT_DIR}/{contract.prefix_unit(wizard)}".lstrip("/")
-    if not local:
-        assert not unit.exists()
-        return
-    lines = unit.read_text().splitlines()
-    runtime = contract.prefix_runtime_dir(wizard)
-    assert f"RuntimeDirectory={runtime.removeprefix('/run/')}" in lines
-    copies = {}
-    for line in lines:
-        if line.startswith("ExecStartPre=+/usr/bin/install "):
-            *_, src, dst = line.split()
-            assert (out / src.lstrip("/")).is_file() and dst.startswith(runtime + "/")
-            copies[dst] = src
-    read = [line.split("--variant ")[1].split()[0] for line in lines
-            if line.startswith("ExecStart=")]
-    assert sorted(read) == sorted(copies) and len(read) == len(local)
-    assert sorted(copies.values()) == sorted(contract.variant_path(wizard, b) for b in local)
-
-
 @pytest.mark.parametrize("path,env", INVENTORIES, ids=[p.name for p, _ in INVENTORIES])
 def test_every_rendered_host_loads_in_the_sidecar_with_exact_secrets(path, env, tmp_path,
                                                                      monkeypatch):
@@ -114,7 +92,6 @@ def test_every_rendered_host_loads_in_the_sidecar_with_exact_secrets(path, env, 
                 want = operator[b.api_key.secret] if hasattr(b, "api_key") else None
                 assert gb.api_key == want, (w, b.name)
                 assert (out / str(gb.variant).lstrip("/")).is_file()
-            prefix_unit(out, w, [b.name for b in wz.backends if hasattr(b, "local")])
             # Hermes reads .env with python-dotenv, interpolation on: the same bytes come out.
             env_file = out / f"{contract.wizard_home(w)}/.env".lstrip("/")
             assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
@@ -153,7 +130,9 @@ def test_render_command_and_sidecar_check(tmp_path):
                    "/etc/neverdark/wizards/merlin/backends/gpt-4.1.yaml",
                    "0600 hermes-merlin:hermes-merlin /var/lib/neverdark/wizards/merlin/home/.env",
                    "0600 neverdark-sidecar:neverdark-sidecar /etc/neverdark/sidecar.env",
-                   "/opt/neverdark/llama/serve.py", "/etc/neverdark/sidecar.sudoers"):
+                   "/opt/neverdark/llama/lib/llama_launcher/__main__.py",
+                   "/opt/neverdark/llama/lib/llama_launcher/cache.py",
+                   "/etc/neverdark/sidecar.sudoers"):
         assert needle in manifest, needle
     check = subprocess.run([sys.executable, "-m", "sidecar", "--check", "--config",
                             str(out / "etc/neverdark/sidecar.yaml"), "--root", str(out)],

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploys import base, deployer, hermes, llama, models, sidecar, stages
+from deploys import base, deployer, hermes, llama, models, retired, sidecar, stages
 from neverdark import contract, plan
 from neverdark.inventory import validate
 
@@ -65,7 +65,7 @@ class Recorder:
 @pytest.fixture
 def recorder(monkeypatch) -> Recorder:
     rec = Recorder()
-    for mod in (deployer, base, hermes, llama, models, sidecar, stages):
+    for mod in (deployer, base, hermes, llama, models, retired, sidecar, stages):
         for attr in ("files", "server", "systemd", "pip", "apt", "ops"):
             if hasattr(mod, attr):
                 monkeypatch.setattr(mod, attr, rec.module(attr))
@@ -130,8 +130,7 @@ def test_users_are_created_once_each(tmp_path, recorder):
     assert contract.SIDECAR_USER in users and contract.LLAMA_USER in users
     sidecar_user = next(op for op in recorder.ops if op.kind == "server.user"
                         and op.kwargs["user"] == contract.SIDECAR_USER)
-    assert set(sidecar_user.kwargs["groups"]) == {contract.OPS_GROUP, "systemd-journal",
-                                                  contract.LLAMA_USER}
+    assert set(sidecar_user.kwargs["groups"]) == {contract.OPS_GROUP, "systemd-journal"}
     # Every user exists before any directory names it (a wizard's managed dir is the
     # sidecar's, and the sidecar comes after the wizards).
     first_dir = index(recorder.ops, "files.directory",
@@ -163,10 +162,8 @@ def test_a_model_no_longer_used_loses_its_server(tmp_path, recorder):
     old = contract.llama_unit("old-model")
     run(stages.host_deployers(p, stale_llama_units=[old]))
     ops = recorder.of("llama server old-model")
-    assert [op.kind for op in ops] == ["systemd.service", "files.file", "systemd.daemon_reload",
-                                       "files.directory"], ops
-    assert ops[-1].kwargs == {"name": ops[-1].name, "path": contract.llama_state_dir("old-model"),
-                              "present": False}
+    assert [op.kind for op in ops] == ["systemd.service", "files.file", "systemd.daemon_reload"], ops
+    assert ops[1].kwargs["path"] == f"{contract.UNIT_DIR}/{old}"
 
 
 def test_a_host_without_wizards_has_its_sidecar_hermes_and_engines_removed(tmp_path, recorder):

@@ -3,7 +3,6 @@ llama-server, the GGUF header it is checked against, and the units the plan rend
 
 from __future__ import annotations
 
-import json
 import struct
 import sys
 import types
@@ -111,7 +110,6 @@ def test_extend_context_serves_n_ctx_with_an_override(tmp_path):
     # chatml's end marker is text to Gemma's vocabulary: without it every answer runs to
     # max_tokens (measured on the fleet: 30 s turns)
     assert ["--reverse-prompt", "<|im_end|>"] == argv[argv.index("--reverse-prompt"):][:2]
-    assert (s.slot_of("gandalf"), s.slot_of("merlin")) == (0, 1)
 
 
 def test_the_model_file_header_fills_in_and_checks_the_inventory(tmp_path):
@@ -132,27 +130,14 @@ def test_llama_cpp_python_serves_n_ctx_whatever_the_training_context(tmp_path):
     fleet = validate(write_inventory(tmp_path, text, SECRETS), env={})
     s, = topology.llama_servers(fleet, "vps")
     argv = engines.argv(s)
-    assert argv[:2] == [engines.PYTHON, engines.LAUNCHER] and "--n_ctx" in argv
+    # The launcher package, found on the PYTHONPATH the unit's environment sets.
+    assert argv[:3] == [engines.PYTHON, "-m", "llama_launcher"] and "--n_ctx" in argv
     env = engines.environment(s)
+    assert env["PYTHONPATH"] == contract.LLAMA_LIB
     assert env["NEVERDARK_CACHE_BYTES"] == str(s.prompt_cache_bytes)
-    assert env["NEVERDARK_PREFIX_DIR"] == contract.llama_state_dir("gemma")
-    assert engines.restores_slots(s)
 
 
-def test_restored_slots_on_llama_server_only_without_sliding_window_or_with_swa_full(tmp_path):
-    text = inventory(server="{threads: 2, extend_context: true}",
-                     extra="    training_context: 32768\n    architecture: gemma3\n")
-    fleet = validate(write_inventory(tmp_path, text, SECRETS), env={})
-    s, = topology.llama_servers(fleet, "vps")
-    assert not engines.restores_slots(s)
-    full = validate(write_inventory(tmp_path, text.replace("extend_context: true",
-                                                           "extend_context: true, swa_full: true"),
-                                    SECRETS), env={})
-    assert engines.restores_slots(topology.llama_servers(full, "vps")[0])
-
-
-def test_the_plan_ships_the_verified_native_build_and_says_what_the_warmer_needs(tmp_path,
-                                                                                 monkeypatch):
+def test_the_plan_ships_the_verified_native_build(tmp_path, monkeypatch):
     build = tmp_path / "build"
     (build / "llama-server").mkdir(parents=True)
     stamp = {"files": {"llama-server/llama-server": {"sha256": "a" * 64, "bytes": 1},
@@ -174,11 +159,9 @@ def test_the_plan_ships_the_verified_native_build_and_says_what_the_warmer_needs
                                                                   ("llama-server", "0755")]
     assert native["dir"].startswith(f"{contract.LLAMA_DIR}/{contract.LLAMA_SERVER_BUILD_PREFIX}")
     server, = p["llama"]["servers"]
-    info = json.loads(server["server_json"].content)
-    assert info == {"base_url": "http://127.0.0.1:8081/v1", "engine": "llama-server",
-                    "model": "gemma", "restores_slots": False,
-                    "slots": {"gandalf": 0, "merlin": 1}}
-    assert contract.LLAMA_USER in p["sidecar"]["groups"]
+    assert server["argv"][0] == native["binary"] and "--slot-save-path" not in server["argv"]
+    # Nothing of the model server's is the sidecar's to read: not in its group.
+    assert contract.LLAMA_USER not in p["sidecar"]["groups"]
     # A host whose arch has no build is told how to make one.
     fleet.hosts["vps"] = fleet.hosts["vps"].model_copy(update={"arch": "aarch64"})
     with pytest.raises(RuntimeError, match="neverdark.artifacts build --arch aarch64"):

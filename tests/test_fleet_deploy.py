@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 import testinfra
 
+from deploys import retired
+from neverdark import contract
 from testbed.bed import GEMMA_SHA256
 
 pytestmark = pytest.mark.fleet
 
 
 def pids(bed, host: str) -> dict[str, str]:
-    # Services only: a wizard's prefix capture is a oneshot with a timer, neither has a process.
     out = bed.ssh(host, "for u in $(systemctl list-units --type=service --plain --no-legend "
                         "'neverdark-*' | awk '$3 != \"inactive\" {print $1}'); do echo $u "
                         "$(systemctl show -p MainPID --value $u); done")
@@ -114,6 +115,47 @@ def test_removing_a_wizard_archives_its_data(bed, first_deploy):
     archived = bed.ssh("vps1", "ls /var/lib/neverdark/archive").split()
     assert any(a.startswith("morgana-") for a in archived), archived
     assert "neverdark-wizard-morgana.service" not in pids(bed, "vps1")
+    assert bed.deploy().changed == 0
+
+
+# What a host deployed by the version with the prompt-prefix warmer had beside what it still has
+# (the units as that version rendered them, less their comments).
+WARMER_ERA = {
+    f"{contract.UNIT_DIR}/neverdark-prefix-merlin.service":
+        "[Unit]\nDescription=neverdark: capture wizard merlin's local prompt prefix\n"
+        "[Service]\nType=oneshot\nUser=hermes-merlin\nGroup=hermes-merlin\n"
+        "RuntimeDirectory=neverdark-prefix-merlin\nExecStart=-/bin/true\n",
+    f"{contract.UNIT_DIR}/neverdark-prefix-merlin.timer":
+        "[Unit]\nDescription=neverdark: nightly capture of wizard merlin's local prompt prefix\n"
+        "[Timer]\nOnCalendar=*-*-* 00:00:30\nPersistent=true\n"
+        "Unit=neverdark-prefix-merlin.service\n[Install]\nWantedBy=timers.target\n",
+    f"{retired.prefix_dir('merlin')}/local.json": '{"model": "gemma3-270m", "messages": []}\n',
+    retired.PREFIX_SCRIPT: "# capture\n",
+    retired.SERVE_PY: "# the single-file launcher\n",
+    f"{retired.LLAMA_STATE_DIR}/gemma3-270m/server.json": '{"engine": "llama-cpp-python"}\n',
+    f"{retired.LLAMA_STATE_DIR}/gemma3-270m/merlin.prefix": "kv",
+}
+
+
+def test_a_host_from_the_warmer_era_is_cleaned_up_by_the_deploy(bed, first_deploy):
+    """The warmer's capture service and its running timer are stopped, disabled and removed,
+    with the captured prompts, the model servers' kept prefixes, server.json and the old
+    launcher; nothing else restarts, and a second deploy changes nothing."""
+    for path, text in WARMER_ERA.items():
+        bed.ssh("vps1", f"mkdir -p {shlex.quote(str(Path(path).parent))} && "
+                        f"printf %s {shlex.quote(text)} > {shlex.quote(path)}")
+    bed.ssh("vps1", "systemctl daemon-reload && systemctl enable --now neverdark-prefix-merlin.timer")
+    assert bed.ssh("vps1", "systemctl is-active neverdark-prefix-merlin.timer").strip() == "active"
+    before = pids(bed, "vps1")
+    result = bed.deploy()
+    assert result.rc == 0, result.output[-6000:]
+    assert all(op.startswith("retired") for op in result.changed_ops), result.changed_ops
+    assert pids(bed, "vps1") == before
+    left = bed.ssh("vps1", "ls -d " + " ".join(shlex.quote(p) for p in WARMER_ERA)
+                   + f" {retired.LLAMA_STATE_DIR} {retired.prefix_dir('merlin')} 2>/dev/null; "
+                   "systemctl list-unit-files --no-legend 'neverdark-prefix-*'; "
+                   "systemctl list-units --all --no-legend 'neverdark-prefix-*'", check=False)
+    assert left.strip() == "", left
     assert bed.deploy().changed == 0
 
 

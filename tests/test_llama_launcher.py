@@ -1,8 +1,9 @@
-"""deploys/llama/serve.py (the llama-cpp-python units' launcher) as a real process on the real
-Gemma 3 270M GGUF: saved states without the 512 MiB score copies, a cache bounded in bytes,
-lock-free routes during a generation, warm prefixes that give way to real requests, and
-prefixes that survive a restart (asserted from the server's own counters: each completion's
-`timings`, how many prompt tokens it evaluated and how many it reused, not wall time).
+"""llama_launcher (the llama-cpp-python units' launcher) as a real process on the real Gemma 3
+270M GGUF, started with the unit's own command line and environment (neverdark.engines, through
+testbed.localserver): saved states without the 512 MiB score copies, a cache bounded in bytes
+that keeps each wizard's prefix while another wizard uses the one context, and lock-free routes
+during a generation (asserted from the server's own counters: each completion's `timings`, how
+many prompt tokens it evaluated and how many it reused, not wall time).
 
 A small n_ctx keeps each start quick; the memory behaviour at n_ctx 65536 is
 bench/llama_engine_bench.py's.
@@ -10,63 +11,35 @@ bench/llama_engine_bench.py's.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
+import dataclasses
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from testbed import runtimes
-from testbed.bed import free_port
-from testbed.wait import wait_http
+from neverdark import engines
+from testbed.localserver import LocalServer, server_spec
 
-REPO = Path(__file__).resolve().parent.parent
 SYSTEM = ("You are Merlin, a wizard of the test fleet. " + " ".join(
     f"Rule {i}: answer briefly, name sources, never invent facts about topic {i}."
     for i in range(40)))
+OTHER = "You are Morgana, who answers in one word."
 
 
 def messages(user: str, system: str = SYSTEM) -> list[dict]:
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
-class Launcher:
-    def __init__(self, tmp: Path, cache_bytes: int = 64 << 20, n_ctx: int = 4096) -> None:
-        self.tmp, self.cache_bytes, self.n_ctx = tmp, cache_bytes, n_ctx
-        self.prefix_dir = tmp / "prefixes"
-        self.prefix_dir.mkdir(exist_ok=True)
-        self.proc: subprocess.Popen | None = None
+class Launcher(LocalServer):
+    def __init__(self, tmp, cache_bytes: int = 64 << 20, n_ctx: int = 4096) -> None:
+        spec = server_spec("llama-cpp-python", ("gandalf", "merlin"), n_ctx=n_ctx)
+        super().__init__(dataclasses.replace(spec, prompt_cache_bytes=cache_bytes),
+                         tmp / "launcher.log")
 
-    def start(self) -> Launcher:
-        self.port = free_port()
-        env = dict(os.environ, NEVERDARK_PREFIX_DIR=str(self.prefix_dir),
-                   NEVERDARK_CACHE_BYTES=str(self.cache_bytes))
-        self.log = open(self.tmp / "launcher.log", "ab")
-        self.proc = subprocess.Popen(
-            [str(runtimes.LLAMA_PYTHON), str(REPO / "deploys/llama/serve.py"),
-             "--model", str(runtimes.gguf()), "--model_alias", "gemma3-270m",
-             "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(self.n_ctx),
-             "--n_threads", "2", "--n_threads_batch", "2", "--chat_format", "chatml",
-             "--logits_all", "false", "--interrupt_requests", "false", "--verbose", "false"],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-        wait_http(f"{self.url}/health", self.proc, timeout=120, what="launcher",
-                  log=self.tmp / "launcher.log", every=0.3, on_fail=self.stop)
-        return self
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
+    @property
+    def url(self) -> str:
+        return self.root
 
     def chat(self, msgs: list[dict], max_tokens: int = 6) -> dict:
         r = httpx.post(f"{self.url}/v1/chat/completions", timeout=300, json={
@@ -77,16 +50,6 @@ class Launcher:
     def status(self) -> dict:
         return httpx.get(f"{self.url}/neverdark/status", timeout=5).json()
 
-    def warm(self, key: str, msgs: list[dict], chunk: int = 64) -> dict:
-        return httpx.post(f"{self.url}/neverdark/warm", timeout=300,
-                          json={"key": key, "messages": msgs, "chunk": chunk}).json()
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise AssertionError("no VmRSS")
-
 
 @pytest.fixture
 def launcher(tmp_path):
@@ -95,32 +58,40 @@ def launcher(tmp_path):
     ln.stop()
 
 
-def test_a_warm_prefix_is_used_by_the_next_turn_and_survives_a_restart(tmp_path):
+def test_it_runs_as_the_unit_runs_it(launcher):
+    argv = launcher.argv()
+    assert argv[1:3] == ["-m", engines.LAUNCHER] and "--n_ctx" in argv
+    st = launcher.status()
+    assert st["engine"] == "llama-cpp-python" and st["n_ctx"] == 4096
+    assert st["cache"]["capacity_bytes"] == 64 << 20   # NEVERDARK_CACHE_BYTES from the unit env
+
+
+def test_a_wizards_prefix_outlives_another_wizards_turn_and_not_a_restart(tmp_path):
+    """What keeps a wizard's prefix once its check turn computed it: the RAM prompt cache, while
+    another wizard's turn takes the one context. A restart starts it empty."""
     ln = Launcher(tmp_path).start()
     try:
-        cold = ln.chat(messages("What is a wizard?"))
-        assert cold["timings"]["cache_n"] == 0
-        w = ln.warm("merlin", messages("anything"))
-        assert w["ok"] and w["tokens"] > 400, w
-        ln.chat(messages("Something else entirely, to move the context away.",
-                         system="A different wizard's prompt."))
-        warm = ln.chat(messages("What is a wizard?"))
-        last = warm["timings"]
-        # Only the user's message and the turn's frame are evaluated; the prefix is reused.
-        assert last["cache_n"] >= w["tokens"] and last["prompt_n"] < 40, last
-        # The same answer as from a cold context (greedy sampling): the state is sound.
-        assert warm["choices"][0]["message"]["content"] == cold["choices"][0]["message"]["content"]
-        assert (ln.prefix_dir / "merlin.prefix").is_file()
+        cold = ln.chat(messages("What is a wizard?"))["timings"]
+        assert cold["cache_n"] == 0 and cold["prompt_n"] > 400, cold
+        ln.chat(messages("Something else entirely, to move the context away.", system=OTHER))
+        again = ln.chat(messages("Where do dragons live?"))
+        t = again["timings"]
+        # A new conversation: only the user's message and the turn's frame are evaluated.
+        assert t["cache_n"] > 400 and t["prompt_n"] < 40, t
+        assert t["cache_load_ms"] > 0 and ln.status()["cache"]["loads"] >= 1
+        first = ln.status()
     finally:
         ln.stop()
     ln.start()
     try:
         st = ln.status()
-        assert st["restored"] == {"merlin": w["tokens"]}, st
-        again = ln.chat(messages("What is a wizard?"))
-        last = again["timings"]
-        assert last["cache_n"] >= w["tokens"] and last["prompt_n"] < 40, last
-        assert again["choices"][0]["message"]["content"] == cold["choices"][0]["message"]["content"]
+        assert st["cache"]["entries"] == 0 and (st["pid"], st["started_at"]) != (
+            first["pid"], first["started_at"])
+        fresh = ln.chat(messages("Where do dragons live?"))
+        assert fresh["timings"]["cache_n"] == 0
+        # The same answer as from a cold context (greedy sampling): the loaded state is sound.
+        assert fresh["choices"][0]["message"]["content"] == \
+            again["choices"][0]["message"]["content"]
     finally:
         ln.stop()
 
@@ -146,7 +117,8 @@ def test_routes_without_a_model_answer_during_a_generation(launcher):
     def poll():
         with httpx.Client(timeout=30) as c:
             while not done.is_set():
-                for path in ("/health", "/v1/models", "/v1/props", "/neverdark/status"):
+                for path in ("/health", "/v1/models", "/v1/props", "/neverdark/status",
+                             "/metrics"):
                     t = time.monotonic()
                     r = c.get(launcher.url + path)
                     slowest.append((time.monotonic() - t, path, r.status_code))
@@ -164,22 +136,3 @@ def test_routes_without_a_model_answer_during_a_generation(launcher):
     assert max(s for s, _, _ in slowest) < 1.0, sorted(slowest)[-3:]
     props = httpx.get(launcher.url + "/v1/props").json()
     assert props["default_generation_settings"]["n_ctx"] == 4096   # Hermes reads this
-
-
-def test_a_warm_up_gives_way_to_a_waiting_request(launcher):
-    """A warm-up in progress answers `preempted` once a real request waits; the request is
-    not held up by more than a chunk, and the next warm-up resumes where this one stopped."""
-    result = {}
-
-    def warm():
-        result["warm"] = launcher.warm("merlin", messages("x"), chunk=16)
-
-    t = threading.Thread(target=warm)
-    t.start()
-    time.sleep(1.0)                      # a few chunks in
-    launcher.chat(messages("Hello?", system="Another wizard."), max_tokens=2)
-    t.join(120)
-    w = result["warm"]
-    assert w.get("preempted") and not w["ok"], w
-    again = launcher.warm("merlin", messages("x"), chunk=512)
-    assert again["ok"] and again["tokens"] == w["tokens"]

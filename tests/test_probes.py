@@ -286,7 +286,7 @@ def test_unusable_provider_hints_are_ignored(canned, headers, body, expected):
 
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
-    """The deployed launcher (deploys/llama/serve.py) with the deployed request handling."""
+    """The deployed launcher (llama_launcher) with the deployed request handling."""
     from testbed.llama_server import LlamaServer, LlamaServerError
     try:
         server = LlamaServer(tmp_path_factory.mktemp("llama"), n_ctx=2048)

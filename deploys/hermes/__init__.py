@@ -7,19 +7,13 @@ the deploy only seeds when it is missing, so a deploy never moves a wizard back 
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from pyinfra.operations import files, systemd
-from pyinfra.operations.util import any_changed
+from pyinfra.operations import files
 
 from deploys import ops
-from deploys.deployer import Deployer, Dir, Owns, User, Venv, each, render, unit_path
+from deploys.deployer import Deployer, Dir, Owns, User, Venv, each, render
 from neverdark import contract
 from neverdark.plan import File
 
-HERE = Path(__file__).parent
-PREFIX_SCRIPT = f"{contract.HERMES_DIR}/prefix.py"
-HERMES_PYTHON = f"{contract.venv('hermes')}/bin/python"
 
 
 class HermesDeployer(Deployer):
@@ -27,19 +21,9 @@ class HermesDeployer(Deployer):
 
     name = "hermes"
 
-    def __init__(self, p: dict, enabled: bool = True) -> None:
-        super().__init__(p, enabled)
-        self.prefix_ops: list = []   # a change re-captures every wizard's local prefix
-
     def owns(self) -> Owns:
         return Owns(venv=Venv("hermes", tuple(self.p["hermes"]["requirements"])))
 
-    def install(self) -> None:
-        super().install()
-        if self.enabled:
-            self.prefix_ops += [*self.restart_ops, files.put(
-                name="hermes: prefix capture (deploys/hermes/prefix.py)",
-                src=str(HERE / "prefix.py"), dest=PREFIX_SCRIPT, mode="0644")]
 
 
 class WizardDeployer(Deployer):
@@ -71,33 +55,20 @@ class WizardDeployer(Deployer):
                   # setgid: the active config the sidecar writes here is the wizard's group's
                   # to read, without the sidecar being a member of it.
                   Dir(contract.wizard_managed_dir(n), contract.SIDECAR_USER, user, "2750")],
-            units=[self.unit],
-            files=[unit_path(contract.prefix_timer(n)), unit_path(contract.prefix_unit(n))])
+            units=[self.unit])
 
     def unit_file(self) -> File:
         return File(f"{contract.UNIT_DIR}/{self.unit}",
                     render("hermes", "neverdark-wizard.service.j2", w=self.w,
                            hermes=f"{contract.venv('hermes')}/bin/hermes"))
 
-    def prefix_files(self) -> list[File]:
-        w = self.w
-        if not w["prefix"]["jobs"]:
-            return []
-        return [File(f"{contract.UNIT_DIR}/{w['prefix'][kind]}",
-                     render("hermes", f"neverdark-prefix.{suffix}.j2", w=w, python=HERMES_PYTHON,
-                            script=PREFIX_SCRIPT))
-                for kind, suffix in (("unit", "service"), ("timer", "timer"))]
-
     def files(self) -> list[File]:
         w = self.w
-        return [*w["variants"].values(), w["base_config"], w["env"], w["soul"], self.unit_file(),
-                *self.prefix_files()]
+        return [*w["variants"].values(), w["base_config"], w["env"], w["soul"], self.unit_file()]
 
     def effect(self, f: File) -> str | None:
-        # Hermes reads the active copy, not the variants: a variant change is the sidecar's
-        # news; the prefix capture's units are nothing the gateway reads.
+        # Hermes reads the active copy, not the variants: a variant change is the sidecar's news.
         quiet = {v.path for v in self.w["variants"].values()}
-        quiet |= {p.path for p in self.prefix_files()}
         return None if f.path in quiet else "restart"
 
     def configure(self) -> None:
@@ -105,11 +76,6 @@ class WizardDeployer(Deployer):
         if not self.enabled:
             return
         w = self.w
-        if w["prefix"]["jobs"]:
-            # Written by the wizard's user, read by the sidecar's warmer: the sidecar's group's
-            # (setgid, so each capture file is too), never the wizard's group's.
-            files.directory(name=f"{self.name}: prefix dir", path=w["prefix"]["dir"],
-                            user=w["user"], group=contract.SIDECAR_USER, mode="2750")
         self.variant_ops = [self.uploaded[f.path] for f in w["variants"].values()]
         for stale in each(ops.listed_names(f"{w['etc']}/backends")):
             if stale.removesuffix(".yaml") not in w["variants"]:
@@ -125,38 +91,9 @@ class WizardDeployer(Deployer):
                                       dest=f"{w['home']}/config.yaml", user=w["user"],
                                       mode="0600", changed=base.did_change),
                    f"{w['home']}/config.yaml")
-        self.prefix_inputs = [self.uploaded[w["soul"].path], base, *self.variant_ops,
-                              *[self.uploaded[f.path] for f in self.prefix_files()]]
-
-    def activate(self) -> None:
-        if not self.enabled:
-            for unit in each((contract.prefix_timer(self.wizard),
-                              contract.prefix_unit(self.wizard))):
-                if ops.host_has_file(unit_path(unit)):   # none without a local backend
-                    self.stop_unit(unit)
-        super().activate()
 
     def start(self) -> None:
         self.run_unit(self.unit, also_restart_on=self.hermes.restart_ops if self.hermes else [])
-        self._capture_prefixes()
-
-    def _capture_prefixes(self) -> None:
-        """Run the capture when what the prompt is built from changed (or its output is
-        missing), and keep its nightly timer on; a wizard without a local backend has none."""
-        pre = self.w["prefix"]
-        if not pre["jobs"]:
-            for unit in each((pre["timer"], pre["unit"])):
-                if ops.host_has_file(f"{contract.UNIT_DIR}/{unit}"):
-                    self.stop_unit(unit)
-            return
-        systemd.service(name=f"{self.name}: prefix timer", service=pre["timer"], running=True,
-                        enabled=True)
-        inputs = [*self.prefix_inputs, *(self.hermes.prefix_ops if self.hermes else [])]
-        outputs = [job["out"] for job in pre["jobs"]]
-        systemd.service(name=f"{self.name}: capture its local prompt prefix",
-                        service=pre["unit"], restarted=True,
-                        _if=lambda: any_changed(*inputs)()
-                        or not all(ops.host_has_file(o) for o in outputs))
 
 
 def stale_wizards(wanted: set[str]) -> list[str]:

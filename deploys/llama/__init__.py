@@ -1,7 +1,8 @@
 """Local model servers: the engines, and one server unit per distinct local model on the host.
 
-Two engines (neverdark.engines): llama-cpp-python in a venv with deploys/llama/serve.py, and
-llama.cpp's own llama-server, uploaded from the operator's machine (neverdark.artifacts builds
+Two engines (neverdark.engines): llama-cpp-python in a venv with neverdark's launcher (the
+llama_launcher package, its modules uploaded to /opt/neverdark/llama/lib), and llama.cpp's own
+llama-server, uploaded from the operator's machine (neverdark.artifacts builds
 it), each file checked against its recorded sha256 before the `server` link is switched to the
 new build. A host gets only the engines its models use; the other is removed.
 """
@@ -13,11 +14,13 @@ from pathlib import Path
 from pyinfra.operations import files
 
 from deploys import ops
-from deploys.deployer import Deployer, Dir, Owns, User, Venv, each, render
+from deploys.deployer import REPO, Deployer, Dir, Owns, User, Venv, each, render
 from neverdark import contract, engines
 from neverdark.plan import File
 
 HERE = Path(__file__).parent
+LAUNCHER_SRC = REPO / engines.LAUNCHER
+LAUNCHER_DIR = f"{contract.LLAMA_LIB}/{engines.LAUNCHER}"
 
 
 def systemd_quote(arg: str) -> str:
@@ -42,7 +45,7 @@ def exec_start(argv: list[str]) -> str:
 
 class LlamaDeployer(Deployer):
     """The engines the host's models use; disabled (no local model on the host) it removes
-    both, the model servers' state and their user."""
+    both and their user."""
 
     name = "llama"
 
@@ -58,10 +61,15 @@ class LlamaDeployer(Deployer):
         # The engines' files (venv, wheel, launcher, llama-server builds) all live in LLAMA_DIR,
         # installed by `install` below as the models ask.
         return Owns(users=[User(contract.LLAMA_USER)],
-                    dirs=[Dir(contract.LLAMA_DIR), Dir(contract.LLAMA_STATE_DIR)])
+                    dirs=[Dir(contract.LLAMA_DIR)])
 
     def files(self) -> list[File]:
-        return [File(engines.LAUNCHER, (HERE / "serve.py").read_text())] if self.python else []
+        """The launcher package, module by module (a change to any restarts the
+        llama-cpp-python servers)."""
+        if not self.python:
+            return []
+        return [File(f"{LAUNCHER_DIR}/{m.name}", m.read_text())
+                for m in sorted(LAUNCHER_SRC.glob("*.py"))]
 
     def install(self) -> None:
         super().install()
@@ -76,12 +84,12 @@ class LlamaDeployer(Deployer):
                  "mode": "0644"}])
             self.python_ops.append(self.venv(Venv("llama", tuple(self.p["llama"]["requirements"]))))
             self._remove_old(contract.LLAMA_WHEEL_PREFIX, keep=wheel["dir"], what="wheel")
-            for f in each(self.files()):
-                self.python_ops.append(self.put(f))
+            self._launcher()
         else:
             files.directory(name="llama: remove the llama-cpp-python venv (no model uses it)",
                             path=contract.venv("llama"), present=False)
-            files.file(name="llama: remove the launcher", path=engines.LAUNCHER, present=False)
+            files.directory(name="llama: remove the launcher", path=contract.LLAMA_LIB,
+                            present=False)
             self._remove_old(contract.LLAMA_WHEEL_PREFIX, keep=None, what="wheel")
         if self.native:
             self.native_ops += self._native(self.native)
@@ -127,6 +135,18 @@ class LlamaDeployer(Deployer):
             files.link(name="llama-server: remove the link", path=contract.LLAMA_SERVER_LINK,
                        present=False)
 
+    def _launcher(self) -> None:
+        for d in each((contract.LLAMA_LIB, LAUNCHER_DIR)):
+            files.directory(name=f"llama: {d}", path=d, user="root", group="root", mode="0755")
+        wanted = self.files()
+        for f in each(wanted):
+            self.python_ops.append(self.put(f))
+        keep = {f.path for f in wanted}
+        for name in each(ops.listed_names(LAUNCHER_DIR)):
+            path = f"{LAUNCHER_DIR}/{name}"
+            if name.endswith(".py") and path not in keep:   # a module it no longer has
+                self.python_ops.append(self.remove(path))
+
     def configure(self) -> None:
         """The directories only: the launcher is uploaded in install, with the engine."""
         if self.enabled:
@@ -138,8 +158,8 @@ class LlamaDeployer(Deployer):
 
 
 class LlamaServerDeployer(Deployer):
-    """One model's server unit and state; disabled, it stops and removes the unit of a model no
-    longer served here, and the prefixes it kept."""
+    """One model's server unit; disabled, it stops and removes the unit of a model no longer
+    served here."""
 
     def __init__(self, p: dict, server: dict | None, unit: str,
                  engine: LlamaDeployer | None = None, models=None,
@@ -151,10 +171,7 @@ class LlamaServerDeployer(Deployer):
         self.name = f"llama server {self.model}"
 
     def owns(self) -> Owns:
-        # Its state dir is the llama user's: created in configure, once the engine made it.
-        return Owns(dirs=[Dir(contract.llama_state_dir(self.model), contract.LLAMA_USER,
-                              contract.LLAMA_USER, "0750")],
-                    units=[self.unit])
+        return Owns(units=[self.unit])
 
     def unit_file(self) -> File:
         return File(f"{contract.UNIT_DIR}/{self.unit}",
@@ -163,11 +180,7 @@ class LlamaServerDeployer(Deployer):
                            user=contract.LLAMA_USER, models_dir=contract.MODELS_DIR))
 
     def files(self) -> list[File]:
-        return [self.unit_file(), self.server["server_json"]]
-
-    def effect(self, f: File) -> str | None:
-        # server.json is the sidecar's to read, nothing the server itself reads
-        return None if f.path == self.server["server_json"].path else "restart"
+        return [self.unit_file()]
 
     def start(self) -> None:
         engine = self.engine.restart_ops_for(self.server["engine"]) if self.engine else []

@@ -5,8 +5,11 @@ same sources the deploy itself uses."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
+from deploys import retired
+from deploys.llama import LAUNCHER_DIR, LAUNCHER_SRC
 from neverdark import artifacts, contract, memory_fit, plan, topology
 
 # systemd's SD_MESSAGE_JOURNAL_USAGE: journald's "X Journal (...) is N, max M" message, with the
@@ -187,20 +190,34 @@ def test_each_gateway_health_answers(host, fleet, host_name):
         assert status == 200
 
 
-def test_each_llama_server_is_healthy_and_knows_itself(host, fleet, host_name):
-    """/health answers without waiting for a generation on both engines; server.json (what
-    the sidecar's warmer reads) names the engine and each wizard's slot, readable by the
-    sidecar and by nobody else outside the model server's group."""
+def test_each_llama_server_is_healthy(host, fleet, host_name):
+    """/health answers without waiting for a generation, on both engines."""
     for s in topology.llama_servers(fleet, host_name):
         status, _ = http(host, "GET", f"{contract.loopback_url(s.port)}/health", timeout=10)
         assert status == 200
-        state = host.file(s.state_dir)
-        assert (state.user, state.group, state.mode) == (contract.LLAMA_USER, contract.LLAMA_USER,
-                                                        0o750)
-        info = json.loads(host.check_output(f"sudo -u {contract.SIDECAR_USER} cat "
-                                            f"{s.state_dir}/{contract.LLAMA_SERVER_JSON}"))
-        assert info["engine"] == s.engine
-        assert info["slots"] == {w: s.slot_of(w) for w in s.wizards}
+
+
+def test_the_llama_launcher_is_this_version_of_the_package(host, fleet, host_name):
+    """llama-cpp-python's units run `python -m llama_launcher` from the package the deploy
+    uploaded: the same modules, byte for byte, and no other."""
+    if not any(s.engine == "llama-cpp-python" for s in topology.llama_servers(fleet, host_name)):
+        assert not host.file(contract.LLAMA_LIB).exists
+        return
+    want = {m.name: hashlib.sha256(m.read_bytes()).hexdigest()
+            for m in LAUNCHER_SRC.glob("*.py")}
+    found = {n: host.file(f"{LAUNCHER_DIR}/{n}").sha256sum
+             for n in host.check_output(f"ls {LAUNCHER_DIR}").split() if n.endswith(".py")}
+    assert found == want
+
+
+def test_nothing_of_the_retired_warmer_is_left(host, fleet, host_name):
+    """Hosts deployed by an earlier version lose its prefix capture units and files on the
+    next deploy (deploys/retired.py)."""
+    units = host.check_output(f"ls {contract.UNIT_DIR}").split()
+    assert not retired.prefix_units(units), units
+    for path in (*retired.FILES, *retired.DIRS,
+                 *(retired.prefix_dir(w) for w in fleet.wizards_on(host_name))):
+        assert not host.file(path).exists, path
 
 
 def test_native_llama_server_is_the_verified_build(host, fleet, host_name):
@@ -214,16 +231,3 @@ def test_native_llama_server_is_the_verified_build(host, fleet, host_name):
     for s in servers:
         unit = host.check_output(f"systemctl cat {contract.llama_unit(s.model)}")
         assert f"--parallel {s.slots}" in unit and f"--ctx-size {s.n_ctx * s.slots}" in unit
-
-
-def test_each_local_backend_has_its_captured_prefix(host, fleet, host_name):
-    """What each wizard's gateway would send its local model, captured by Hermes' own code
-    on the host, readable by the sidecar's warmer."""
-    for w in fleet.wizards_on(host_name):
-        for b in fleet.wizards[w].backends:
-            if not hasattr(b, "local"):
-                continue
-            path = contract.wizard_prefix(w, b.name)
-            doc = json.loads(host.check_output(f"sudo -u {contract.SIDECAR_USER} cat {path}"))
-            assert doc["messages"][0]["role"] == "system" and doc["model"] == b.local
-            assert host.service(contract.prefix_timer(w)).is_enabled
