@@ -1,19 +1,15 @@
 """Which backend one wizard should be on, and when it may move: the failure policy, pure.
 
 No I/O, no asyncio, no clock reads. The daemon feeds observations (`observe`), asks for a `plan`
-and carries out what it says (a pre-switch deep probe, or the switch), announcing a switch before
-it touches the active config (`begin`, which the daemon persists) and reporting back (`commit`).
+each probe round and does what it says (a pre-switch deep probe, or the switch), announcing a
+switch before it touches the active config (`begin`, persisted first) and reporting back
+(`commit`). Queries (`describe`, `fingerprint`, `snapshot`, `held`, ...) never change the policy:
+only observations, requests, the tick (`decide`/`plan`) and switches do.
 
-Two clocks, both passed in:
-- `now`: seconds on a monotonic clock (time.monotonic() in the daemon, a counter in tests). Every
-  timer runs on it: dwell, 429 holds, flap damping, observation freshness, the restart budget.
-  NTP stepping the wall clock (a Raspberry Pi has no RTC and steps it at every boot) changes no
-  decision.
-- `wall`: seconds since the epoch, only where it is data: the time stamped on a transition record,
-  and the state file, where `snapshot` converts monotonic instants to wall time and `restore`
-  converts them back. On the same boot the saved pair of clock readings makes that exact whatever
-  the wall clock did meanwhile; after a reboot it goes through the wall clock, and values that are
-  implausible (a past instant in the future, a hold longer than `max_hold`) are clamped.
+Two clocks, passed in: `now` (monotonic) runs every timer, so NTP stepping the wall clock changes
+no decision; `wall` only stamps records and the state file (sidecar/persistence.py, which also
+carries the memory across a reload). Per-backend health: sidecar/health.py; the restart budget:
+sidecar/budget.py.
 
 Rules (thresholds from ProbeSettings):
 - a backend turns unhealthy after `fall` consecutive failures and healthy after `rise` passes;
@@ -25,66 +21,33 @@ Rules (thresholds from ProbeSettings):
   flap-damping hold; the hold doubles with each switch that follows soon after another;
 - the target of any switch must have a fresh passing observation, and just before the switch a
   passing deep probe (a real generation): `plan` asks for one ("confirm") before it says "switch";
-- a switch that restarts the gateway needs a slot in the restart budget (STORM_MAX restarts per
-  STORM_WINDOW); until there is one it is deferred ("defer");
+- a switch that restarts the gateway needs a slot in the restart budget; until there is one it
+  is deferred ("defer");
 - nothing eligible while the active is unusable: stay, and raise "dark";
 - a switch leaves an intent until its commit; a sidecar that died mid-switch finds it on start
   (`reconcile`), and `recovered` records how that switch ended once the daemon's check turn says
-  whether the backend the wizard is on answers.
+  whether the backend the wizard is on answers;
+- a reload (`reconfigure`) keeps all of this memory that still means the same under the new config.
 """
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from copy import deepcopy
-from dataclasses import asdict, dataclass, fields
-from typing import Sequence
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
 
-# Probe reasons that count toward `fall`; 'rate_limited' and 'auth' act at once instead.
-FAILURE_REASONS = frozenset({"refused", "reset", "dns", "timeout", "http_5xx", "bad_response",
-                             "passive", "switch_failed", "check_failed",
-                             "context_too_small"})
-# A 429 with "Retry-After: 0" still moves traffic away for at least this long.
-MIN_RATE_LIMIT_HOLD = 1.0
-MAX_TRANSITIONS = 50
-# Hermes sleeps with backoff after more than 5 starts in 120 s (gateway.respawn_storm), and
-# systemd's default StartLimitBurst is 5 per 10 s: keep every gateway at 4 restarts per window.
-STORM_WINDOW = 120.0
-STORM_MAX = 4
-# How a switch that was in flight when the sidecar died ended, as the transition record says.
-COMPLETED = "completed after a sidecar restart"
-ROLLED_BACK = "interrupted; rolled back"
+from sidecar import persistence
+from sidecar.budget import STORM_MAX, STORM_WINDOW, RestartBudget
+from sidecar.health import Health, finite_seconds
+from sidecar.persistence import COMPLETED, MAX_TRANSITIONS, ROLLED_BACK
 
-
-def finite_seconds(value) -> float | None:
-    """`value` as seconds if it is a finite number >= 0, else None (inf, nan, negatives, text)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) and value >= 0 else None
-
-
-def _secs(value: float) -> str:
-    return f"{value:.3f}".rstrip("0").rstrip(".")
+__all__ = ["Alert", "COMPLETED", "Decision", "Plan", "Policy", "PolicyError", "ROLLED_BACK",
+           "STORM_MAX", "STORM_WINDOW"]   # the daemon and the tests import these from here
 
 
 class PolicyError(ValueError):
     """A manual request the policy refuses; the message says why, for the operator."""
-
-
-@dataclass
-class Health:
-    healthy: bool | None = None     # None: not enough observations yet to say
-    passes: int = 0                 # consecutive
-    fails: int = 0                  # consecutive
-    held_until: float = 0.0         # end of a 429 hold (monotonic); held while > now
-    hold_note: str = ""             # where the hold's length came from, and whether it was capped
-    key_rejected: bool = False
-    last_ok: bool | None = None
-    last_at: float | None = None    # monotonic
-    last_reason: str = ""
-    deep_ok_at: float | None = None  # latest passing deep probe (monotonic); cleared by a failure
 
 
 @dataclass(frozen=True)
@@ -115,32 +78,50 @@ class Policy:
                  why: str = "found on start", *, gateway: str | None = None) -> None:
         """`gateway`: the unit a switch restarts (its restarts are budgeted), None when switches
         restart nothing."""
-        if len(set(backends)) != len(backends) or not backends:
-            raise ValueError("backends must be distinct and non-empty")
+        self.order = self._chain(backends)
         if active is not None and active not in backends:
             raise ValueError(f"active backend {active!r} is not configured")
-        self.order = tuple(backends)
         self.s = settings
-        self.gateway = gateway
+        self.budget = RestartBudget(gateway)
         self.health = {b: Health() for b in self.order}
         self.active = active
         self.since = now
         self.why = why
         self.pinned: str | None = None
         self.forced: str | None = None
-        # A drill's hold: no failback before this instant (monotonic), so the turns a drill sends
-        # reach the fallback it asked for. Bounded by the request; a failover still happens.
+        # A drill's hold: no failback before `stay_until` (monotonic), so the turns a drill sends
+        # reach the fallback it asked for; asked at `stay_from`, at most max_hold long. A
+        # failover still happens.
         self.stay_until: float | None = None
+        self.stay_from: float | None = None
         self.streak = 0           # switches in a row, each soon after the one before
         self.last_switch_at: float | None = None
         self.dark = False
-        self.restarts: deque[float] = deque()   # recent gateway restarts (monotonic), oldest first
         # The switch in flight: from, to, kind, reason, at (wall). After a restart `reconcile`
         # adds outcome and check (the backend the check turn must confirm).
         self.intent: dict | None = None
         self.deferred: str | None = None       # target of a switch waiting for the restart budget
         self.transitions: deque[dict] = deque(maxlen=MAX_TRANSITIONS)
         self.events: list[Alert] = []
+
+    @staticmethod
+    def _chain(backends: Sequence[str]) -> tuple[str, ...]:
+        if len(set(backends)) != len(backends) or not backends:
+            raise ValueError("backends must be distinct and non-empty")
+        return tuple(backends)
+
+    @property
+    def gateway(self) -> str | None:
+        return self.budget.unit
+
+    @property
+    def restarts(self) -> deque[float]:
+        """Recent gateway restarts (monotonic), oldest first."""
+        return self.budget.times
+
+    @restarts.setter
+    def restarts(self, times: Iterable[float]) -> None:
+        self.budget.times = deque(times)
 
     # --- derived ------------------------------------------------------------------------------
 
@@ -165,49 +146,25 @@ class Policy:
         return min(self.s.damping_cap, self.s.damping_base * 2 ** (self.streak - 1))
 
     def held(self, backend: str, now: float) -> bool:
-        return self.health[backend].held_until > now
+        return self.health[backend].held(now)
 
     def usable(self, backend: str | None, now: float) -> bool:
-        if backend is None:
-            return False
-        h = self.health[backend]
-        return h.healthy is not False and not self.held(backend, now) and not h.key_rejected
+        return backend is not None and self.health[backend].usable(now)
 
     def eligible(self, backend: str, now: float) -> bool:
         """May be switched onto now: usable, and its latest observation is a fresh pass."""
-        h = self.health[backend]
-        return (self.usable(backend, now) and h.last_ok is True and h.last_at is not None
-                and now - h.last_at <= self.fresh_window)
+        return self.health[backend].fresh_pass(now, self.fresh_window)
 
     def confirmed(self, backend: str, now: float) -> bool:
         """Its latest observation passed and a deep probe passed within this probe round."""
-        h = self.health[backend]
-        return (h.last_ok is True and h.deep_ok_at is not None
-                and now - h.deep_ok_at <= self.confirm_window)
+        return self.health[backend].confirmed(now, self.confirm_window)
 
     def _why_unusable(self, backend: str | None, now: float) -> str:
         if backend is None:
             return "active config matches no configured backend"
-        h = self.health[backend]
-        if h.key_rejected:
-            return f"{backend}: key rejected"
-        if self.held(backend, now):
-            return f"{backend}: rate limited for {h.held_until - now:.0f}s"
-        return f"{backend}: unhealthy ({h.fails} failures, last: {h.last_reason})"
+        return self.health[backend].why_unusable(backend, now)
 
     # --- inputs -------------------------------------------------------------------------------
-
-    def _hold(self, retry_after) -> tuple[float, str]:
-        """(seconds to hold a rate-limited backend, where that came from), bounded by max_hold."""
-        asked = finite_seconds(retry_after)
-        if asked is None:
-            hold, note = self.s.cooldown_429, "no usable Retry-After: cooldown_429"
-        else:
-            hold, note = asked, f"provider asked {_secs(asked)} s"
-        hold = max(MIN_RATE_LIMIT_HOLD, hold)
-        if hold > self.s.max_hold:
-            return self.s.max_hold, f"{note}; capped by max_hold"
-        return hold, note
 
     def observe(self, backend: str, ok: bool, reason: str, now: float, *,
                 status: int | None = None, retry_after: float | None = None,
@@ -215,38 +172,9 @@ class Policy:
         h = self.health.get(backend)
         if h is None:
             return  # a passive error the watcher could not attribute to a configured backend
-        if reason == "passive" and status == 429:
-            reason = "rate_limited"
-        elif reason == "passive" and status in (401, 403):
-            reason = "auth"
-        h.last_ok, h.last_at, h.last_reason = ok, now, reason
-        if ok:
-            h.passes += 1
-            h.fails = 0
-            if deep:
-                h.deep_ok_at = now
-            if h.passes >= self.s.rise:
-                h.healthy = True
-                h.key_rejected = False
-        else:
-            h.passes = 0
-            h.deep_ok_at = None
-            if reason == "rate_limited":
-                hold, note = self._hold(retry_after)
-                if not self.held(backend, now):
-                    self._alert("rate_limited", backend, f"held {_secs(hold)} s ({note})", now)
-                if now + hold > h.held_until:
-                    h.held_until, h.hold_note = now + hold, note
-            elif reason == "auth":
-                if not h.key_rejected:
-                    self._alert("key_rejected", backend,
-                                f"key rejected (HTTP {status or '401/403'}): fix the API key", now)
-                h.key_rejected = True
-                h.healthy = False
-            else:
-                h.fails += 1
-                if h.fails >= self.s.fall:
-                    h.healthy = False
+        for kind, detail in h.observe(ok, reason, now, self.s, status=status,
+                                      retry_after=retry_after, deep=deep):
+            self._alert(kind, backend, detail, now)
         self._refresh_dark(now)
 
     def observe_result(self, result, now: float) -> None:
@@ -255,12 +183,7 @@ class Policy:
                      retry_after=result.retry_after, deep=getattr(result, "deep", False))
 
     def _mark_failed(self, backend: str, now: float, reason: str) -> None:
-        h = self.health[backend]
-        h.passes = 0
-        h.fails = max(h.fails + 1, self.s.fall)
-        h.healthy = False
-        h.deep_ok_at = None
-        h.last_ok, h.last_at, h.last_reason = False, now, reason
+        self.health[backend].mark_failed(now, reason, self.s.fall)
 
     # --- manual controls ----------------------------------------------------------------------
 
@@ -292,6 +215,7 @@ class Policy:
             raise PolicyError(f"already on {backend}")
         self._check_switchable(backend, now)
         self.forced = backend
+        self.stay_from = now if stay else None
         self.stay_until = now + min(stay, self.s.max_hold) if stay else None
         return backend
 
@@ -309,13 +233,15 @@ class Policy:
 
     def release(self) -> None:
         self.pinned = None
-        self.stay_until = None
+        self.stay_until = self.stay_from = None
 
     # --- decisions ----------------------------------------------------------------------------
 
     def decide(self, now: float) -> Decision | None:
-        """Where the wizard should be now, by the health rules alone (see `plan`)."""
+        """Where the wizard should be now, by the health rules alone (see `plan`). The tick: time
+        passing is applied here (dark, a stay or a forced switch over, old restarts dropped)."""
         self._refresh_dark(now)
+        self.budget.prune(now)
         if self.intent is not None:
             return None  # a switch is in flight, or awaits its check after a restart
         if self.pinned is not None:
@@ -336,7 +262,7 @@ class Policy:
         if self.stay_until is not None:
             if now < self.stay_until:
                 return None   # a drill holds its fallback; a failover above still happens
-            self.stay_until = None
+            self.stay_until = self.stay_from = None
         dwell = self.s.min_dwell + self.damping_hold()
         for b in self.order[:self.order.index(self.active)]:
             if self.eligible(b, now) and self.health[b].passes >= self.s.rise:
@@ -354,7 +280,7 @@ class Policy:
             return None
         # A switch that could not restart the gateway would fail and count as a transition; the
         # decision (a forced drill or failback included) waits for the budget instead.
-        wait = self.restart_wait(now)
+        wait = self.budget.wait(now)
         if wait > 0:
             self.deferred = decision.target
             return Plan("defer", decision, wait)
@@ -363,30 +289,15 @@ class Policy:
             return Plan("confirm", decision)
         return Plan("switch", decision)
 
-    # --- the restart budget -------------------------------------------------------------------
+    # --- the restart budget (sidecar/budget.py) -----------------------------------------------
 
     def restart_wait(self, now: float) -> float:
         """Seconds before a switch could restart the gateway (0: now, or never needed)."""
-        if self.gateway is None:
-            return 0.0
-        while self.restarts and now - self.restarts[0] >= STORM_WINDOW:
-            self.restarts.popleft()
-        if len(self.restarts) < STORM_MAX:
-            return 0.0
-        return self.restarts[-STORM_MAX] + STORM_WINDOW - now
-
-    def storm_refusal(self) -> str:
-        return (f"{self.gateway} already restarted {STORM_MAX} times in {STORM_WINDOW:.0f}s "
-                "(Hermes' respawn-storm brake and systemd's start limit)")
+        return self.budget.wait(now)
 
     def take_restart(self, now: float) -> str | None:
         """Count a gateway restart about to happen; the refusal text instead if the budget is spent."""
-        if self.gateway is None:
-            return None
-        if self.restart_wait(now) > 0:
-            return self.storm_refusal()
-        self.restarts.append(now)
-        return None
+        return self.budget.take(now)
 
     # --- switches -----------------------------------------------------------------------------
 
@@ -432,45 +343,14 @@ class Policy:
         self._refresh_dark(now)
         return deepcopy(record)
 
-    # --- start: what the state file says against where the active config is ---------------------
+    # --- start: what the state file says against where the active config is -----------------
 
     def reconcile(self, actual: str | None, now: float, wall: float) -> str | None:
-        """After `restore`: the active config (`actual`) wins. Returns a note for the log.
-
-        A switch that was in flight (an intent), or an active config other than the saved one,
+        """After `restore` (or a reload): the active config (`actual`) wins. Returns a note for
+        the log. A switch that was in flight, or an active config other than the saved one,
         leaves `intent` set with its outcome and the backend to check: `needs_check` until the
-        daemon's check turn reports through `recovered`.
-        """
-        saved = self.active
-        intent = self.intent if isinstance(self.intent, dict) else None
-        if intent is not None:
-            if actual is not None and actual == intent.get("to"):
-                outcome = COMPLETED
-            elif actual is not None and actual == intent.get("from"):
-                outcome = ROLLED_BACK
-            else:
-                outcome = f"interrupted; found on {actual or 'no configured backend'}"
-        elif actual is not None and saved is not None and actual != saved:
-            intent = {"from": saved, "to": actual, "kind": "recovered", "at": wall,
-                      "reason": f"the active config says {actual}, the state file said {saved}"}
-            outcome = COMPLETED
-        elif actual is None:
-            if saved:
-                return f"active config matches no backend; keeping saved {saved}"
-            return "active config matches no backend and there is no saved state"
-        else:
-            if saved is None:
-                self.active, self.since, self.why = actual, now, f"found on {actual} at start"
-                return f"found on {actual} (no saved state)"
-            return None
-        if actual is not None:
-            self.active, self.since = actual, now
-        self.why = f"{intent.get('reason')}; {outcome}"
-        # An operator's drill that died with the sidecar is not retried behind their back.
-        self.forced = None
-        self.intent = {**intent, "outcome": outcome, "check": actual}
-        return (f"a switch from {intent.get('from')} to {intent.get('to')} was in flight when the "
-                f"sidecar stopped: {outcome}")
+        daemon's check turn reports through `recovered`. (persistence.reconcile)"""
+        return persistence.reconcile(self, actual, now, wall)
 
     @property
     def needs_check(self) -> bool:
@@ -521,127 +401,41 @@ class Policy:
             self._alert("undark", self.active, "a healthy backend is available again", now)
         self.dark = dark
 
-    # --- persistence and reporting ------------------------------------------------------------
+    # --- a reload -----------------------------------------------------------------------------
+
+    def reconfigure(self, backends: Sequence[str], settings, now: float, *,
+                    gateway: str | None, fresh: Iterable[str] = ()) -> None:
+        """A reload changed this wizard's config; see persistence.reconfigure for what is kept.
+        The caller reconciles with the active config when the chain's names changed."""
+        persistence.reconfigure(self, self._chain(backends), settings, now, gateway=gateway,
+                                fresh=set(fresh))
+        self._refresh_dark(now)
+
+    # --- persistence (sidecar/persistence.py) and reporting -----------------------------------
 
     def fingerprint(self) -> tuple:
         """What, when it changes, is worth an fsync of the state file: not per-probe counters."""
-        last = self.transitions[-1]["at"] if self.transitions else None
-        return (self.active, self.pinned, self.forced, self.streak, self.dark, self.why,
-                len(self.transitions), last, tuple(self.restarts),
-                tuple(sorted(self.intent.items())) if self.intent else None,
-                tuple((b, h.healthy, h.held_until, h.key_rejected)
-                      for b, h in self.health.items()))
+        return persistence.fingerprint(self)
 
     def snapshot(self, now: float, wall: float, boot: str | None = None) -> dict:
         """JSON-able state for the file: every instant as wall time, plus the clock readings."""
-        def w(t: float | None) -> float | None:
-            return None if t is None else wall + (t - now)
-        health = {}
-        for b, h in self.health.items():
-            doc = asdict(h)
-            doc.pop("deep_ok_at")  # a confirmation never outlives the process that probed
-            doc["held_until"] = w(h.held_until) if self.held(b, now) else None
-            doc["hold_note"] = h.hold_note if self.held(b, now) else ""
-            doc["last_at"] = w(h.last_at)
-            health[b] = doc
-        return {"clock": {"wall": wall, "monotonic": now, "boot": boot},
-                "active": self.active, "since": w(self.since), "why": self.why,
-                "pinned": self.pinned, "forced": self.forced, "streak": self.streak,
-                "last_switch_at": w(self.last_switch_at), "dark": self.dark,
-                "restarts": [w(t) for t in self.restarts],
-                "intent": dict(self.intent) if self.intent else None,
-                "health": health, "transitions": deepcopy(list(self.transitions))}
+        return persistence.snapshot(self, now, wall, boot)
 
     def restore(self, snap: dict, now: float, wall: float, boot: str | None = None) -> None:
-        """Load a snapshot, keeping only what still fits the configured backends.
-
-        Same boot (the saved boot id is ours and the saved monotonic reading is not ahead of
-        ours): instants come back exactly through the saved clock pair. Otherwise through the
-        wall clock, clamped: a past instant is never later than now, a hold never longer than
-        max_hold, and an observation of unknown age is stale.
-        """
-        clock = snap.get("clock") if isinstance(snap.get("clock"), dict) else {}
-        saved_wall, saved_mono = _num(clock.get("wall")), _num(clock.get("monotonic"))
-        if (boot is not None and clock.get("boot") == boot and saved_wall is not None
-                and saved_mono is not None and saved_mono <= now):
-            base_wall, base_mono = saved_wall, saved_mono   # the monotonic clock ran on: exact
-        else:
-            base_wall, base_mono = wall, now                # the best a wall clock can do
-
-        def mono(value) -> float | None:
-            t = _num(value)
-            # (t - base_wall) first: the difference `snapshot` added, recovered without the
-            # rounding of adding two large numbers first.
-            return None if t is None else (t - base_wall) + base_mono
-
-        def past(value, unknown: float | None = 0.0) -> float | None:
-            t = mono(value)
-            if t is not None and t > now:  # the wall clock went back: the age is unknown
-                return None if unknown is None else now - unknown
-            return t
-
-        known = set(self.order)
-        if snap.get("active") in known:
-            self.active = snap["active"]
-            since = past(snap.get("since"))
-            self.since = now if since is None else since
-            self.why = str(snap.get("why", self.why))
-        self.pinned = snap.get("pinned") if snap.get("pinned") in known else None
-        self.forced = snap.get("forced") if snap.get("forced") in known else None
-        streak = snap.get("streak", 0)
-        self.streak = streak if isinstance(streak, int) and not isinstance(streak, bool) and streak >= 0 else 0
-        self.last_switch_at = past(snap.get("last_switch_at"))
-        self.dark = bool(snap.get("dark", False))
-        self.restarts = deque(sorted(t for t in (past(v) for v in snap.get("restarts") or [])
-                                     if t is not None and now - t < STORM_WINDOW))
-        intent = snap.get("intent")
-        self.intent = (dict(intent) if isinstance(intent, dict) and isinstance(intent.get("to"), str)
-                       else None)
-        stale = self.fresh_window + 1.0
-        names = {f.name for f in fields(Health)} - {"held_until", "last_at", "deep_ok_at"}
-        for b, h in (snap.get("health") or {}).items():
-            if b not in known or not isinstance(h, dict):
-                continue
-            health = Health(**{k: v for k, v in h.items() if k in names})
-            until = mono(h.get("held_until"))
-            if until is not None and until > now:
-                health.held_until = min(until, now + self.s.max_hold)
-            else:
-                health.held_until, health.hold_note = min(0.0, now), ""
-            health.last_at = past(h.get("last_at"), unknown=stale)
-            self.health[b] = health
-        self.transitions = deque((deepcopy(t) for t in snap.get("transitions") or [] if isinstance(t, dict)),
-                                 maxlen=MAX_TRANSITIONS)
+        """Load a snapshot, keeping only what still fits the configured backends."""
+        persistence.restore(self, snap, now, wall, boot)
 
     def describe(self, now: float, wall: float) -> dict:
-        """JSON-able view for /status: instants as wall time, holds as seconds left."""
+        """JSON-able view for /status: instants as wall time, holds as seconds left. A read."""
         def w(t: float | None) -> float | None:
             return None if t is None else wall - (now - t)
-        budget = None
-        if self.gateway is not None:
-            wait = self.restart_wait(now)
-            budget = {"unit": self.gateway, "restarts_in_window": len(self.restarts),
-                      "max": STORM_MAX, "window": STORM_WINDOW, "free_in": round(wait, 1)}
         return {
             "active": self.active, "since": w(self.since), "why": self.why, "dark": self.dark,
             "pinned": self.pinned, "forced": self.forced, "deferred": self.deferred,
             "stay_for": None if self.stay_until is None else round(max(0.0, self.stay_until - now), 1),
             "intent": dict(self.intent) if self.intent else None,
-            "damping_hold": self.damping_hold(), "restart_budget": budget,
+            "damping_hold": self.damping_hold(), "restart_budget": self.budget.describe(now),
             "settings": asdict(self.s),
-            "backends": {b: {"healthy": h.healthy, "usable": self.usable(b, now),
-                             "passes": h.passes, "fails": h.fails,
-                             "held_for": max(0.0, h.held_until - now),
-                             "hold_note": h.hold_note if self.held(b, now) else "",
-                             "key_rejected": h.key_rejected, "last_ok": h.last_ok,
-                             "last_at": w(h.last_at), "last_reason": h.last_reason}
-                         for b, h in self.health.items()},
+            "backends": {b: h.describe(now, w) for b, h in self.health.items()},
             "transitions": deepcopy(list(self.transitions)[-10:]),
         }
-
-
-def _num(value) -> float | None:
-    """A finite number from a state file, else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None

@@ -5,6 +5,7 @@ but time."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -950,3 +951,249 @@ def test_a_reboot_with_the_clock_ahead_shortens_nothing_it_can_know():
     assert not d.p.eligible("claude", d.mono)     # nothing carried over counts as fresh
     d.round(claude=True, local=True)
     assert d.p.active == "local"                  # rise 2: one pass is not enough
+
+
+# --- queries are reads ---------------------------------------------------------------------------
+
+UNIT = "neverdark-wizard-merlin.service"
+op = st.one_of(
+    st.tuples(st.just("observe"), st.sampled_from(CHAIN), st.sampled_from(REASONS),
+              st.one_of(st.none(), st.floats(min_value=0, max_value=200))),
+    st.tuples(st.just("wait"), st.floats(min_value=0.0, max_value=200.0)),
+    st.tuples(st.just("force"), st.sampled_from(CHAIN), st.one_of(st.none(), st.floats(1, 300))),
+    st.tuples(st.just("pin"), st.sampled_from(CHAIN)),
+    st.tuples(st.just("release")),
+    st.tuples(st.just("restart")),
+    st.tuples(st.just("tick"), st.booleans()),
+)
+
+
+def read_everything(p, now):
+    """Every query the daemon makes of a policy outside its tick: /status, /metrics, the
+    state file, the watchdog's status line, the probe loop's hold check."""
+    p.describe(now, WALL0 + now)
+    p.fingerprint()
+    p.snapshot(now, WALL0 + now, BOOT)
+    p.restart_wait(now)
+    for b in CHAIN:
+        p.held(b, now), p.usable(b, now), p.eligible(b, now), p.confirmed(b, now)
+    p.damping_hold(), p.needs_check, p.active, p.dark, p.pinned
+
+
+def apply_op(p, step, now):
+    kind = step[0]
+    if kind == "observe":
+        _, b, reason, retry_after = step
+        p.observe(b, reason == "ok", reason, now, retry_after=retry_after, deep=reason == "ok",
+                  status={"rate_limited": 429, "auth": 401}.get(reason))
+    elif kind in ("force", "pin"):
+        try:
+            p.force(step[1], now, step[2]) if kind == "force" else p.pin(step[1], now)
+        except PolicyError:
+            pass
+    elif kind == "release":
+        p.release()
+    elif kind == "restart":
+        p.take_restart(now)
+    elif kind == "tick":
+        plan = p.plan(now)
+        if plan is not None and plan.action == "switch":
+            p.begin(plan.decision, WALL0 + now)
+            p.commit(plan.decision, now, step[1], wall=WALL0 + now)
+        return plan
+    return None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(op, st.integers(min_value=0, max_value=3)), min_size=1, max_size=120))
+def test_reading_a_policy_any_number_of_times_changes_nothing(steps):
+    """Two policies fed the same inputs, one of them read 0-3 times after every step: the same
+    snapshots, the same views and the same decisions throughout, restart budget included (a
+    restart that left the window stays counted until the tick prunes it)."""
+    now = 0.0
+    quiet = Policy(CHAIN, small, "claude", now, gateway=UNIT)
+    looked_at = Policy(CHAIN, small, "claude", now, gateway=UNIT)
+    for step, reads in steps:
+        if step[0] == "wait":
+            now += step[1]
+            continue
+        assert apply_op(quiet, step, now) == apply_op(looked_at, step, now)
+        for _ in range(reads):
+            read_everything(looked_at, now)
+        assert looked_at.snapshot(now, WALL0 + now, BOOT) == quiet.snapshot(now, WALL0 + now, BOOT)
+        assert looked_at.fingerprint() == quiet.fingerprint()
+        assert looked_at.describe(now, WALL0 + now) == quiet.describe(now, WALL0 + now)
+        assert looked_at.drain_events() == quiet.drain_events()
+
+
+def test_status_does_not_prune_the_restart_budget():
+    p = Policy(CHAIN, S, "claude", 0.0, gateway=UNIT)
+    for t in (0.0, 1.0, 100.0):
+        p.take_restart(t)
+    before = p.snapshot(200.0, WALL0 + 200, BOOT)
+    for _ in range(3):
+        view = p.describe(200.0, WALL0 + 200)
+    assert view["restart_budget"]["restarts_in_window"] == 1
+    assert p.snapshot(200.0, WALL0 + 200, BOOT) == before and len(p.restarts) == 3
+    p.plan(200.0)                       # the tick prunes
+    assert list(p.restarts) == [100.0]
+
+
+# --- a reload keeps the policy's memory (Policy.reconfigure) ------------------------------------
+
+def busy(settings=S, gateway=UNIT):
+    """On gpt after a forced switch with a 2000 s stay, claude held 900 s by a 429, one gateway
+    restart."""
+    sim = Sim(settings=settings)
+    sim.p = Policy(CHAIN, settings, "claude", sim.now, gateway=gateway)
+    healthy_all(sim)
+    sim.p.take_restart(sim.now)
+    sim.p.force("gpt", sim.now, stay=2000)
+    sim.p.commit(sim.p.decide(sim.now), sim.now, True, wall=WALL0 + sim.now)
+    sim.now += 5
+    sim.see("claude", False, "rate_limited", status=429, retry_after=900)
+    sim.tick(claude="rate_limited", gpt=True, local=True)
+    return sim
+
+
+def test_a_reload_that_changes_nothing_keeps_everything():
+    sim = busy()
+    before = (sim.p.snapshot(sim.now, WALL0, BOOT), sim.p.describe(sim.now, WALL0))
+    sim.p.reconfigure(CHAIN, S, sim.now, gateway=UNIT)
+    assert (sim.p.snapshot(sim.now, WALL0, BOOT), sim.p.describe(sim.now, WALL0)) == before
+    assert sim.p.stay_until is not None
+
+
+@pytest.mark.parametrize("chain", [CHAIN + ("spare",), ("spare",) + CHAIN, ("claude", "gpt")],
+                         ids=["appended", "prepended", "local removed"])
+def test_a_reload_of_the_chain_keeps_what_still_means_the_same(chain):
+    """A drill's stay (issue 19: it was lost, and the wizard failed back at once), the dwell, the
+    damping streak, holds, health, the restart budget, transitions: kept for the backends kept."""
+    sim = busy()
+    was = sim.p.snapshot(sim.now, WALL0, BOOT)
+    stay_until, since, streak = sim.p.stay_until, sim.p.since, sim.p.streak
+    sim.p.reconfigure(chain, S, sim.now, gateway=UNIT)
+    assert sim.p.order == chain and sim.p.active == "gpt"
+    assert (sim.p.stay_until, sim.p.since, sim.p.streak) == (stay_until, since, streak)
+    now = sim.p.snapshot(sim.now, WALL0, BOOT)
+    for b in chain:
+        assert now["health"][b] == was["health"].get(b, now["health"][b])
+    assert now["restarts"] == was["restarts"] and now["transitions"] == was["transitions"]
+    assert "spare" not in was["health"] or now["health"]["spare"]["healthy"] is None
+    # The stay still holds the fallback after the 429 hold is over and claude is healthy.
+    sim.now += 900
+    for _ in range(5):
+        assert sim.tick(claude=True, gpt=True, **{b: True for b in chain if b not in CHAIN}) is None
+
+
+def test_a_reload_drops_a_pin_and_a_forced_switch_onto_a_removed_backend():
+    sim = Sim()
+    healthy_all(sim)
+    sim.p.pin("local", sim.now)
+    sim.p.reconfigure(("claude", "gpt"), S, sim.now, gateway=None)
+    assert sim.p.pinned is None
+    sim.p.force("gpt", sim.now)
+    sim.p.reconfigure(("claude", "local"), S, sim.now, gateway=None)
+    assert sim.p.forced is None and sim.p.active == "claude"
+
+
+def test_a_reload_that_removes_the_active_backend_fails_over():
+    sim = busy()
+    sim.p.reconfigure(("claude", "local"), S, sim.now, gateway=UNIT)
+    assert sim.p.active is None
+    sim.tick(claude="rate_limited", local=True)
+    assert sim.p.active == "local" and sim.kinds()[-1] == "failover"
+
+
+def test_a_backend_whose_probe_target_changed_starts_over():
+    """A new key, URL or model: what was observed (the 429 hold, a rejected key) was about the
+    old one."""
+    sim = busy()
+    sim.see("local", False, "auth", status=401)
+    sim.p.reconfigure(CHAIN, S, sim.now, gateway=UNIT, fresh={"claude", "local"})
+    for b in ("claude", "local"):
+        h = sim.p.health[b]
+        assert h.healthy is None and not h.held(sim.now) and not h.key_rejected and h.last_ok is None
+    assert sim.p.health["gpt"].healthy is True
+
+
+@pytest.mark.parametrize("chain", [CHAIN, CHAIN + ("spare",)], ids=["same chain", "new chain"])
+def test_lowering_max_hold_shortens_a_running_hold_from_when_it_began(chain):
+    """Issue 19: with the backend list unchanged the hold ran on; with a new chain it was cut to
+    max_hold from the reload, not from the 429."""
+    sim = busy()
+    began = sim.p.health["claude"].held_since
+    assert sim.p.health["claude"].held_until == began + 900
+    sim.now += 100
+    sim.p.reconfigure(chain, replace(S, max_hold=300), sim.now, gateway=UNIT)
+    h = sim.p.health["claude"]
+    assert h.held_until == began + 300
+    assert h.hold_note == "provider asked 900 s; capped by max_hold"
+    sim.p.reconfigure(chain, replace(S, max_hold=50), sim.now, gateway=UNIT)
+    assert not sim.p.held("claude", sim.now) and sim.p.health["claude"].hold_note == ""
+
+
+def test_raising_max_hold_lengthens_no_running_hold_and_cooldown_applies_as_max_hold_does():
+    sim = busy(settings=replace(S, max_hold=600))
+    h = sim.p.health["claude"]
+    until = h.held_until
+    sim.p.reconfigure(CHAIN, replace(S, max_hold=3600), sim.now, gateway=UNIT)
+    assert h.held_until == until
+    sim.see("gpt", False, "rate_limited", status=429)                 # cooldown_429: 60 s
+    began = sim.now
+    sim.p.reconfigure(CHAIN, replace(S, max_hold=3600, cooldown_429=20), sim.now + 5, gateway=UNIT)
+    assert sim.p.health["gpt"].held_until == began + 20
+
+
+def test_lowering_max_hold_shortens_a_drills_stay_from_when_it_was_asked():
+    sim = busy()
+    asked = sim.p.stay_from
+    sim.p.reconfigure(CHAIN, replace(S, max_hold=100), sim.now, gateway=UNIT)
+    assert sim.p.stay_until == asked + 100
+
+
+def test_the_restart_budget_belongs_to_its_gateway_unit():
+    sim = busy()
+    sim.p.reconfigure(CHAIN, S, sim.now, gateway=UNIT)
+    assert len(sim.p.restarts) == 1
+    sim.p.reconfigure(CHAIN, S, sim.now, gateway="neverdark-wizard-other.service")
+    assert len(sim.p.restarts) == 0 and sim.p.gateway == "neverdark-wizard-other.service"
+    sim.p.reconfigure(CHAIN, S, sim.now, gateway=None)
+    assert sim.p.restart_wait(sim.now) == 0 and sim.p.describe(sim.now, WALL0)["restart_budget"] is None
+
+
+def test_new_thresholds_apply_to_the_counts_a_backend_has():
+    sim = Sim(settings=replace(S, fall=3))
+    healthy_all(sim)
+    sim.tick(claude="timeout", gpt=True, local=True)
+    sim.tick(claude="timeout", gpt=True, local=True)
+    assert sim.p.health["claude"].healthy is True
+    sim.p.reconfigure(CHAIN, replace(S, fall=2), sim.now, gateway=None)
+    assert sim.p.health["claude"].healthy is False and sim.p.decide(sim.now).kind == "failover"
+
+
+def test_a_reload_raises_dark_when_the_new_chain_has_nothing_usable():
+    sim = Sim(settings=replace(S, fall=1))
+    healthy_all(sim)
+    sim.tick(claude="refused", gpt="refused", local=True)
+    assert sim.p.active == "local"
+    sim.alerts()
+    sim.p.reconfigure(("claude", "gpt", "local"), S, sim.now, gateway=None, fresh={"local"})
+    assert not sim.p.dark
+    sim.p.reconfigure(("claude", "gpt"), S, sim.now, gateway=None)
+    assert sim.p.dark and sim.alerts() == ["dark"]
+
+
+# --- a restart with a new config keeps the same rules ------------------------------------------
+
+def test_a_restart_with_a_lower_max_hold_ends_the_hold_from_when_it_began():
+    sim = busy()
+    began = sim.p.health["claude"].held_since
+    doc = through_json(sim.p.snapshot(sim.now, WALL0 + sim.now, BOOT))
+    assert doc["health"]["claude"]["held_since"] == WALL0 + began
+    assert doc["health"]["claude"]["hold_asked"] == 900
+    q = Policy(CHAIN, replace(S, max_hold=300), None, 0.0, gateway=UNIT)
+    q.restore(doc, sim.now + 10, WALL0 + sim.now + 10, BOOT)
+    assert q.health["claude"].held_until == began + 300
+    assert q.health["claude"].hold_note == "provider asked 900 s; capped by max_hold"
+    assert q.stay_until is None      # a stay is not saved: a restarted sidecar applies the rules

@@ -18,6 +18,7 @@ tests/test_sidecar_process.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import io
 import json
@@ -788,3 +789,122 @@ def test_check_turns_on_a_local_backend_reach_metrics(site, mocks):
         assert 'neverdark_local_check_turn_seconds_total{wizard="merlin",backend="local",part="prefill"} 1.200000' in metrics, metrics
 
     asyncio.run(scenario())
+
+
+# --- a reload keeps the policy's memory (issue 19 item 6) ---------------------------------------
+
+def add_spare(doc, site):
+    """A third backend, on the fallback mock's OpenAI route: the wizard's backend list changes."""
+    merlin = doc["wizards"]["merlin"]
+    spare = variant(site.parent / "backends" / "spare.yaml", provider="custom", model="spare-mock",
+                    base_url=merlin["backends"][1]["base_url"])
+    merlin["backends"].append({"name": "spare", "kind": "openai", "model": "spare-mock",
+                               "base_url": merlin["backends"][1]["base_url"],
+                               "variant": str(spare)})
+
+
+def new_primary_model(doc, site):
+    doc["wizards"]["merlin"]["backends"][0]["model"] = "claude-mock-2"
+
+
+def restart_off(doc, site):
+    doc["wizards"]["merlin"]["restart"] = False
+
+
+def settings_only(doc, site):
+    doc["probe"]["damping_base"] = 0.25
+
+
+@contextlib.asynccontextmanager
+async def running(cfg):
+    """A started daemon whose switches only flip the active config, and merlin's runner."""
+    d = Daemon(cfg, switch_fn=flip_only, systemctl=["/bin/false"])
+    await d.start()
+    try:
+        yield d, d.runners["merlin"]
+    finally:
+        await d.close()
+
+
+async def reload_with(d, site, edit) -> None:
+    """Rewrite the config file with `edit`, reload, and wait until merlin's runner took it."""
+    doc = yaml.safe_load(site.read_text())
+    edit(doc, site)
+    site.write_text(yaml.safe_dump(doc))
+    want = config.load(site).wizards["merlin"]
+    assert await d.reload()
+    await until(lambda: d.runners["merlin"].w == want, what="the reloaded config applied")
+
+
+@pytest.mark.parametrize("edit", [add_spare, new_primary_model, restart_off, settings_only])
+def test_a_reload_keeps_a_drills_stay(site, mocks, edit):
+    """A drill's failover asks for a 60 s stay; a reload (a backend added, the primary's model
+    changed, restarts turned off, or only the settings changed) keeps it: the wizard stays on the
+    fallback although the primary is healthy and min_dwell plus the damping hold (3.5 s) passed."""
+    cfg = config.load(site)
+
+    async def scenario():
+        async with running(cfg) as (d, runner):
+            await until(lambda: runner.policy.health["claude"].healthy
+                        and runner.policy.health["local"].healthy, what="both backends healthy")
+            reply = await runner.request("failover", "local", True, 30.0, stay=60.0)
+            assert reply["ok"] and reply["active"] == "local", reply
+            await reload_with(d, site, edit)
+            stay_for = runner.status()["stay_for"]
+            await asyncio.sleep(cfg.probe.min_dwell + cfg.probe.damping_cap + 1.0)
+            return stay_for, runner.policy.active, [t["kind"] for t in runner.policy.transitions]
+
+    stay_for, active, kinds = asyncio.run(scenario())
+    assert stay_for is not None and 50 < stay_for <= 60, stay_for
+    assert active == "local" and kinds[-1] == "manual", kinds
+
+
+@pytest.mark.parametrize("edit", [settings_only, add_spare], ids=["backends unchanged", "a backend added"])
+def test_lowering_max_hold_on_reload_shortens_a_running_hold(site, mocks, throttled, edit):
+    """The primary answers 429 with Retry-After 3000 and is held 3000 s; a reload lowers max_hold
+    to 2 s: the running hold ends 2 s after it began, and says max_hold capped it."""
+    doc = yaml.safe_load(site.read_text())
+    doc["wizards"]["merlin"]["backends"][0]["base_url"] = throttled({"Retry-After": "3000"}) + "/anthropic"
+    site.write_text(yaml.safe_dump(doc))
+    cfg = config.load(site)
+
+    def lower(doc, site):
+        edit(doc, site)
+        doc["probe"]["max_hold"] = 2
+
+    async def scenario():
+        async with running(cfg) as (d, runner):
+            await until(lambda: runner.policy.active == "local", what="failover on 429")
+            held = runner.status()["backends"]["claude"]["held_for"]
+            await reload_with(d, site, lower)
+            return held, runner.status()["backends"]["claude"]
+
+    held, after = asyncio.run(scenario())
+    assert 2900 < held <= 3000, held
+    assert after["held_for"] <= 2, after
+    assert after["held_for"] == 0 or after["hold_note"] == "provider asked 3000 s; capped by max_hold", after
+
+
+def test_reading_status_changes_no_policy_state(site, mocks):
+    """GET /status, the control socket's status and /metrics are reads: any number of them leaves
+    every wizard's policy snapshot as it was, even with restarts that have left the budget's window
+    but were not yet pruned by a probe round."""
+    cfg = config.load(site)
+
+    async def scenario():
+        async with running(cfg) as (d, runner):
+            await until(lambda: runner.policy.health["local"].healthy, what="local healthy")
+            now = d.clock()
+            runner.policy.restarts.extend([now - STORM_WINDOW - 5, now - STORM_WINDOW - 1, now - 3])
+            # Nothing here yields to the loop (a status request answers without awaiting): no
+            # probe round runs between the two snapshots.
+            before = runner.policy.snapshot(now, 1e9, "boot")
+            for _ in range(5):
+                d.status()
+                d.render_metrics()
+                await d.handle_control({"op": "status"}, 0)
+            return before, runner.policy.snapshot(now, 1e9, "boot")
+
+    before, after = asyncio.run(scenario())
+    assert len(before["restarts"]) == 3
+    assert after == before
