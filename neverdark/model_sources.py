@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-# artifacts.py is stdlib-only (hosts run it as a file), so the hashing lives there
+# one cache root and one file hash for everything the operator's machine keeps
 from neverdark.artifacts import CACHE as _OPERATOR_CACHE, sha256_of
 
 CACHE = _OPERATOR_CACHE / "models"

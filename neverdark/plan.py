@@ -114,11 +114,12 @@ def llama_server_plan(fleet: Fleet, s: topology.LlamaServer) -> dict:
     return d
 
 
-def built_artifacts(arch: str, what: str):
-    """The artifacts for `arch` built on this machine by neverdark.artifacts; never built here
-    (minutes to an hour): a missing build is an error saying how to make it."""
+def built_artifacts(arch: str, what: str, part: str):
+    """The artifacts for `arch` with `part` ("wheel", "server") built on this machine by
+    neverdark.artifacts; never built here (minutes): a missing build is an error saying how to
+    make it."""
     from neverdark import artifacts   # the operator's build tooling, not needed on hosts
-    built = artifacts.cached(arch)
+    built = artifacts.cached(arch, (part,))
     if built is None:
         raise RuntimeError(f"no {what} built for {arch}: run `python -m neverdark.artifacts "
                            f"build --arch {arch}` on this machine first (minutes)")
@@ -130,7 +131,7 @@ def llama_wheel_plan(arch: str) -> dict:
     sha256 recorded when it was built. llama-cpp-python has no wheels on PyPI: a host left to
     the index would compile it (a toolchain and minutes on a VPS, far longer on a Pi), or fail
     without a compiler. Its pure dependencies still come from the host's index or wheelhouse."""
-    built = built_artifacts(arch, "llama-cpp-python wheel")
+    built = built_artifacts(arch, "llama-cpp-python wheel", "wheel")
     sha = built.stamp["files"][built.wheel.name]["sha256"]
     d = contract.llama_wheel_dir(sha)
     return {"name": built.wheel.name, "src": str(built.wheel), "sha256": sha, "dir": d,
@@ -148,7 +149,7 @@ def native_server_plan(arch: str) -> dict:
     Each file is uploaded and checked against the sha256 recorded when it was built; the folder
     is named by a digest of all of them, so a new build lands beside the old one and is switched
     to by a link."""
-    built = built_artifacts(arch, "llama-server")
+    built = built_artifacts(arch, "llama-server", "server")
     found = []
     for rel, rec in sorted(built.stamp["files"].items()):
         if rel.startswith("llama-server/"):

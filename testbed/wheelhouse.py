@@ -26,14 +26,14 @@ WheelhouseError = artifacts.ArtifactError
 
 def llama_wheel(arch: str = "x86_64") -> Path:
     """The llama-cpp-python wheel for `arch`, built once (minutes) and cached."""
-    return artifacts.ensure(arch).wheel
+    return artifacts.ensure(arch, ("wheel",)).wheel
 
 
 def build_wheelhouse(dest: Path, requirements: list[str] = REQUIREMENTS,
                      arch: str = "x86_64") -> Path:
     """Wheels for `requirements` and everything they need, for Debian 12 cp311 hosts of `arch`.
     Idempotent (a per-arch stamp) and safe to call from parallel processes (a lock)."""
-    return artifacts.wheelhouse(arch, Path(dest), requirements)
+    return artifacts.wheelhouse.fill(arch, Path(dest), requirements)
 
 
 def ensure_default_wheelhouse(arch: str = "x86_64") -> Path:
@@ -44,7 +44,7 @@ def is_complete(dest: Path = DEFAULT, arch: str = "x86_64") -> bool:
     """Built for the current requirements and llama wheel (False if it would be rebuilt)."""
     if not artifacts.wheelhouse_complete(dest, arch):
         return False
-    a = artifacts.cached(arch)
+    a = artifacts.cached(arch, ("wheel",))
     return a is not None and artifacts.wheelhouse_complete(
         dest, arch, artifacts.wheelhouse_digest(arch, REQUIREMENTS, a))
 

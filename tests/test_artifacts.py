@@ -1,15 +1,16 @@
 """Host artifacts (neverdark.artifacts): the real builds, checked the way a host would see them.
 
-Every test takes the artifacts from `ensure()`, which builds them once (about 10 minutes for
-x86_64 and 15 for aarch64 on 2 cores; scripts/setup.sh does it before the tests) and then reuses
-the cache. No test here needs a fresh compile: the cache and lock tests copy a real build into a
-private cache instead. aarch64 binaries run under qemu-user (qemu-user-static, Pi 4 CPU).
+Every test takes the artifacts from `ensure()`, which builds them once (minutes per arch on 2
+cores; scripts/setup.sh does it before the tests) and then reuses the cache. No test here needs
+a fresh compile: the cache and lock tests copy a real build into a private cache instead.
+aarch64 binaries run under qemu-user (qemu-user-static, Pi 4 CPU).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,8 +41,15 @@ def test_artifacts_are_what_they_claim(built):
     assert artifacts.server_problems(built.server_dir, arch) == []
     assert artifacts.elf_info(built.server).machine == E_MACHINE[arch]
     with zipfile.ZipFile(built.wheel) as z:
-        libs = {Path(n).name for n in z.namelist() if n.startswith("llama_cpp/lib/")}
-    assert {"libllama.so", "libggml-cpu.so", "libggml-base.so", "libmtmd.so"} <= libs
+        names = z.namelist()
+    libs = {Path(n).name for n in names if n.startswith("llama_cpp/lib/")}
+    assert {"libllama.so", "libggml.so", "libggml-cpu.so", "libggml-base.so"} <= libs
+    # Only what a host loads: no multimodal library, no llama.cpp `common`, no second copies
+    # of the libraries (lib/), headers or full-version names beside the SONAMEs.
+    assert not any("mtmd" in n or "llama-common" in n for n in libs), libs
+    assert {n.split("/")[0] for n in names} == {"llama_cpp", f"llama_cpp_python-"
+                                                f"{versions.LLAMA_VERSION}.dist-info"}
+    assert not [n for n in libs if re.search(r"\.so\.\d+\.", n)], libs
     bundle = {p.name for p in built.server_dir.iterdir()}
     assert {"llama-server", "libllama.so.0", "libggml-cpu.so.0"} <= bundle
     for f in built.server_dir.iterdir():
@@ -49,10 +57,11 @@ def test_artifacts_are_what_they_claim(built):
         assert info.machine == E_MACHINE[arch], f
         assert not any("gomp" in n for n in info.needed), f
         glibc = artifacts.max_symbol_version(f)
-        assert glibc is None or artifacts._version_tuple(glibc[6:]) <= (2, 36), (f, glibc)
+        assert glibc is None or artifacts.version_tuple(glibc[6:]) <= (2, 36), (f, glibc)
     stamp = built.stamp
     assert stamp["arch"] == arch and stamp["llama_cpp_commit"] == versions.LLAMA_CPP_COMMIT
-    assert stamp["cmake_args"] == artifacts.ARCHES[arch].cmake_args
+    assert stamp["cmake_args"] == artifacts.build.cmake_args(artifacts.ARCHES[arch])
+    assert stamp["parts"] == ["wheel", "server"] and stamp["recipe"] == artifacts.build.RECIPE
     assert stamp["files"][built.wheel.name]["sha256"] == artifacts.sha256_of(built.wheel)
     assert stamp["seconds"]["wheel"] > 0 and stamp["seconds"]["server"] > 0
 
@@ -131,19 +140,75 @@ def test_aarch64_llama_server_completes_under_qemu(tmp_path):
     assert json.loads(body)["tokens_predicted"] > 0
 
 
-def _private_cache(tmp_path: Path, arch: str) -> Path:
-    """A private $NEVERDARK_CACHE holding a copy of the real `arch` build (no compile)."""
+def test_the_trimmed_x86_wheel_loads_and_completes(tmp_path):
+    """The wheel's llama_cpp, with only the libraries the wheel ships (no mtmd, no common, no
+    full-version names), loads the real Gemma 3 270M and completes: nothing it needs was cut."""
+    a = artifacts.ensure("x86_64", ("wheel",))
+    with zipfile.ZipFile(a.wheel) as z:
+        z.extractall(tmp_path / "wheel")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path / "wheel")!r})
+        import llama_cpp
+        assert llama_cpp.__file__.startswith({str(tmp_path)!r}), llama_cpp.__file__
+        llm = llama_cpp.Llama(model_path={str(runtimes.gguf())!r}, n_ctx=256, n_threads=2,
+                              verbose=False)
+        out = llm("The capital of France is", max_tokens=4)
+        print(out["usage"]["completion_tokens"])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0 and int(done.stdout.split()[-1]) > 0, done.stderr[-3000:]
+
+
+def _private_cache(tmp_path: Path, arch: str, parts=artifacts.PARTS) -> Path:
+    """A private $NEVERDARK_CACHE holding a copy of the real `arch` build (no compile), with
+    only `parts` in it."""
     real = artifacts.ensure(arch)
     cache = tmp_path / "cache"
-    shutil.copytree(real.dir, cache / "artifacts" / arch / real.dir.name)
+    folder = cache / "artifacts" / arch / real.dir.name
+    shutil.copytree(real.dir, folder)
+    if "server" not in parts:
+        shutil.rmtree(folder / "llama-server")
+        stamp = json.loads((folder / "stamp.json").read_text())
+        stamp["parts"] = ["wheel"]
+        stamp["files"] = {n: r for n, r in stamp["files"].items()
+                          if not n.startswith("llama-server/")}
+        (folder / "stamp.json").write_text(json.dumps(stamp))
     return cache
+
+
+def _fake_build(real: Path, count: Path) -> str:
+    """Source of a stand-in for build.build_parts (the question is the lock, the renames and
+    the stamp, not the compiler): copies the real build's files, sleeping $SLOW s half way."""
+    return textwrap.dedent(f"""
+        import os, shutil, time
+        from pathlib import Path
+        def build_parts(arch, work, out, log, *, server, sdist, venv, jobs=None):
+            with open({str(count)!r}, "a") as f:
+                f.write(("server" if server else "wheel") + "\\n")
+            real = Path({str(real)!r})
+            out.mkdir(parents=True, exist_ok=True)
+            fresh = not (work / "tree.ok").is_file()
+            wheel = next(real.glob("*.whl"))
+            if fresh:
+                shutil.copy2(wheel, out / wheel.name)
+            time.sleep(float(os.environ.get("SLOW", "0")))
+            if server:
+                shutil.copytree(real / "llama-server", out / "llama-server")
+            else:
+                (work / "tree.ok").write_text(wheel.name)
+            return {{"wheel": wheel.name if fresh else None,
+                     "seconds": {{"wheel": 1.0, **({{"server": 1.0}} if server else {{}})}},
+                     "cpu_seconds": {{}}}}
+    """)
 
 
 def test_cache_reuses_and_rejects_a_modified_artifact(tmp_path, monkeypatch):
     """A second ensure() is a lookup; a folder whose file no longer matches its stamp's sha256
     (or that has no stamp: a killed build) is never taken for a good one."""
     cache = _private_cache(tmp_path, "x86_64")
-    monkeypatch.setattr(artifacts, "CACHE", cache)
+    monkeypatch.setattr(artifacts.cache, "CACHE", cache)
     t = time.monotonic()
     a = artifacts.ensure("x86_64")
     assert time.monotonic() - t < 5 and a.dir.parent.parent == cache / "artifacts"
@@ -156,37 +221,56 @@ def test_cache_reuses_and_rejects_a_modified_artifact(tmp_path, monkeypatch):
     assert artifacts.cached("x86_64") is None
 
 
+def test_a_wheel_only_folder_serves_the_wheel_and_gets_the_server_added_in_place(
+        tmp_path, monkeypatch):
+    """What a host runs decides what is built: a folder with the wheel alone is cached for the
+    wheel, not for llama-server; ensure() with the server adds it beside the wheel (the wheel's
+    path and sha256 unchanged, the stamp written last), and a server folder left by a killed
+    build, not named in the stamp, is neither taken nor kept."""
+    real = artifacts.ensure("x86_64")
+    cache = _private_cache(tmp_path, "x86_64", ("wheel",))
+    monkeypatch.setattr(artifacts.cache, "CACHE", cache)
+    wheel_only = artifacts.cached("x86_64", ("wheel",))
+    assert wheel_only and wheel_only.parts == ("wheel",)
+    assert artifacts.cached("x86_64") is None and artifacts.cached("x86_64", ("server",)) is None
+    assert artifacts.ensure("x86_64", ("wheel",)) == wheel_only       # a lookup, no build
+    shutil.copytree(real.server_dir, wheel_only.server_dir)            # a killed build's
+    (wheel_only.server_dir / "llama-server").write_bytes(b"torn")
+    assert artifacts.cached("x86_64") is None
+    count = tmp_path / "builds"
+    namespace: dict = {}
+    exec(_fake_build(real.dir, count), namespace)
+    monkeypatch.setattr(artifacts.build, "build_parts", namespace["build_parts"])
+    full = artifacts.ensure("x86_64", quiet=True)
+    assert count.read_text().split() == ["server"]
+    assert full.dir == wheel_only.dir and full.parts == ("wheel", "server")
+    assert full.wheel == wheel_only.wheel
+    assert full.stamp["files"][full.wheel.name] == wheel_only.stamp["files"][full.wheel.name]
+    assert artifacts.sha256_of(full.server) == artifacts.sha256_of(real.server)
+    assert artifacts.cached("x86_64") == full
+    assert not list(full.dir.parent.glob(".build-*"))      # the tree went with the server
+
+
 def test_parallel_callers_build_once_and_a_killed_build_leaves_nothing(tmp_path):
-    """Three processes call ensure() on an empty private cache at once; the build step (here:
-    copying the real build's files, since the question is the lock and the rename, not the
-    compiler) runs once, and all three get the same folder. A build killed half way leaves no
-    folder that cached() accepts; the next ensure() builds again and clears the leftovers."""
+    """Three processes call ensure() on an empty private cache at once; the build step (a
+    stand-in copying the real build's files) runs once, and all three get the same folder. A
+    build killed half way leaves no folder that cached() accepts; the next ensure() builds
+    again and clears the leftovers."""
     real = artifacts.ensure("x86_64")
     cache = tmp_path / "cache"
     count = tmp_path / "builds"
-    script = textwrap.dedent(f"""
-        import json, os, shutil, sys, time
-        from pathlib import Path
+    script = _fake_build(real.dir, count) + textwrap.dedent(f"""
         from neverdark import artifacts
-        artifacts.CACHE = Path({str(cache)!r})
-        def build_into(arch, out, work, log, mode="combined", jobs=None):
-            with open({str(count)!r}, "a") as f:
-                f.write("build\\n")
-            shutil.copytree({str(real.dir)!r}, out)
-            (out / "stamp.json").unlink()       # written last, as the real build does
-            time.sleep(float(os.environ.get("SLOW", "1")))
-            stamp = json.loads(Path({str(real.dir / "stamp.json")!r}).read_text())
-            (out / "stamp.json").write_text(json.dumps(stamp))
-            return stamp
-        artifacts.build_into = build_into
+        artifacts.cache.CACHE = Path({str(cache)!r})
+        artifacts.build.build_parts = build_parts
         print(artifacts.ensure("x86_64", quiet=True).dir)
     """)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "SLOW": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                               env=env) for _ in range(3)]
     outs = {p.communicate(timeout=120)[0].strip() for p in procs}
     assert all(p.returncode == 0 for p in procs)
-    assert len(outs) == 1 and count.read_text().count("build") == 1
+    assert len(outs) == 1 and count.read_text().split() == ["server"]
     final = Path(outs.pop())
     # a build killed half way: the folder is moved away, a new build starts and is killed
     shutil.rmtree(final)
@@ -201,16 +285,32 @@ def test_parallel_callers_build_once_and_a_killed_build_leaves_nothing(tmp_path)
     p.communicate()
     assert not final.exists()
     assert list(final.parent.glob(".build-*"))          # the leftovers...
-    old = artifacts.CACHE
-    try:
-        artifacts.CACHE = cache
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(artifacts.cache, "CACHE", cache)
         assert artifacts.cached("x86_64") is None       # ...are not taken for an artifact
-    finally:
-        artifacts.CACHE = old
+        assert artifacts.cached("x86_64", ("wheel",)) is None
     out = subprocess.run([sys.executable, "-c", script], env={**env, "SLOW": "0"},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()) == final and not list(final.parent.glob(".build-*"))
+
+
+def test_what_a_fleet_needs_is_what_its_hosts_run(tmp_path):
+    """needed(): per arch, the wheel where a model runs on llama-cpp-python, the server where
+    one runs on llama-server, nothing for an arch whose hosts run no local model."""
+    from neverdark.inventory import validate
+    from tests.test_engines import SECRETS, inventory
+    from tests.test_inventory import write_inventory
+    fleet = validate(write_inventory(tmp_path, inventory("llama-cpp-python"), SECRETS), env={})
+    assert artifacts.needed(fleet) == {"x86_64": ("wheel",)}
+    fleet.hosts["vps"] = fleet.hosts["vps"].model_copy(update={"arch": "aarch64"})
+    assert artifacts.needed(fleet) == {"aarch64": ("wheel",)}
+    native = inventory(server="{threads: 2, extend_context: true}",
+                       extra="    training_context: 32768\n    architecture: gemma3\n")
+    fleet = validate(write_inventory(tmp_path, native, SECRETS), env={})
+    assert artifacts.needed(fleet) == {"x86_64": ("server",)}
+    fleet.wizards.clear()
+    assert artifacts.needed(fleet) == {}
 
 
 def test_aarch64_wheelhouse_has_every_compiled_dependency():
@@ -250,6 +350,18 @@ def test_wheelhouse_closure_check_evaluates_markers_for_the_target(tmp_path):
     assert artifacts.wheelhouse_missing(tmp_path, "aarch64", [req]) == []
     assert artifacts.wheelhouse_missing(tmp_path, "aarch64", ["somepkg[x]"]) == [
         'other; extra == "x"']
+
+
+def test_the_build_command_needs_only_the_stdlib(tmp_path):
+    """scripts/setup.sh starts the compile from the checkout before neverdark and its
+    dependencies are installed: the package and its command line import with no site-packages."""
+    repo = Path(__file__).resolve().parent.parent
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); "
+              "from neverdark.artifacts import __main__ as m; "
+              "sys.exit(m.main(['check', '--arch', 'x86_64', sys.argv[2]]))")
+    done = subprocess.run([sys.executable, "-S", "-c", script, str(repo), shutil.which("cmake")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert done.returncode == 1 and "minimal host" in done.stdout, done.stderr[-2000:]
 
 
 def test_host_cpu_check():

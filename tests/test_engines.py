@@ -144,7 +144,7 @@ def test_the_plan_ships_the_verified_native_build(tmp_path, monkeypatch):
                        "llama-server/libllama.so.0": {"sha256": "b" * 64, "bytes": 1},
                        "llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl": {"sha256": "c" * 64,
                                                                              "bytes": 1}}}
-    fake = types.SimpleNamespace(cached=lambda arch: types.SimpleNamespace(
+    fake = types.SimpleNamespace(cached=lambda arch, parts: types.SimpleNamespace(
         dir=build, stamp=stamp) if arch == "x86_64" else None)
     monkeypatch.setitem(sys.modules, "neverdark.artifacts", fake)
     import neverdark
@@ -176,7 +176,7 @@ def test_the_plan_uploads_the_llama_cpp_python_wheel_built_for_the_hosts_arch(tm
               for arch in ("x86_64", "aarch64")}
     sha = {"x86_64": "c" * 64, "aarch64": "d" * 64}
 
-    def cached(arch):
+    def cached(arch, parts):
         return types.SimpleNamespace(dir=tmp_path, wheel=tmp_path / wheels[arch],
                                      stamp={"files": {wheels[arch]: {"sha256": sha[arch]}}})
     fake = types.SimpleNamespace(cached=cached)
@@ -192,6 +192,6 @@ def test_the_plan_uploads_the_llama_cpp_python_wheel_built_for_the_hosts_arch(tm
         assert wheel["dir"] == f"{contract.LLAMA_DIR}/{contract.LLAMA_WHEEL_PREFIX}{sha[arch][:16]}"
         assert llama["requirements"] == [
             f"llama-cpp-python[server] @ file://{wheel['dir']}/{wheels[arch]}"]
-    fake.cached = lambda arch: None
+    fake.cached = lambda arch, parts: None
     with pytest.raises(RuntimeError, match="no llama-cpp-python wheel built for aarch64"):
         plan.host_plan(fleet, "vps")
