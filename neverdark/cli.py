@@ -119,6 +119,9 @@ def _summary(fleet) -> str:
     n = lambda count, word: f"{count} {word}{'' if count == 1 else 's'}"  # noqa: E731
     lines = [f"OK: {n(len(fleet.hosts), 'host')}, {n(len(fleet.models), 'model')}, "
              f"{n(len(fleet.wizards), 'wizard')}"]
+    from neverdark.models import speed, template
+    lines += template.summary_lines(fleet)
+    lines += [f"warning: {w}" for w in speed.warnings(fleet)]
     for h, host in fleet.hosts.items():
         lines.append(f"host {h} ({host.profile}, {host.arch}, {host.memory_mb} MB):")
         lines.append(memory_fit.format_budget(memory_fit.memory_budget(fleet, h), host.memory_mb))
