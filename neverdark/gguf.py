@@ -202,7 +202,8 @@ def _int(meta: dict, key: str, where: str) -> int | None:
 def _kind(v: object) -> str:
     if isinstance(v, tuple):
         return "an array"
-    return {bool: "a boolean", float: "a number", str: "a string"}.get(type(v), type(v).__name__)
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        type(v), type(v).__name__)
 
 
 def _template(meta: dict, key: str, where: str) -> str | None:
