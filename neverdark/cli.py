@@ -461,27 +461,25 @@ def model_add(source: str, sha256, name, engine, write: bool, replace: bool, inv
     click.echo("models:\n" + add.render_block(name, d), nl=False)
     for note in found.facts.notes:
         click.echo(f"# note: {note}")
-    path = None
     try:
         path = find_inventory(inventory)
     except InventoryNotFound as e:
-        if write:
+        # Only a named inventory that is not there is an error: the block needs none.
+        if write or inventory is not None or os.environ.get("NEVERDARK_INVENTORY"):
             raise NoInventory(str(e)) from None
+        click.echo("# no inventory: the memory fit needs its hosts (--inventory PATH)")
+        return
+    try:
+        validate(path, env=os.environ)
+    except InventoryError as err:
+        _fail_with_problems(err, path)   # nothing is written into an invalid inventory
     if write:
         try:
             add.write(path, name, d, replace)
         except add.AddError as e:
             raise click.ClickException(str(e)) from None
         click.echo(f"# written to {path}")
-    if path is None:
-        click.echo("# no inventory: the memory fit needs its hosts (--inventory PATH)")
-        return
-    try:
-        fleet = validate(path, env=os.environ)
-    except InventoryError as err:
-        click.echo(f"# {path} does not validate ({len(err.problems)} problems): no memory fit "
-                   "(`neverdark validate` lists them)")
-        return
+    fleet = _fleet(path)
     click.echo(f"# memory fit ({path}):")
     for line in add.fit_lines(fleet, name, d):
         click.echo(f"# {line}")

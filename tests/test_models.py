@@ -458,8 +458,12 @@ def test_model_add_writes_a_block_that_validates_and_renders(tmp_path, source, m
                "match the model file's GGUF header (18)" in p for p in problems(path))
 
 
-def test_model_add_of_a_tools_template_picks_llama_server(tmp_path, copies):
-    out = run(str(copies["qwen2.5-instruct"].path), "--inventory", str(tmp_path / "none.yaml"))
+def test_model_add_of_a_tools_template_picks_llama_server(tmp_path, copies, monkeypatch):
+    from neverdark import inventory
+    monkeypatch.chdir(tmp_path)                      # no inventory anywhere: the block alone
+    monkeypatch.setattr(inventory, "REPO", tmp_path / "repo")
+    monkeypatch.delenv("NEVERDARK_INVENTORY", raising=False)
+    out = run(str(copies["qwen2.5-instruct"].path))
     assert out.exit_code == 0, out.output
     block = yaml.safe_load(out.output.split("# no inventory")[0])
     m, = block["models"].values()

@@ -6,7 +6,8 @@ assembled, as the deploy does). The block carries the file's size and sha256, it
 training context, KV layout and chat template (and whether that renders tools), with an engine
 and a server block that serve Hermes' 64K floor; `validate` checks every one of those values
 against the same file. With `--write` it goes into the inventory, whose comments and formatting
-are kept (the file is replaced atomically, and only if it still validates as well as before).
+are kept (the file is replaced atomically, and only if it still validates; an inventory
+that does not validate is not written into).
 Then the memory fit of the model on each host that would serve it.
 """
 
@@ -176,14 +177,13 @@ def render_block(name: str, d: dict, unit: str = "  ") -> str:
 
 # --- into the inventory --------------------------------------------------------------------------
 
-def _problems(path: Path) -> set[tuple[str, str]] | None:
-    """(field, message) of each problem validate finds (None: it could not even be read)."""
+def _problems(path: Path) -> list[str]:
     from neverdark.inventory import InventoryError, validate
     try:
         validate(path, env=os.environ)
     except InventoryError as e:
-        return {(p.field, p.message) for p in e.problems}
-    return set()
+        return [str(p) for p in e.problems]
+    return []
 
 
 def _indent_unit(lines: list[str], start: int, end: int) -> str:
@@ -242,24 +242,24 @@ def insert(text: str, name: str, d: dict, replace: bool, where: str) -> str:
 
 
 def write(inventory: Path, name: str, d: dict, replace: bool) -> None:
-    """Put the block into the inventory atomically; refused when the result has problems the
-    file did not have before (they are named)."""
+    """Put the block into a valid inventory atomically; refused (and the file left as it was)
+    when the result would not validate, with the problems named."""
     text = inventory.read_text(encoding="utf-8")
     new = insert(text, name, d, replace, str(inventory))
     parsed = yaml.safe_load(new)["models"][name]
     if json.loads(json.dumps(parsed)) != json.loads(json.dumps(d)):
         raise AddError("the block did not read back as written (a bug): nothing was written")
-    before = _problems(inventory) or set()
     fd, tmp = tempfile.mkstemp(dir=inventory.parent, prefix=f".{inventory.name}.",
                                suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(new)
         os.chmod(tmp, inventory.stat().st_mode & 0o777)
-        added = sorted((_problems(Path(tmp)) or set()) - before)
-        if added:
+        found = _problems(Path(tmp))
+        if found:
             raise AddError("with this block the inventory would not validate, so it was left "
-                           "as it was:\n" + "\n".join(f"  {field}: {msg}" for field, msg in added))
+                           "as it was:\n" + "\n".join(f"  {p.replace(tmp, str(inventory))}"
+                                                       for p in found))
         os.replace(tmp, inventory)
     finally:
         if os.path.exists(tmp):
@@ -282,10 +282,10 @@ def fit_lines(fleet, name: str, d: dict) -> list[str]:
         n = users[h] or max(len(fleet.wizards_on(h)), 1)
         items = memory_fit.server_items(name, model, n, fleet.memory)
         now = memory_fit.memory_budget(fleet, h)
-        if users[h]:   # already in the budget: the current figures are this model's
-            total = sum(mb for _, mb in now)
-        else:
-            total = sum(mb for _, mb in now) + sum(mb for _, mb in items)
+        # A model of that name the host already serves is in its budget: this block replaces it.
+        old = (memory_fit.server_items(name, fleet.models[name], n, fleet.memory)
+               if users[h] else [])
+        total = sum(mb for _, mb in now) - sum(mb for _, mb in old) + sum(mb for _, mb in items)
         verdict = "fits" if total <= host.memory_mb else f"does NOT fit ({total - host.memory_mb} MB over)"
         out.append(f"host {h} ({host.profile}, {host.memory_mb} MB), {n} wizard"
                    f"{'s' * (n != 1)} falling back onto it: {sum(mb for _, mb in items)} MB for "
