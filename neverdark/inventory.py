@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from neverdark import checks, topology
+from neverdark.models import facts
 from neverdark.problems import (InventoryError, Problem, Report, add_validation_errors,
                                 unknown_key)
 from neverdark.schema import CloudBackend, Fleet, Host, LocalBackend, Model, Wizard
@@ -107,7 +108,11 @@ def validate(path: str | os.PathLike, env: Mapping[str, str] = os.environ) -> Fl
     fleet = Fleet.model_construct(**top, **parts)
     fleet._path = path
     checks.default_api_keys(fleet)
+    # The header-derived fields first: the tools check and the memory fit read them.
+    incomplete = facts.fill_models(report, fleet)
     unsure = checks.check_references(report, fleet, names["hosts"], names["models"])
+    unsure |= {fleet.wizards[w].host for m in incomplete for h in fleet.hosts
+               for w in fleet.wizards_using(h, m)}
     # A host with a broken wizard entry would be budgeted without that wizard's gateway.
     raw_wizards = raw.get("wizards") if isinstance(raw.get("wizards"), dict) else {}
     unsure |= {entry.get("host") for w, entry in raw_wizards.items()

@@ -158,22 +158,30 @@ class ModelSource(Strict):
 
 
 class KVLayout(Strict):
-    """From the model card or GGUF metadata (<arch>.block_count, .attention.head_count_kv,
-    .attention.key_length, .attention.sliding_window)."""
+    """From the GGUF header (<arch>.block_count, .attention.head_count_kv, .attention.key_length,
+    .attention.sliding_window, and which layers llama.cpp runs with the window): filled in from
+    the file for file and pypi sources (neverdark.models.facts), typed for a url source."""
 
-    layers: Count
-    kv_heads: Count
-    head_dim: int = Field(gt=0, le=65_536)
-    sliding_window_layers: int = Field(0, ge=0, le=COUNT_MAX)
+    layers: Count | None = None
+    kv_heads: Count | None = None
+    head_dim: int | None = Field(None, gt=0, le=65_536)
+    sliding_window_layers: int | None = Field(None, ge=0, le=COUNT_MAX)
     sliding_window: Tokens | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> KVLayout:
-        if self.sliding_window_layers > self.layers:
-            raise ValueError("sliding_window_layers cannot exceed layers")
-        if self.sliding_window_layers and self.sliding_window is None:
-            raise ValueError("sliding_window_layers needs sliding_window (the window in tokens)")
+        if self.layers is not None and self.sliding_window_layers is not None:
+            problem = self.problem()
+            if problem:
+                raise ValueError(problem)
         return self
+
+    def problem(self) -> str | None:
+        if (self.sliding_window_layers or 0) > (self.layers or 0) and self.layers is not None:
+            return "sliding_window_layers cannot exceed layers"
+        if self.sliding_window_layers and self.sliding_window is None:
+            return "sliding_window_layers needs sliding_window (the window in tokens)"
+        return None
 
 
 class Server(Strict):
@@ -205,24 +213,31 @@ class Model(Strict):
     # Which server runs it: llama-cpp-python's (the default) or llama.cpp's own llama-server
     # (one slot per wizard, prefixes kept per slot); neverdark.engines says what each needs.
     engine: Literal[contract.ENGINES] = contract.DEFAULT_ENGINE  # type: ignore[valid-type]
-    size_mb: Megabytes
     context_length: Tokens | None = None
-    # From the GGUF header when the file is on the operator's machine (file and pypi sources);
-    # declare them for a url source that runs on llama-server.
+    # From the model file when it is on the operator's machine (file and pypi sources, or a url
+    # source already in the model cache: neverdark.models.facts), where a typed value must
+    # match it; typed for a url source (size_mb and kv required; training_context on
+    # llama-server).
+    size_mb: Megabytes | None = None
     training_context: Tokens | None = None
     architecture: str | None = Field(None, pattern=r"^[a-z0-9_.-]{1,64}$")
-    chat_format: str = Field("chatml", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    # What the GGUF carries: a chat template that renders tools, one without, or none.
+    gguf_template: Literal["tools", "chat", "none"] | None = None
+    kv: KVLayout = Field(default_factory=KVLayout)
+    # An override: by default a model is served with its GGUF's own chat template, and with
+    # chatml only when it has none (neverdark.models.template.served).
+    chat_format: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     server: Server = Field(default_factory=Server)
-    kv: KVLayout
     hosts: list[str] | None = None
 
     @field_validator("chat_format")
     @classmethod
-    def _not_gemma(cls, v: str) -> str:
-        if v.lower() == "gemma":
+    def _not_gemma(cls, v: str | None) -> str | None:
+        if v is not None and v.lower() == "gemma":
             raise ValueError("llama-cpp-python's gemma format silently drops system messages, "
                              "so Hermes' persona, tools and the degraded-mode notice would never "
-                             "reach the model: use chatml")
+                             "reach the model: leave chat_format out (the GGUF's own Gemma "
+                             "template folds it into the first user turn) or use chatml")
         return v
 
     @model_validator(mode="after")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from neverdark import contract, memory_fit
+from neverdark.models import template
 from neverdark.problems import Report
 from neverdark.schema import Fleet
 
@@ -24,7 +25,12 @@ class LlamaServer:
     kv_type: str
     mlock: bool
     swa_full: bool
-    chat_format: str
+    chat_format: str           # the override, else chatml: what engines.py's command lines
+                               # pass today (the serving side moves to `template`)
+    template: str              # "model" (the GGUF's own chat template) or the override's name
+                               # (chatml for a GGUF without one): neverdark.models.template
+    tools: bool                # engine and template put tool schemas into the prompt and
+                               # parse tool calls back (llama-server --jinja, a tools template)
     context_length: int        # what Hermes is told
     wizards: tuple[str, ...]   # every wizard of the host that can fall back onto it
     prompt_cache_mb: int       # llama-cpp-python's prompt cache (0 on llama-server)
@@ -55,6 +61,7 @@ def llama_servers(fleet: Fleet, host: str) -> list[LlamaServer]:
     out = []
     for m in fleet.local_models(host):
         model, users = fleet.models[m], tuple(fleet.wizards_using(host, m))
+        served = template.served(model.engine, model.chat_format, model.gguf_template)
         cache = (memory_fit.prompt_cache_bytes(model, len(users), fleet.memory.prompt_tokens)
                  if model.engine == "llama-cpp-python" else 0)
         out.append(LlamaServer(
@@ -62,7 +69,8 @@ def llama_servers(fleet: Fleet, host: str) -> list[LlamaServer]:
             threads=model.server.threads or fleet.hosts[host].cores,
             n_ctx=model.server.n_ctx, kv_type=model.server.kv_type,
             mlock=model.server.mlock, swa_full=model.server.swa_full,
-            chat_format=model.chat_format, context_length=model.context_length,
+            chat_format=model.chat_format or template.FALLBACK,
+            template=served.template, tools=served.tools, context_length=model.context_length,
             wizards=tuple(sorted(users)), prompt_cache_mb=memory_fit.mb(cache),
             prompt_cache_bytes=int(cache),
             sliding_window=model.kv.sliding_window if model.kv.sliding_window_layers else None,

