@@ -21,7 +21,9 @@ def test_the_wheel_holds_the_product_and_no_test_bench(tmp_path):
     assert tops == {"neverdark", "sidecar", "deploys"}, tops
     for needed in ("neverdark/contract.py", "deploys/llama/serve.py",
                    "deploys/llama/neverdark-llama.service.j2", "deploys/sidecar/sudoers.j2",
-                   "deploys/hermes/neverdark-wizard.service.j2"):
+                   "deploys/hermes/neverdark-wizard.service.j2",
+                   "neverdark/panel/server.py", "neverdark/panel/static/index.html",
+                   "neverdark/panel/static/panel.js", "neverdark/panel/static/panel.css"):
         assert needed in names, needed
 
 
