@@ -410,3 +410,41 @@ def panel(listen: str, interval: float, parallel: int, timeout: float, inventory
     finally:
         server.server_close()
         poller.stop()
+
+
+@main.command()
+@click.option("--test", "test_", is_flag=True, help="send a test notice (required: the only "
+                                                    "notice this command sends)")
+@click.option("--host", "hosts", multiple=True, metavar="HOST",
+              help="only this host's sidecar (repeatable; default: every host)")
+@click.option("--json", "as_json", is_flag=True, help="print each host's reply as JSON")
+@_inventory
+def notify(test_: bool, hosts: tuple[str, ...], as_json: bool, inventory) -> None:
+    """Have each host's sidecar send a test notice through its hooks (command, webhook,
+    Telegram) and report each delivery. The hooks and their secrets live on the hosts, so
+    the notice leaves from there, through the code real notices take. Exit 1 when a delivery
+    failed, a host has no hooks or cannot be reached.
+
+    \b
+    Examples:
+      neverdark notify --test
+      neverdark notify --test --host pi1 --json
+    """
+    from neverdark import notify as notify_mod
+    if not test_:
+        raise click.UsageError("say --test: the only notice this command sends is a test one")
+    fleet = _fleet(inventory)
+    unknown = [h for h in hosts if h not in fleet.hosts]
+    if unknown:
+        raise click.BadParameter(f"unknown host {unknown[0]!r} (known: {', '.join(fleet.hosts)})",
+                                 param_hint="--host")
+    results = notify_mod.ask_all(fleet, hosts or fleet.hosts)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        out, err = notify_mod.report_lines(results)
+        for line in out:
+            click.echo(line)
+        for line in err:
+            click.echo(line, err=True)
+    sys.exit(EXIT_PROBLEMS if notify_mod.failing(results) else EXIT_OK)

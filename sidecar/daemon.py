@@ -32,7 +32,7 @@ from typing import Awaitable, Callable
 
 import httpx
 
-from sidecar import config as config_mod, flip, hooks, jsonlog, sdnotify, state
+from sidecar import config as config_mod, flip, hooks, hooktest, jsonlog, sdnotify, state
 from sidecar.config import ConfigError, SidecarConfig, WizardConfig
 from sidecar.control import serve as serve_control
 from sidecar.http_api import HttpApi
@@ -513,6 +513,8 @@ class Daemon:
         op = request["op"]
         if op == "status":
             return {"ok": True, "status": self.status()}
+        if op == hooktest.OP:
+            return await hooktest.handle(self, request)
         runner = self.runners.get(request.get("wizard"))
         if runner is None or runner.retiring:
             return {"ok": False, "error": f"unknown wizard {request.get('wizard')!r} "

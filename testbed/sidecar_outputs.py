@@ -24,7 +24,7 @@ from testbed.hermes_gateway import variant
 from testbed.llmock import free_port
 
 
-def write_config(root: Path) -> Path:
+def write_config(root: Path, hooks: dict | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     dead = [free_port(), free_port()]
     variants = root / "backends"
@@ -44,6 +44,7 @@ def write_config(root: Path) -> Path:
            "control_socket": str(root / "run" / "control.sock"),
            "state_dir": str(root / "state"), "secrets_file": str(env),
            "probe": {"interval": 0.2, "timeout": 1, "fall": 2, "rise": 2},
+           "hooks": hooks or {},
            "wizards": {"merlin": {
                "unit": "neverdark-wizard-merlin.service", "api_port": free_port(),
                "api_key_env": "API_KEY_MERLIN", "home": str(root / "home"),
@@ -83,8 +84,8 @@ async def _read(path: Path, rounds: int, timeout: float, during) -> tuple[dict, 
     return status, metrics, seen
 
 
-def sidecar_outputs(root: Path, rounds: int = 3, timeout: float = 60,
-                    during=None) -> tuple[dict, str, object]:
+def sidecar_outputs(root: Path, rounds: int = 3, timeout: float = 60, during=None,
+                    hooks: dict | None = None) -> tuple[dict, str, object]:
     """(the /status document, the /metrics text, what `during(cfg)` returned) of a real daemon
     after `rounds` probe rounds; `during` runs (in a thread) while the daemon still serves."""
-    return asyncio.run(_read(write_config(root), rounds, timeout, during))
+    return asyncio.run(_read(write_config(root, hooks), rounds, timeout, during))
