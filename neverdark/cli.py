@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
 
 from neverdark import contract, memory_fit, remote
+from neverdark import status as status_mod
 from neverdark.inventory import InventoryError, InventoryNotFound, find_inventory, validate
 from neverdark.problems import printable
 
@@ -119,9 +117,6 @@ def _summary(fleet) -> str:
     n = lambda count, word: f"{count} {word}{'' if count == 1 else 's'}"  # noqa: E731
     lines = [f"OK: {n(len(fleet.hosts), 'host')}, {n(len(fleet.models), 'model')}, "
              f"{n(len(fleet.wizards), 'wizard')}"]
-    from neverdark.models import speed, template
-    lines += template.summary_lines(fleet)
-    lines += [f"warning: {w}" for w in speed.warnings(fleet)]
     for h, host in fleet.hosts.items():
         lines.append(f"host {h} ({host.profile}, {host.arch}, {host.memory_mb} MB):")
         lines.append(memory_fit.format_budget(memory_fit.memory_budget(fleet, h), host.memory_mb))
@@ -183,51 +178,20 @@ def _host_of(fleet, wizard: str) -> str:
     return fleet.wizards[wizard].host
 
 
-def _last_json(proc) -> dict:
-    """The host-side tools end their output with one JSON object line; ValueError when not."""
-    lines = proc.stdout.strip().splitlines()
-    if not lines:
-        raise ValueError("no output")
-    answer = json.loads(lines[-1])
-    if not isinstance(answer, dict):
-        raise ValueError("not a JSON object")
-    return answer
-
-
-def _why_no_answer(proc) -> str:
-    """ssh's own error (exit 255: the host was not reached), else what the remote command
-    said last on stderr."""
-    last = next((ln.strip() for ln in reversed(proc.stderr.splitlines()) if ln.strip()), "")
-    last = printable(last[-300:])
-    if proc.returncode == 255:
-        return f"unreachable: {last or 'ssh failed without a message'}"
-    return f"no answer from the sidecar (exit {proc.returncode})" + (f": {last}" if last else "")
-
-
-def _remote(fleet, host: str, run) -> tuple[object | None, str | None]:
-    """(process, None), or (None, why) when ssh could not run or timed out."""
-    try:
-        return run(), None
-    except subprocess.TimeoutExpired as e:
-        return None, f"unreachable: no answer within {e.timeout:.0f} s"
-    except OSError as e:
-        return None, f"cannot run ssh: {e.strerror or e}"
-
-
 def _control(op: str, wizard: str, to: str | None, inventory) -> None:
     fleet = _fleet(inventory)
     host = _host_of(fleet, wizard)
     args = [op, wizard] + (["--to", to] if to else [])
     # The host's ctl waits up to 600 s for the switch, then (if the sidecar restarted
     # mid-request) up to 420 s for its verdict: sidecar/ctl.py.
-    proc, why = _remote(fleet, host, lambda: remote.sidecar_ctl(fleet, host, *args,
+    proc, why = remote.attempt(lambda: remote.sidecar_ctl(fleet, host, *args,
                                                                 timeout=1200))
     try:
-        answer = _last_json(proc) if proc is not None else None
+        answer = remote.last_json(proc) if proc is not None else None
     except ValueError:
         answer = None
     if answer is None:
-        click.echo(f"{host}: {why or _why_no_answer(proc)}", err=True)
+        click.echo(f"{host}: {why or remote.why_no_answer(proc)}", err=True)
         sys.exit(EXIT_PROBLEMS)
     if answer.get("interrupted"):
         # The sidecar restarted mid-request; sidecar.ctl reconnected and says where it ended up.
@@ -299,14 +263,14 @@ def drill(wizard: str, to: str | None, turns: int, as_json: bool, inventory) -> 
     fleet = _fleet(inventory)
     host = _host_of(fleet, wizard)
     args = [wizard, "--turns", str(turns)] + (["--to", to] if to else [])
-    proc, why = _remote(fleet, host, lambda: remote.run(
+    proc, why = remote.attempt(lambda: remote.run(
         fleet, host, f"{remote.SIDECAR_PYTHON} -m sidecar.drill " + shlex.join(args)))
     try:
-        report = _last_json(proc) if proc is not None else None
+        report = remote.last_json(proc) if proc is not None else None
     except ValueError:
         report = None
     if report is None:
-        click.echo(f"{host}: the drill gave no report: {why or _why_no_answer(proc)}", err=True)
+        click.echo(f"{host}: the drill gave no report: {why or remote.why_no_answer(proc)}", err=True)
         sys.exit(EXIT_PROBLEMS)
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -336,84 +300,154 @@ def drill_lines(host: str, report: dict) -> list[str]:
     return lines
 
 
-def _host_status(fleet, host: str) -> tuple[str, dict | str]:
-    proc, why = _remote(fleet, host, lambda: remote.sidecar_ctl(fleet, host, "status",
-                                                                  timeout=60))
-    if proc is None:
-        return host, why
-    try:
-        answer = _last_json(proc)
-    except ValueError:
-        return host, _why_no_answer(proc)
-    if not answer.get("ok") or not isinstance(answer.get("status"), dict):
-        return host, printable(str(answer.get("error") or "sidecar refused"))
-    return host, answer["status"]
+_parallel = click.option("--parallel", type=click.IntRange(1, 256),
+                         default=status_mod.DEFAULT_PARALLEL, show_default=True,
+                         help="hosts asked at once")
+_timeout = click.option("--timeout", type=click.FloatRange(1, 600),
+                        default=status_mod.DEFAULT_TIMEOUT, show_default=True,
+                        help="seconds a host has to answer before it counts as unreachable")
 
 
-def _ago(ts: float | None, now: float) -> str:
-    if ts is None:
-        return "-"
-    s = max(0, int(now - ts))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def status_rows(fleet, statuses: dict[str, dict | str], now: float) -> list[list[str]]:
-    rows = []
-    for name, wz in fleet.wizards.items():
-        st = statuses.get(wz.host)
-        if not isinstance(st, dict):
-            rows.append([name, wz.host, "?", "-", st or "no answer", ""])
-            continue
-        w = st["wizards"].get(name)
-        if w is None:
-            rows.append([name, wz.host, "?", "-", "not in the sidecar's config: deploy", ""])
-            continue
-        flags = "".join([" DARK" if w.get("dark") else "", " pinned" if w.get("pinned") else "",
-                         " switching" if w.get("switching") else ""])
-        health = " ".join(f"{b}:{_health(h)}" for b, h in w["backends"].items())
-        rows.append([name, wz.host, (w.get("active") or "?") + flags, _ago(w.get("since"), now),
-                     w.get("why") or "", health])
-    return rows
-
-
-def _health(h: dict) -> str:
-    if h.get("key_rejected"):
-        return "key-rejected"
-    if h.get("held_for"):
-        return f"held-{h['held_for']:.0f}s"
-    return {True: "up", False: "down", None: "unknown"}[h.get("healthy")]
+def _seconds(ctx, param, value):
+    if value is not None and not 0.5 <= value <= 86400:
+        raise click.BadParameter("between 0.5 and 86400 seconds")
+    return value
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="print each host's sidecar status as JSON")
+@click.option("--json", "as_json", is_flag=True,
+              help="print the snapshot as JSON (one line per round with --watch)")
+@click.option("--watch", type=float, is_flag=False, flag_value=5.0, default=None,
+              metavar="[SECONDS]", callback=_seconds,
+              help="ask again every SECONDS (default 5) until interrupted")
+@click.option("--only-problems", is_flag=True,
+              help="show only wizards and hosts with a problem (fallback, dark, a backend "
+                   "down, unreachable, stale probes, low memory)")
+@_parallel
+@_timeout
 @_inventory
-def status(as_json: bool, inventory) -> None:
-    """One table for the whole inventory: where each wizard runs and how its backends are.
-    Exit 1 when a wizard is dark or a host cannot be reached (with ssh's own error).
+def status(as_json: bool, watch: float | None, only_problems: bool, parallel: int,
+           timeout: float, inventory) -> None:
+    """Where each wizard runs and how its backends are, every host asked at once: one table
+    of wizards, one of hosts (answer time, age of the last probe, memory free against the
+    plan's budget), and a summary line. Exit 1 when a wizard is dark or a host cannot be
+    read (with ssh's own error).
 
     \b
     Examples:
       neverdark status
+      neverdark status --only-problems --watch 10
       neverdark status --json --inventory prod.yaml
     """
     fleet = _fleet(inventory)
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        statuses = dict(pool.map(lambda h: _host_status(fleet, h), fleet.hosts))
+    last: list[dict] = []
+
+    def show(snap: dict) -> None:
+        last[:] = [snap]
+        if as_json:
+            click.echo(json.dumps(snap, separators=(",", ":") if watch else None,
+                                  indent=None if watch else 2))
+            return
+        out, err = status_mod.render_text(snap, only_problems)
+        if watch and sys.stdout.isatty():
+            click.echo("\x1b[H\x1b[2J", nl=False)   # clear the screen between rounds
+        for line in out:
+            click.echo(line)
+        for line in err:
+            click.echo(line, err=True)
+
+    ask = {"parallel": parallel, "timeout": timeout}
+    try:
+        if watch is None:
+            show(status_mod.fleet_snapshot(fleet, **ask))
+        else:
+            status_mod.watch(fleet, watch, show, **ask)
+    except KeyboardInterrupt:   # --watch ends here; the exit code is the last round's
+        pass
+    sys.exit(EXIT_PROBLEMS if not last or status_mod.failing(last[0]) else EXIT_OK)
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:9471", show_default=True, metavar="HOST:PORT",
+              help="where the page is served (port 0: any free one)")
+@click.option("--interval", type=click.FloatRange(0.5, 3600), default=3.0, show_default=True,
+              help="seconds between two rounds of asking every host")
+@_parallel
+@_timeout
+@_inventory
+def panel(listen: str, interval: float, parallel: int, timeout: float, inventory) -> None:
+    """Serve the fleet's status as a live web page on this machine: every wizard's active
+    backend, since when and why, each backend's health, each host's memory. Every host is
+    asked as `status` asks it, every INTERVAL seconds; the page updates itself. No login: it
+    listens on loopback unless told otherwise.
+
+    \b
+    Examples:
+      neverdark panel                         # then open http://127.0.0.1:9471/
+      neverdark panel --listen 127.0.0.1:8080 --interval 5
+    """
+    from neverdark.panel import server as panel_server
+    fleet = _fleet(inventory)
+    try:
+        host, _ = panel_server.parse_listen(listen)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--listen") from None
+    if not panel_server.is_loopback(host):
+        click.echo(f"warning: {host} is not a loopback address: the panel has no login, and "
+                   "anyone who reaches it sees the fleet's status", err=True)
+    try:
+        server, poller = panel_server.serve(fleet, listen, interval, parallel=parallel,
+                                            timeout=timeout)
+    except OSError as e:
+        raise click.ClickException(f"cannot listen on {listen}: {e.strerror or e}") from None
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"neverdark panel on http://{shown}:{server.server_address[1]}/ "
+               f"({len(fleet.hosts)} hosts asked every {interval:g} s; Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        poller.stop()
+
+
+@main.command()
+@click.option("--test", "test_", is_flag=True, help="send a test notice (required: the only "
+                                                    "notice this command sends)")
+@click.option("--host", "hosts", multiple=True, metavar="HOST",
+              help="only this host's sidecar (repeatable; default: every host)")
+@click.option("--json", "as_json", is_flag=True, help="print each host's reply as JSON")
+@_inventory
+def notify(test_: bool, hosts: tuple[str, ...], as_json: bool, inventory) -> None:
+    """Have each host's sidecar send a test notice through its hooks (command, webhook,
+    Telegram) and report each delivery. The hooks and their secrets live on the hosts, so
+    the notice leaves from there, through the code real notices take. Exit 1 when a delivery
+    failed, a host has no hooks or cannot be reached.
+
+    \b
+    Examples:
+      neverdark notify --test
+      neverdark notify --test --host pi1 --json
+    """
+    from neverdark import notify as notify_mod
+    if not test_:
+        raise click.UsageError("say --test: the only notice this command sends is a test one")
+    fleet = _fleet(inventory)
+    unknown = [h for h in hosts if h not in fleet.hosts]
+    if unknown:
+        raise click.BadParameter(f"unknown host {unknown[0]!r} (known: {', '.join(fleet.hosts)})",
+                                 param_hint="--host")
+    results = notify_mod.ask_all(fleet, hosts or fleet.hosts)
     if as_json:
-        click.echo(json.dumps(statuses, indent=2))
+        click.echo(json.dumps(results, indent=2))
     else:
-        rows = status_rows(fleet, statuses, time.time())
-        head = ["WIZARD", "HOST", "ACTIVE", "SINCE", "REASON", "BACKENDS"]
-        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
-        for r in [head, *rows]:
-            click.echo("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
-        for host, st in statuses.items():
-            if not isinstance(st, dict):
-                click.echo(f"{host}: {st}", err=True)
-    bad = any(not isinstance(s, dict) for s in statuses.values()) or any(
-        w.get("dark") for s in statuses.values() if isinstance(s, dict)
-        for w in s["wizards"].values())
-    sys.exit(EXIT_PROBLEMS if bad else EXIT_OK)
+        out, err = notify_mod.report_lines(results)
+        for line in out:
+            click.echo(line)
+        for line in err:
+            click.echo(line, err=True)
+    sys.exit(EXIT_PROBLEMS if notify_mod.failing(results) else EXIT_OK)
 
 
 @main.group("model")

@@ -23,10 +23,12 @@ say() { printf 'setup [%4d s]: %s\n' "$SECONDS" "$*"; }
 # mmdebstrap builds the test hosts' images; qemu-user-static + binfmt-support run the aarch64
 # (Raspberry Pi) test hosts on an x86_64 runner; cmake, ninja and the compilers build the host
 # artifacts (neverdark.artifacts: the llama-cpp-python wheel and llama-server, x86_64 and
-# cross-compiled aarch64).
+# cross-compiled aarch64); prometheus ships promtool (the alert rules' tests) and chromium is
+# the headless browser the panel's test drives.
 need_apt=()
 for pkg in mmdebstrap systemd-container iproute2 openssh-client sudo qemu-user-static \
-           binfmt-support cmake ninja-build g++ gcc-aarch64-linux-gnu g++-aarch64-linux-gnu; do
+           binfmt-support cmake ninja-build g++ gcc-aarch64-linux-gnu g++-aarch64-linux-gnu \
+           prometheus chromium; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -1,7 +1,8 @@
 """The local control channel: a unix socket, one JSON request and one JSON reply per connection.
 
 Requests: {"op": "failover"|"pin"|"release"|"status", "wizard": W, "to": BACKEND, "wait": bool,
-"timeout": seconds, "stay": seconds (failover only: no failback before then, for a drill's turns)}.
+"timeout": seconds, "stay": seconds (failover only: no failback before then, for a drill's turns)};
+{"op": "notify-test"} (sidecar/hooktest.py: a test notice through every hook, each outcome).
 Who may use it is checked twice: the socket file is 0660 with group neverdark-ops (connect needs
 write permission), and each peer's kernel-reported credentials (SO_PEERCRED) must be root, the
 sidecar's own user, or a member of neverdark-ops.
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 OPS_GROUP = "neverdark-ops"
 MAX_REQUEST = 64 * 1024
 READ_TIMEOUT = 5.0
-OPS = ("failover", "pin", "release", "status")
+OPS = ("failover", "pin", "release", "status", "notify-test")
 
 Handler = Callable[[dict, int], Awaitable[dict]]
 

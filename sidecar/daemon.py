@@ -19,7 +19,7 @@ from typing import Awaitable, Callable
 
 import httpx
 
-from sidecar import reload as reload_mod, sdnotify
+from sidecar import hooktest, reload as reload_mod, sdnotify
 from sidecar.config import SidecarConfig
 from sidecar.control import serve as serve_control
 from sidecar.events import Events, iso
@@ -104,6 +104,8 @@ class Daemon:
         op = request["op"]
         if op == "status":
             return {"ok": True, "status": self.status()}
+        if op == hooktest.OP:
+            return await hooktest.handle(self, request)
         runner = self.runners.get(request.get("wizard"))
         if runner is None or runner.retiring:
             return {"ok": False, "error": f"unknown wizard {request.get('wizard')!r} "

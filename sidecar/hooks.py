@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import shlex
+import time
 
 import httpx
 
@@ -44,7 +45,7 @@ def _scrub(text: str, secrets: dict[str, str]) -> str:
     return _BOT_TOKEN_IN_URL.sub("/bot***/", text)
 
 
-async def _command(command: str, payload: bytes, timeout: float) -> None:
+async def _command(command: str, payload: bytes, timeout: float) -> str:
     # No shell: the payload is data, and the command line comes whole from root-owned config.
     proc = await asyncio.create_subprocess_exec(
         *shlex.split(command), stdin=asyncio.subprocess.PIPE,
@@ -58,12 +59,14 @@ async def _command(command: str, payload: bytes, timeout: float) -> None:
         raise TimeoutError(f"hook command killed after {timeout:.0f}s") from None
     if proc.returncode != 0:
         raise RuntimeError(f"hook command exited {proc.returncode}")
+    return "exit 0"
 
 
-async def _webhook(url: str, event: dict, client: httpx.AsyncClient, timeout: float) -> None:
+async def _webhook(url: str, event: dict, client: httpx.AsyncClient, timeout: float) -> str:
     r = await client.post(url, json=event, timeout=timeout)
     if r.status_code >= 300:
         raise RuntimeError(f"webhook answered HTTP {r.status_code}")
+    return f"HTTP {r.status_code}"
 
 
 def render(event: dict) -> str:
@@ -74,7 +77,7 @@ def render(event: dict) -> str:
 
 
 async def _telegram(cfg: dict, event: dict, secrets: dict[str, str], client: httpx.AsyncClient,
-                    base: str, timeout: float) -> None:
+                    base: str, timeout: float) -> str:
     token = secrets.get(cfg.get("token_env") or "")
     if not token:
         raise RuntimeError(f"telegram token {cfg.get('token_env')!r} not in the secrets file")
@@ -83,13 +86,25 @@ async def _telegram(cfg: dict, event: dict, secrets: dict[str, str], client: htt
                                 "disable_web_page_preview": True})
     if r.status_code >= 300:
         raise RuntimeError(f"telegram answered HTTP {r.status_code}")
+    return f"HTTP {r.status_code}"
 
 
-async def notify(event: dict, hooks, secrets: dict[str, str], client: httpx.AsyncClient, *,
-                 telegram_base: str = TELEGRAM_API, timeout: float = 10.0) -> None:
-    """Run every configured hook at once, each bounded by `timeout`; failures are logged only."""
+async def _timed(job) -> tuple[bool, str, float]:
+    started = time.monotonic()
+    try:
+        detail = await job
+    except Exception as exc:  # noqa: BLE001 -- a hook's failure is its outcome, never ours
+        return False, f"{type(exc).__name__}: {exc}", time.monotonic() - started
+    return True, detail, time.monotonic() - started
+
+
+async def deliver(event: dict, hooks, secrets: dict[str, str], client: httpx.AsyncClient, *,
+                  telegram_base: str = TELEGRAM_API,
+                  timeout: float = 10.0) -> dict[str, tuple[bool, str, float]]:
+    """Run every configured hook at once, each bounded by `timeout`: for each hook, (delivered,
+    what happened, seconds), the text scrubbed of every secret."""
     if hooks is None:
-        return
+        return {}
     jobs: dict[str, object] = {}
     if _get(hooks, "command"):
         payload = json.dumps(event, default=str).encode()
@@ -99,10 +114,16 @@ async def notify(event: dict, hooks, secrets: dict[str, str], client: httpx.Asyn
     if _get(hooks, "telegram"):
         jobs["telegram"] = _telegram(_get(hooks, "telegram"), event, secrets, client,
                                      telegram_base, timeout)
-    if not jobs:
-        return
-    results = await asyncio.gather(*jobs.values(), return_exceptions=True)
-    for name, result in zip(jobs, results):
-        if isinstance(result, BaseException):
-            log.warning("%s hook failed: %s", name,
-                        _scrub(f"{type(result).__name__}: {result}", secrets))
+    results = await asyncio.gather(*(_timed(job) for job in jobs.values()))
+    return {name: (ok, _scrub(detail, secrets), seconds)
+            for name, (ok, detail, seconds) in zip(jobs, results)}
+
+
+async def notify(event: dict, hooks, secrets: dict[str, str], client: httpx.AsyncClient, *,
+                 telegram_base: str = TELEGRAM_API, timeout: float = 10.0) -> None:
+    """deliver(), with failures logged only."""
+    outcomes = await deliver(event, hooks, secrets, client, telegram_base=telegram_base,
+                             timeout=timeout)
+    for name, (ok, detail, _) in outcomes.items():
+        if not ok:
+            log.warning("%s hook failed: %s", name, detail)

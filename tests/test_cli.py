@@ -31,6 +31,7 @@ COMMANDS = {
     "release": ["merlin"], "drill": ["merlin", "--turns", "1"], "render": ["vps", "--out", "OUT"],
     # model add needs an inventory only to write into it (it prints a block without one)
     "model": ["add", "GGUF", "--name", "g2", "--write"],
+    "notify": ["--test"], "panel": ["--listen", "127.0.0.1:0"],
 }
 
 
@@ -161,7 +162,10 @@ def test_validate_takes_path_or_inventory_not_two_different(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["failover", "nobody"], ["drill", "nobody"],
-                                  ["render", "nohost", "--out", "x"], ["status", "--bogus"]])
+                                  ["render", "nohost", "--out", "x"], ["status", "--bogus"],
+                                  ["notify"], ["notify", "--test", "--host", "nohost"],
+                                  ["panel", "--listen", "9471"],
+                                  ["panel", "--listen", "example.org:80"]])
 def test_unknown_names_and_options_are_usage_errors(args, tmp_path):
     path = write_fleet(tmp_path)
     result = invoke(args + ["--inventory", str(path)])
@@ -196,7 +200,8 @@ def test_status_shows_ssh_own_error_for_an_unreachable_host(tmp_path):
     assert f"vps: {why}" in proc.stderr
 
 
-@pytest.mark.parametrize("command", [["failover", "merlin"], ["drill", "merlin"]])
+@pytest.mark.parametrize("command", [["failover", "merlin"], ["drill", "merlin"],
+                                     ["notify", "--test"]])
 def test_remote_commands_exit_1_with_ssh_own_error(command, tmp_path):
     path, port = unreachable_fleet(tmp_path)
     proc = subprocess.run([str(NEVERDARK), *command, "--inventory", str(path)],
@@ -219,7 +224,8 @@ def hostile_fleet_text(marker: Path) -> str:
 
 
 OPERATOR_COMMANDS = [["validate"], ["status"], ["failover", "merlin"], ["pin", "merlin"],
-                     ["release", "merlin"], ["drill", "merlin"], ["render", "vps", "--out", "OUT"]]
+                     ["release", "merlin"], ["drill", "merlin"], ["render", "vps", "--out", "OUT"],
+                     ["notify", "--test"], ["panel", "--listen", "127.0.0.1:0"]]
 
 
 @pytest.mark.parametrize("command", OPERATOR_COMMANDS, ids=lambda c: c[0])

@@ -20,7 +20,9 @@ def test_the_wheel_holds_the_product_and_no_test_bench(tmp_path):
     tops = {n.split("/")[0] for n in names if "/" in n and ".dist-info" not in n}
     assert tops == {"neverdark", "sidecar", "llama_launcher", "deploys"}, tops
     for needed in ("neverdark/contract.py", "llama_launcher/__main__.py",
-                   "deploys/templates/llama/neverdark-llama.service.j2"):
+                   "deploys/templates/llama/neverdark-llama.service.j2",
+                   "neverdark/panel/server.py", "neverdark/panel/static/index.html",
+                   "neverdark/panel/static/panel.js", "neverdark/panel/static/panel.css"):
         assert needed in names, needed
     # Every package of the product (pyproject.toml lists them) and every template, which the
     # wheel carries inside the deploys package (templates/<component>/ at the top of the
