@@ -87,6 +87,23 @@ def address_problem(value: object) -> str | None:
     return None
 
 
+def private_address_problem(value: object) -> str | None:
+    """A host's address on the fleet's own network (LAN, WireGuard, Tailscale's 100.64.0.0/10):
+    an IP literal that is not routed on the internet, so what listens there (a model server
+    other hosts fall back onto, the sidecar's metrics) is never on a public address."""
+    if not isinstance(value, str):
+        return f"must be a string, got {type(value).__name__}"
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        return f"{_shown(value)} is not an IP address (a private address is given as one)"
+    if ip.is_global or ip.is_multicast or ip.is_unspecified or ip.is_loopback \
+            or ip.is_reserved:
+        return (f"{_shown(value)} is not a private address: use the host's LAN (10/8, "
+                "172.16/12, 192.168/16, fc00::/7), WireGuard or Tailscale (100.64/10) address")
+    return None
+
+
 def local_path_problem(value: object) -> str | None:
     """A file on the operator's machine that ssh, pyinfra or testinfra is handed."""
     if not isinstance(value, str):

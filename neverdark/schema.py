@@ -111,6 +111,10 @@ class Host(Strict):
     # Where this host gets its wheels when it differs from the fleet's (each test host reaches
     # the runner at its own address; a Pi site may have its own mirror).
     wheelhouse: Wheelhouse | None = None
+    # The host's address on the fleet's own network (LAN, WireGuard, Tailscale): where what other
+    # hosts of the fleet reach listens (a model server a remote wizard falls back onto, the
+    # sidecar's metrics for Prometheus). None: such things listen on loopback only.
+    private_address: str | None = None
 
     @field_validator("arch")
     @classmethod
@@ -124,6 +128,13 @@ class Host(Strict):
     @classmethod
     def _address(cls, v: str) -> str:
         _contract_check(contract.address_problem(v))
+        return v
+
+    @field_validator("private_address")
+    @classmethod
+    def _private_address(cls, v: str | None) -> str | None:
+        if v is not None:
+            _contract_check(contract.private_address_problem(v))
         return v
 
 

@@ -262,3 +262,15 @@ def test_a_backend_is_found_by_name_in_any_shape():
     assert view(fleet, "merlin").backend("claude_s4.5").kind == "anthropic"
     with pytest.raises(KeyError, match="no backend 'nope'"):
         cfg.backend("nope")
+
+
+@pytest.mark.parametrize("value", ["10.1.2.3", "172.16.0.9", "192.168.1.5", "100.100.1.1",
+                                   "fd12:3456::1", "fe80::1"])
+def test_a_private_address_is_a_non_global_ip(value):
+    assert contract.private_address_problem(value) is None
+
+
+@pytest.mark.parametrize("value", ["8.8.8.8", "2a00:1450::1", "127.0.0.1", "0.0.0.0", "::",
+                                   "224.0.0.1", "pi.lan", "10.1.2", 7])
+def test_a_public_loopback_or_named_private_address_is_refused(value):
+    assert contract.private_address_problem(value)
