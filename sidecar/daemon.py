@@ -19,7 +19,7 @@ from typing import Awaitable, Callable
 
 import httpx
 
-from sidecar import hooktest, reload as reload_mod, sdnotify
+from sidecar import badge, hooktest, reload as reload_mod, sdnotify
 from sidecar.config import SidecarConfig
 from sidecar.control import serve as serve_control
 from sidecar.events import Events, iso
@@ -86,6 +86,13 @@ class Daemon:
     def status(self) -> dict:
         return {"at": iso(self.wall()), "wizards": {n: r.status() for n, r in self.runners.items()}}
 
+    def wizard_view(self, name: str) -> dict | None:
+        """One wizard's embeddable view (sidecar/badge.py); None for a wizard not served here."""
+        runner = self.runners.get(name)
+        if runner is None or runner.retiring:
+            return None
+        return badge.summary(name, [b.name for b in runner.w.backends], runner.status())
+
     def render_metrics(self) -> str:
         return self.metrics.render({n: ([b.name for b in r.w.backends], r.policy.active, r.policy.dark)
                                     for n, r in self.runners.items()})
@@ -132,7 +139,7 @@ class Daemon:
     # --- lifecycle ----------------------------------------------------------------------------
 
     def api(self) -> HttpApi:
-        return HttpApi(self.status, self.render_metrics, self.healthy)
+        return HttpApi(self.status, self.render_metrics, self.healthy, self.wizard_view)
 
     def start_runner(self, name: str, runner: WizardRunner) -> None:
         self.runners[name] = runner

@@ -1,4 +1,5 @@
-"""GET /status, /metrics, /healthz on a loopback address, with asyncio streams only.
+"""GET /status, /metrics, /healthz and /wizards/<name>.{json,svg} on a loopback address, with
+asyncio streams only.
 
 One request per connection (Connection: close): the callers are curl, Prometheus and the CLI,
 and keeping the server this small keeps the sidecar free of a web framework.
@@ -11,8 +12,11 @@ import json
 import logging
 from typing import Callable
 
+from sidecar import badge
+
 log = logging.getLogger(__name__)
 
+WIZARDS = "/wizards/"
 MAX_HEAD = 8192
 READ_TIMEOUT = 5.0
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
@@ -21,11 +25,17 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 
 class HttpApi:
     def __init__(self, status: Callable[[], dict], metrics: Callable[[], str],
-                 healthy: Callable[[], bool]) -> None:
+                 healthy: Callable[[], bool],
+                 wizard: Callable[[str], dict | None] | None = None) -> None:
         self.status, self.metrics, self.healthy = status, metrics, healthy
+        self.wizard = wizard    # a wizard's embeddable view (sidecar/badge.py), None if unknown
 
     def route(self, method: str, target: str) -> tuple[int, str, bytes]:
         path = target.split("?", 1)[0]
+        if path.startswith(WIZARDS) and self.wizard is not None:
+            if method not in ("GET", "HEAD"):
+                return 405, "text/plain", b"only GET\n"
+            return self._wizard(path[len(WIZARDS):])
         if path not in ("/status", "/metrics", "/healthz"):
             return 404, "text/plain", b"not found\n"
         if method not in ("GET", "HEAD"):
@@ -39,6 +49,15 @@ class HttpApi:
             return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics().encode()
         ok = self.healthy()
         return (200 if ok else 503), "text/plain", b"ok\n" if ok else b"unhealthy\n"
+
+    def _wizard(self, leaf: str) -> tuple[int, str, bytes]:
+        name, dot, kind = leaf.rpartition(".")
+        view = self.wizard(name) if dot and kind in ("json", "svg") else None
+        if view is None:
+            return 404, "text/plain", b"not found\n"
+        if kind == "svg":
+            return 200, "image/svg+xml", badge.svg(view)
+        return 200, "application/json", (json.dumps(view, allow_nan=False) + "\n").encode()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

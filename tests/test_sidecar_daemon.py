@@ -35,7 +35,7 @@ import httpx
 import pytest
 import yaml
 
-from sidecar import config, flip, jsonlog, sdnotify, state
+from sidecar import badge, config, flip, jsonlog, sdnotify, state
 from sidecar.control import control_request
 from sidecar.daemon import Daemon
 from sidecar.policy import STORM_MAX, STORM_WINDOW
@@ -225,6 +225,16 @@ def test_outage_fails_over_and_back(site, mocks, notify_socket, json_logs):
                 metrics = (await c.get(f"{base}/metrics")).text
                 healthz = (await c.get(f"{base}/healthz")).status_code
             assert status["active"] == "local" and status["backends"]["claude"]["healthy"] is False
+            # The embeddable view and badge say the same as /status.
+            async with httpx.AsyncClient() as c:
+                view = (await c.get(f"{base}/wizards/merlin.json")).json()
+                svg = await c.get(f"{base}/wizards/merlin.svg")
+                unknown = (await c.get(f"{base}/wizards/nobody.json")).status_code
+            assert view["state"] == "fallback" and view["active"] == "local", view
+            assert view["primary"] == "claude" and view["backends"]["claude"] is False
+            assert svg.headers["content-type"] == "image/svg+xml"
+            assert "local (fallback)" in svg.text and badge.COLOURS["fallback"] in svg.text
+            assert unknown == 404
             assert status["transitions"][-1]["kind"] == "failover"
             assert 'neverdark_active_backend{wizard="merlin",backend="local"} 1' in metrics
             assert 'neverdark_probe_failures_total{wizard="merlin",backend="claude",reason="http_5xx"}' in metrics
