@@ -120,6 +120,11 @@ def _summary(fleet) -> str:
     for h, host in fleet.hosts.items():
         lines.append(f"host {h} ({host.profile}, {host.arch}, {host.memory_mb} MB):")
         lines.append(memory_fit.format_budget(memory_fit.memory_budget(fleet, h), host.memory_mb))
+    # Which template serves each model, and whether a warm turn can meet the interactive
+    # budget: both are facts of the inventory, so validate says them before any deploy.
+    from neverdark.models import speed, template
+    lines += template.summary_lines(fleet)
+    lines += [f"warning: {w}" for w in speed.warnings(fleet)]
     return "\n".join(lines)
 
 

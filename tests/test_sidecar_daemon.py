@@ -461,9 +461,11 @@ def test_wall_clock_steps_move_no_timer(site, mocks):
             await d.close()
 
     dwell, still_held, hold, status = asyncio.run(scenario())
-    assert s.min_dwell <= dwell < s.min_dwell + s.damping_cap + 3, dwell
+    # `over` and `hit` are read when the 50 ms poll sees the switch, a little after it: the
+    # lower bounds allow that lag.
+    assert s.min_dwell - 0.25 <= dwell < s.min_dwell + s.damping_cap + 3, dwell
     assert still_held
-    assert 3.0 <= hold < 3.0 + s.min_dwell + s.damping_cap + 3, hold
+    assert 3.0 - 0.25 <= hold < 3.0 + s.min_dwell + s.damping_cap + 3, hold
     # Records are stamped with the wall clock of their moment: the last one a day ahead.
     last = status["wizards"]["merlin"]["transitions"][-1]
     assert last["kind"] == "failback" and last["at"] > time.time() + 86000
@@ -508,7 +510,9 @@ def test_wall_clock_step_across_a_sidecar_restart_mid_dwell(site, mocks):
 
     dwell = asyncio.run(scenario())
     # One switch so far: no damping hold. A dwell restarted at the restart would end after 10 s.
-    assert 6.0 <= dwell < 8.5, dwell
+    # `over` is read when the poll (every 50 ms) first sees the failover, a little after the
+    # switch the dwell counts from: the lower bound allows that lag (CI once measured 5.984 s).
+    assert 6.0 - 0.25 <= dwell < 8.5, dwell
 
 
 # --- provider hints: bounded, and strict JSON everywhere ---------------------------------------
