@@ -4,6 +4,11 @@ Every command that reads the inventory takes `--inventory PATH` (validate also t
 finds it the same way (neverdark.inventory.find_inventory). Exit codes, the same everywhere:
 0 ok; 1 problems found (an invalid inventory, a failed drill or switch, a dark wizard or an
 unreachable host in `status`); 2 usage (unknown option, wizard or host; no inventory file).
+
+Why one module: click gathers the command group from the decorated functions, so the one list of
+subcommands (and their shared options and exit codes) is here; each command is a thin shell of
+options, output and exit code over a module that does the work (status, remote, render,
+notify, panel, models).
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ the context floor, and the one dotenv codec every file neverdark writes is read 
 
 Standard library only: the sidecar imports this module on hosts where nothing else of neverdark
 is installed (the deploy ships it beside the sidecar's code).
+
+Why one module: it is the one source for these facts on both sides, and the deploy ships it to
+hosts as this single file beside the sidecar's code; split, that one source would be several,
+each to be shipped and kept in step.
 """
 
 from __future__ import annotations

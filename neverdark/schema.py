@@ -3,6 +3,11 @@
 Each section's entries are validated one by one (neverdark.inventory), so one broken entry does
 not hide the problems of the others; the cross-checks live in neverdark.checks, ports and model
 servers in neverdark.topology. The format is documented in docs/inventory.md.
+
+Why one module: one pydantic class per inventory section, each its section's whole validation,
+referring to one another (Fleet holds hosts, models, wizards; a wizard's backends are a union of
+kinds) in the order docs/inventory.md documents them; cross-checks are already apart
+(neverdark.checks).
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ from neverdark.contract, so anything `neverdark validate` accepts, the sidecar a
 Loading is all-or-nothing: any problem raises ConfigError naming the file and the field path, so
 the daemon never starts half-configured. Secret values are resolved here from the dotenv secrets
 file and kept out of every repr.
+
+Why one module: `load` and `dump` are the two directions of one format, kept side by side so a
+field added to one is added to the other (tests/test_contract.py loads back what the plan
+dumps); the strict YAML reader is the loader's only user.
 """
 
 from __future__ import annotations

@@ -28,6 +28,11 @@ Rules (thresholds from ProbeSettings):
   (`reconcile`), and `recovered` records how that switch ended once the daemon's check turn says
   whether the backend the wizard is on answers;
 - a reload (`reconfigure`) keeps all of this memory that still means the same under the new config.
+
+Why one module: the rules above act on one another (a failover moves the dwell, the damping hold
+and the restart budget's deferral at once; a reload re-keys all of them), and `plan` reads them
+as one state. What stands alone is already apart (health, budget, persistence); split further,
+one decision would be spread over several files.
 """
 
 from __future__ import annotations

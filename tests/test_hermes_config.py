@@ -3,6 +3,9 @@
 Each LLMock sits behind a KeyTap, a loopback TCP relay that records the request heads passing
 through, because LLMock's request log has bodies but no headers, and the key a backend receives is
 the point of half of these checks. The relay forwards bytes unchanged.
+
+Why one module: the tests share one real gateway and four LLMocks behind their relays (the
+module-scoped `fleet` fixture); split, each file would start its own.
 """
 
 from __future__ import annotations

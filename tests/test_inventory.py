@@ -1,5 +1,9 @@
 """Inventory loading and validation: every error names file:line: field.path, defaults resolve,
-the memory fit adds up, and secret values never leak."""
+the memory fit adds up, and secret values never leak.
+
+Why one module: one subject, the inventory loader, and one set of helpers (inventory text,
+secrets, the line of a marker); the file is long because each bad input is a case of a few lines.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,11 @@
 """Models read from their GGUF file (issue 17): the header reader against hostile and odd
 headers, the layers llama.cpp runs with the sliding window, what a chat template does with
 tools, the facts cache, the inventory fields filled in and checked from the file, the template
-each server uses, `neverdark model add`, and validate's interactive-budget warning."""
+each server uses, `neverdark model add`, and validate's interactive-budget warning.
+
+Why one module: the header reader, the template decision and `neverdark model add` are checked
+against the same GGUF copies, built once (the module-scoped `copies` fixture).
+"""
 
 from __future__ import annotations
 

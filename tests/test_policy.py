@@ -1,6 +1,10 @@
 """The failover policy, driven with a fake clock: every signal, every rule, and properties over
 random observation sequences. The policy is pure, so everything here is real; nothing is faked
-but time."""
+but time.
+
+Why one module: every test drives the one pure class through the same simulator (`Sim`, a fake
+clock and observation helpers); split by rule, each file would rebuild that scaffolding.
+"""
 
 from __future__ import annotations
 

@@ -13,6 +13,9 @@ restarted sidecar runs is replaced by a real deep probe (a one-token generation)
 sidecar.switch, which restarts and verifies, is tested against a real Hermes gateway in
 tests/test_switch.py; the real check turn, SIGKILL and SIGHUP against `python -m sidecar` in
 tests/test_sidecar_process.py.
+
+Why one module: the tests share the LLMock processes and the daemon scaffolding above through
+module-scoped fixtures; split, each file would start its own servers.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ switch at the read of the target's variant (a named pipe nobody writes: the side
 its intent and blocks before touching the active config); "after the flip" holds it in the
 gateway restart; "during verify" holds the verify turn in LLMock (a delay on requests that carry
 tools, which Hermes' turns do and the sidecar's probes do not).
+
+Why one module: the tests share one real Hermes gateway and its LLMocks (the `bench` fixture,
+module-scoped: a gateway takes seconds to start); split, each file would start its own.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ under qemu-user beside a native host and an outsider: boots, answers SSH as `pi`
 python3, admits with nftables only the host a test's inventory would list, and goes away without
 a trace. Twenty light hosts boot in one run. Host specs and the test bed's wizards for any host
 list are checked without booting anything.
+
+Why one module: the tests share booted hosts (module-scoped fixtures: a boot takes seconds to
+minutes, an aarch64 host under qemu-user longer); split, each file would boot its own.
 """
 
 from __future__ import annotations
