@@ -88,7 +88,7 @@ async def probe_latencies(mock: LLMock, llama: LlamaServer, n: int) -> list[dict
         ("anthropic", "list models", "LLMock", b("anthropic", mock.anthropic_base, "claude-sonnet-4-5", "sk-ant-bench"), False),
         ("openai", "list models", "LLMock", b("openai", mock.openai_base, "gpt-4o-mini", "sk-bench"), False),
         ("google", "list models", "LLMock", b("google", mock.google_base, "gemini-2.0-flash", "g-bench"), False),
-        ("local", "liveness (list models)", "llama-cpp-python, Gemma 3 270M", b("local", llama.base_url, LOCAL_MODEL, None), False),
+        ("local", "liveness (GET /health, then /metrics)", "llama-cpp-python, Gemma 3 270M", b("local", llama.base_url, LOCAL_MODEL, None), False),
         ("local", "deep (1-token completion)", "llama-cpp-python, Gemma 3 270M", b("local", llama.base_url, LOCAL_MODEL, None), True),
         ("anthropic", "deep (1 token, paid_probe)", "LLMock", b("anthropic", mock.anthropic_base, "claude-sonnet-4-5", "sk-ant-bench"), True),
         ("openai", "deep (1 token, paid_probe)", "LLMock", b("openai", mock.openai_base, "gpt-4o-mini", "sk-bench"), True),
