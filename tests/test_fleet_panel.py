@@ -1,0 +1,102 @@
+"""Issue 18: the operator's panel (`neverdark panel`, on the operator's machine, reading the
+hosts over SSH) in headless Chromium, following a real drill on the test fleet."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from neverdark import contract
+from tests.test_fleet_drills import PRIMARY, calm, neverdark, record  # noqa: F401 (calm: fixture)
+from testbed.wait import wait_until as wait_for
+
+pytestmark = [pytest.mark.fleet, pytest.mark.e2e]
+
+
+PANEL_ROWS = """JSON.stringify(Object.fromEntries([...document.querySelectorAll('#wizards tbody tr')]
+  .map(tr => [tr.dataset.wizard, {state: tr.dataset.state, active: tr.dataset.active,
+     why: tr.querySelector('.why').textContent}])))"""
+
+
+def test_the_panel_follows_a_drill_on_the_real_fleet(calm, tmp_path):
+    """Issue 18: `neverdark panel` (the operator's command, reading the hosts over SSH) in
+    headless Chromium while a real drill moves merlin to its local model and back; the DOM is
+    checked before, during and after, with a screenshot of each; the sidecar's own badge says
+    the same."""
+    import socket
+
+    from testbed.chromium import Chromium
+
+    bed = calm
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, NEVERDARK_INVENTORY=str(bed.inventory_path),
+               NEVERDARK_SECRETS=str(bed.secrets_path))
+    panel = subprocess.Popen([str(Path(sys.executable).with_name("neverdark")), "panel",
+                              "--listen", f"127.0.0.1:{port}"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_for(lambda: _answers(url), timeout=60, what="the panel answering")
+        with Chromium() as browser:
+            page = browser.open(url)
+            page.wait_for("document.querySelector('tr[data-wizard=merlin]') && "
+                          "document.querySelector('tr[data-wizard=merlin]').dataset.active === 'claude'",
+                          timeout=60, what="merlin on claude")
+            rows = json.loads(page.evaluate(PANEL_ROWS))
+            for wizard, (_, primary) in PRIMARY.items():
+                assert rows[wizard]["active"] == primary and rows[wizard]["state"] == "primary", rows
+            page.screenshot(tmp_path / "drill-before.png")
+
+            drill: dict = {}
+            thread = threading.Thread(target=lambda: drill.update(
+                proc=neverdark(bed, "drill", "merlin", "--turns", "2", check=False)))
+            t0 = time.monotonic()
+            thread.start()
+            page.wait_for("document.querySelector('tr[data-wizard=merlin]').dataset.active === 'local'",
+                          timeout=240, what="merlin shown on local during the drill")
+            shown_local = time.monotonic() - t0
+            rows = json.loads(page.evaluate(PANEL_ROWS))
+            assert rows["merlin"]["state"] == "fallback", rows
+            page.screenshot(tmp_path / "drill-during.png")
+            url_badge = f"http://127.0.0.1:{contract.SIDECAR_PORT}/wizards/merlin.json"
+            badge = bed.ssh("vps1", "python3 -c 'import urllib.request as u;print(u.urlopen("
+                                    f"\"{url_badge}\",timeout=5).read().decode())'")
+            assert json.loads(badge)["state"] in ("fallback", "primary"), badge  # may be back
+            page.wait_for("document.querySelector('tr[data-wizard=merlin]').dataset.active === 'claude'",
+                          timeout=400, what="merlin shown back on claude after the drill")
+            shown_back = time.monotonic() - t0
+            thread.join(timeout=600)
+            proc = drill["proc"]
+            assert proc.returncode == 0 and "drill passed" in proc.stdout, proc.stdout + proc.stderr
+            rows = json.loads(page.evaluate(PANEL_ROWS))
+            assert rows["merlin"]["state"] == "primary", rows
+            page.screenshot(tmp_path / "drill-after.png")
+        record(bed, "panel_drill", {"shown_on_local_s": round(shown_local, 1),
+                                    "shown_back_s": round(shown_back, 1)})
+    finally:
+        panel.terminate()
+        try:
+            out, _ = panel.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            panel.kill()
+            out, _ = panel.communicate()
+    for name in ("drill-before.png", "drill-during.png", "drill-after.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", out
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
