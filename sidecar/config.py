@@ -7,6 +7,10 @@ from neverdark.contract, so anything `neverdark validate` accepts, the sidecar a
 Loading is all-or-nothing: any problem raises ConfigError naming the file and the field path, so
 the daemon never starts half-configured. Secret values are resolved here from the dotenv secrets
 file and kept out of every repr.
+
+Why one module (past 400 lines): the classes, the reader and the writer are one format; `dump`
+must write exactly what `load` reads back (tests/test_contract.py renders every host and loads
+the result), which is easiest to keep true with both beside the classes they share.
 """
 
 from __future__ import annotations
