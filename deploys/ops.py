@@ -113,6 +113,23 @@ def write_if_missing(path: str, source: str, user: str, group: str, mode: str):
            f"chmod {mode} {q(tmp)} && mv -f {q(tmp)} {q(path)}")
 
 
+def token_command(path: str, user: str) -> str:
+    """Shell that writes 32 random bytes, hex, to `path` (0600, `user`'s) and prints nothing."""
+    tmp = f"{path}.new"
+    return (f"umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > {q(tmp)} && "
+            f"chown {q(user)}:{q(user)} {q(tmp)} && chmod 0600 {q(tmp)} && mv -f {q(tmp)} {q(path)}")
+
+
+@operation()
+def token_if_missing(path: str, user: str):
+    """A random token made on the host, 0600 and `user`'s, when there is none: it never passes
+    through the operator's machine, argv or pyinfra's output (the command prints nothing)."""
+    if host.get_fact(File, path=path):
+        host.noop(f"{path} exists")
+        return
+    yield token_command(path, user)
+
+
 @operation()
 def archive_directory(path: str, archive_root: str, prefix: str):
     """Move a removed wizard's data aside rather than deleting it."""

@@ -209,6 +209,17 @@ def check_probes(report: Report, fleet: Fleet) -> None:
                                                 f"damping_base {p.damping_base} s")
 
 
+def check_metrics(report: Report, fleet: Fleet) -> None:
+    """`sidecar: {metrics: private}` listens on each sidecar host's private address."""
+    if fleet.sidecar.metrics != "private":
+        return
+    for host, h in sorted(fleet.hosts.items()):
+        if fleet.wizards_on(host) and not h.private_address:
+            report.add(("hosts", host, "private_address"),
+                       "required with sidecar.metrics: private (the sidecar's /metrics listens "
+                       "there for Prometheus)")
+
+
 def check_telegram(report: Report, fleet: Fleet) -> None:
     # Two gateways polling one bot token fight over updates (Telegram answers 409 Conflict).
     seen: dict[str, str] = {}

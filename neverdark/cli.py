@@ -460,6 +460,36 @@ def notify(test_: bool, hosts: tuple[str, ...], as_json: bool, inventory) -> Non
     sys.exit(EXIT_PROBLEMS if notify_mod.failing(results) else EXIT_OK)
 
 
+@main.command("prometheus")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="directory for prometheus.yml, alerts.yml and tokens/ (created)")
+@click.option("--interval", default="15s", show_default=True, help="scrape interval")
+@_inventory
+def prometheus_cmd(out: Path, interval: str, inventory) -> None:
+    """Write a Prometheus config that scrapes every sidecar on its private address (needs
+    `sidecar: {metrics: private}`, deployed), with the alert rules. Each host's token is read
+    over ssh into OUT/tokens/HOST (0600) and never printed.
+
+    \b
+    Example:
+      neverdark prometheus --out /etc/prometheus/neverdark
+      prometheus --config.file=/etc/prometheus/neverdark/prometheus.yml
+    """
+    from neverdark import prometheus as prom
+    fleet = _fleet(inventory)
+    try:
+        written = prom.write(fleet, out, interval=interval)
+    except prom.PrometheusError as exc:
+        click.echo(f"neverdark prometheus: {exc}", err=True)
+        sys.exit(EXIT_PROBLEMS)
+    for path in written:
+        click.echo(str(path))
+    problem = prom.check(out)
+    if problem:
+        click.echo(f"promtool check config: {problem}", err=True)
+        sys.exit(EXIT_PROBLEMS)
+
+
 @main.group("model")
 def model_group() -> None:
     """Local models: read a GGUF's own facts into the inventory."""

@@ -149,6 +149,13 @@ SIDECAR_ENV = f"{ETC}/sidecar.env"
 SIDECAR_STATE_DIR = f"{VAR}/sidecar/state"
 SIDECAR_SUDOERS = "/etc/sudoers.d/neverdark-sidecar"
 CONTROL_SOCKET = "/run/neverdark-sidecar/control.sock"
+# The bearer token Prometheus presents to the sidecar's private listener (`sidecar: {metrics:
+# private}`): made on the host by the deploy, 0600, the sidecar user's; never leaves the host
+# but through `neverdark prometheus` (over ssh, into a 0600 file).
+METRICS_TOKEN_FILE = f"{ETC}/sidecar-metrics.token"
+METRICS_MODES = ("loopback", "private")
+# An operator notice's incident is over once its cause has been quiet this long (s).
+NOTICE_SETTLE_DEFAULT = 120.0
 LLAMA_DIR = f"{OPT}/llama"
 # The llama-cpp-python launcher (the package llama_launcher), run as `python -m llama_launcher`
 # with this on its path.

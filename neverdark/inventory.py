@@ -123,6 +123,7 @@ def validate(path: str | os.PathLike, env: Mapping[str, str] = os.environ) -> Fl
     checks.check_probes(report, fleet)
     topology.assign_ports(report, fleet)
     checks.check_telegram(report, fleet)
+    checks.check_metrics(report, fleet)
     checks.check_key_variables(report, fleet)
     store = checks.load_secrets(report, fleet, path, env)
     if store is not None:

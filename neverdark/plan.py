@@ -247,12 +247,18 @@ def sidecar_config_for(fleet: Fleet, host: str, chains: list[WizardBackends] | N
     if hooks.telegram:
         secrets["TELEGRAM_HOOK_TOKEN"] = fleet.secret(hooks.telegram.token.secret)
         telegram = {"token_env": "TELEGRAM_HOOK_TOKEN", "chat_id": str(hooks.telegram.chat_id)}
+    private = None
+    if fleet.sidecar.metrics == "private":
+        private = (fleet.hosts[host].private_address, fleet.sidecar.port)
     return sidecar_config.SidecarConfig(
         path=Path(contract.SIDECAR_CONFIG), listen=(contract.LOOPBACK, fleet.sidecar.port),
+        private_listen=private,
+        metrics_token_file=Path(contract.METRICS_TOKEN_FILE) if private else None,
+        units=tuple(contract.llama_unit(s.model) for s in topology.llama_servers(fleet, host)),
         control_socket=Path(contract.CONTROL_SOCKET), state_dir=Path(contract.SIDECAR_STATE_DIR),
         secrets_file=Path(contract.SIDECAR_ENV), probe=_probe_settings(fleet.sidecar.probe),
         hooks=sidecar_config.HooksConfig(command=hooks.command, webhook=hooks.webhook,
-                                         telegram=telegram),
+                                         telegram=telegram, settle=float(hooks.settle)),
         wizards=wizards, secrets=secrets)
 
 
@@ -261,6 +267,7 @@ def sidecar_plan(fleet: Fleet, host: str, wizards: list[dict],
     cfg = sidecar_config_for(fleet, host, chains)
     if cfg is None:
         return {"requirements": SIDECAR_REQUIREMENTS, "config": None, "env": None,
+                "metrics_token": None,
                 "units": [], "groups": [], "watchdog_sec": WATCHDOG_SEC}
     text, env = sidecar_config.dump(cfg)
     user = contract.SIDECAR_USER
@@ -275,6 +282,8 @@ def sidecar_plan(fleet: Fleet, host: str, wizards: list[dict],
         # is a reload, not a restart for new group membership).
         "groups": [contract.OPS_GROUP, "systemd-journal"],
         "watchdog_sec": WATCHDOG_SEC,
+        # Made on the host by the deploy when absent (deploys/ops.py), never here.
+        "metrics_token": str(cfg.metrics_token_file) if cfg.metrics_token_file else None,
     }
 
 

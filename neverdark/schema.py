@@ -458,12 +458,18 @@ class Hooks(Strict):
     command: str | None = None
     webhook: str | None = Field(None, pattern=r"^https?://")
     telegram: HookTelegram | None = None
+    # An incident's recovery is told once it has been quiet this long (sidecar/notices.py);
+    # 0: every event is a notice of its own.
+    settle: float = Field(contract.NOTICE_SETTLE_DEFAULT, ge=0, le=86400)
 
 
 class Sidecar(Strict):
     port: Port = contract.SIDECAR_PORT
     probe: Probe = Field(default_factory=Probe)
     hooks: Hooks = Field(default_factory=Hooks)
+    # loopback: /metrics and /status on 127.0.0.1 only. private: also on each host's
+    # private_address, every request bearing the host's token (contract.METRICS_TOKEN_FILE).
+    metrics: Literal["loopback", "private"] = "loopback"
 
 
 class SecretsConfig(Strict):

@@ -4,7 +4,7 @@ HERMES_VERSION = "0.19.0"
 LLAMA_VERSION = "0.3.36"
 HERMES_REQUIREMENTS = [f"hermes-agent[anthropic,messaging]=={HERMES_VERSION}"]
 LLAMA_REQUIREMENTS = [f"llama-cpp-python[server]=={LLAMA_VERSION}"]
-SIDECAR_REQUIREMENTS = ["httpx", "pyyaml"]
+SIDECAR_REQUIREMENTS = ["httpx", "pyyaml", "prometheus_client>=0.20"]
 
 # The llama-cpp-python sdist the host artifacts are compiled from (neverdark.artifacts): its
 # vendor/llama.cpp is llama.cpp commit 0c1e570, which also gives the native llama-server.

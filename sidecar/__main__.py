@@ -9,6 +9,7 @@ import shlex
 import sys
 
 from sidecar import config, daemon, jsonlog
+from sidecar.http_api import TokenError
 
 log = logging.getLogger("sidecar")
 
@@ -40,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     systemctl = shlex.split(args.systemctl) if args.systemctl else None
     try:
         asyncio.run(daemon.run(cfg, systemctl=systemctl))
-    except OSError as exc:
-        # e.g. the listen port is taken or the control socket's directory is not writable
+    except (OSError, TokenError) as exc:
+        # e.g. the listen port is taken, the control socket's directory is not writable, or
+        # the private listener's token file is missing or readable by others
         log.error("cannot start: %s", exc)
         return 1
     return 0

@@ -8,9 +8,9 @@ Loading is all-or-nothing: any problem raises ConfigError naming the file and th
 the daemon never starts half-configured. Secret values are resolved here from the dotenv secrets
 file and kept out of every repr.
 
-Why one module: `load` and `dump` are the two directions of one format, kept side by side so a
-field added to one is added to the other (tests/test_contract.py loads back what the plan
-dumps); the strict YAML reader is the loader's only user.
+Why one module (past 400 lines): the classes, the reader and the writer are one format; `dump`
+must write exactly what `load` reads back (tests/test_contract.py renders every host and loads
+the result), which is easiest to keep true with both beside the classes they share.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ class HooksConfig:
     webhook: str | None = None
     # {"token_env": NAME, "chat_id": "..."}: a mapping because hooks.notify reads it with .get
     telegram: dict | None = field(default=None, hash=False)
+    # Seconds an incident must stay quiet before its recovery is told (sidecar/notices.py).
+    settle: float = contract.NOTICE_SETTLE_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,17 @@ class SidecarConfig:
     hooks: HooksConfig
     wizards: dict[str, WizardConfig] = field(hash=False)
     secrets: dict[str, str] = field(default_factory=dict, repr=False, hash=False)
+    # A second listener on the host's private address for Prometheus (/metrics, /status, the
+    # badges), every request bearing the token in `metrics_token_file`. None: loopback only.
+    private_listen: tuple[str, int] | None = None
+    metrics_token_file: Path | None = None
+    # Units whose memory, OOM kills and restarts /metrics reports besides the wizards' gateways
+    # (the model servers).
+    units: tuple[str, ...] = ()
+
+    def watched_units(self) -> list[str]:
+        """The units /metrics reports: these and every wizard's gateway, each once."""
+        return list(dict.fromkeys([*self.units, *(w.unit for w in self.wizards.values())]))
 
 
 # --- dotenv ----------------------------------------------------------------------------------
@@ -243,12 +256,27 @@ def _probe(r: _Reader, raw: Any, where: str, base: ProbeSettings) -> ProbeSettin
     return ProbeSettings(**values)
 
 
-def _listen(r: _Reader, raw: Any) -> tuple[str, int]:
-    text = r.string(raw, "listen")
+def _host_port(r: _Reader, raw: Any, where: str) -> tuple[str, int]:
+    text = r.string(raw, where)
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise r.fail("listen", f"must be HOST:PORT, got {text!r}")
+        raise r.fail(where, f"must be HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def _private_listen(r: _Reader, raw: Any) -> tuple[str, int] | None:
+    if raw is None:
+        return None
+    host, port = _host_port(r, raw, "private_listen")
+    problem = contract.private_address_problem(host)
+    if problem:
+        raise r.fail("private_listen", problem)
+    return host, port
+
+
+def _listen(r: _Reader, raw: Any) -> tuple[str, int]:
+    host, port = _host_port(r, raw, "listen")
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -256,7 +284,7 @@ def _listen(r: _Reader, raw: Any) -> tuple[str, int]:
     if not loopback:
         # /status and the metrics name every backend and wizard: they stay on this host.
         raise r.fail("listen", f"must be a loopback address such as 127.0.0.1, got {host!r}")
-    return host, int(port)
+    return host, port
 
 
 def _url(r: _Reader, raw: Any, where: str) -> str:
@@ -268,7 +296,7 @@ def _url(r: _Reader, raw: Any, where: str) -> str:
 
 
 def _hooks(r: _Reader, raw: Any) -> HooksConfig:
-    raw = r.mapping(raw, "hooks", ("command", "webhook", "telegram"))
+    raw = r.mapping(raw, "hooks", ("command", "webhook", "telegram", "settle"))
     command = r.string(raw.get("command"), "hooks.command", optional=True)
     webhook = raw.get("webhook")
     if webhook is not None:
@@ -282,7 +310,9 @@ def _hooks(r: _Reader, raw: Any) -> HooksConfig:
         if isinstance(chat, bool) or not isinstance(chat, (str, int)) or chat == "":
             raise r.fail("hooks.telegram.chat_id", f"must be a string or integer, got {_typename(chat)}")
         telegram = {"token_env": tg["token_env"], "chat_id": str(chat)}
-    return HooksConfig(command=command, webhook=webhook, telegram=telegram)
+    settle = float(r.number(raw.get("settle", contract.NOTICE_SETTLE_DEFAULT), "hooks.settle",
+                            minimum=0))
+    return HooksConfig(command=command, webhook=webhook, telegram=telegram, settle=settle)
 
 
 _BACKEND_KEYS = ("name", "kind", "base_url", "model", "api_key_env", "variant", "context_length")
@@ -345,7 +375,16 @@ def _flag(r: _Reader, value: Any, where: str) -> bool:
     return value
 
 
-_TOP_KEYS = ("listen", "control_socket", "state_dir", "secrets_file", "probe", "hooks", "wizards")
+_TOP_KEYS = ("listen", "control_socket", "state_dir", "secrets_file", "probe", "hooks", "wizards",
+             "private_listen", "metrics_token_file", "units")
+
+
+def _units(r: _Reader, raw: Any) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise r.fail("units", f"must be a list of unit names, got {_typename(raw)}")
+    return tuple(r.string(u, f"units[{i}]") for i, u in enumerate(raw))
 
 
 def _check_secrets_mode(path: Path) -> None:
@@ -388,6 +427,11 @@ def load(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Side
     if not isinstance(wizards_raw, dict) or not wizards_raw:
         raise r.fail("wizards", "must be a non-empty mapping of wizard name to settings")
     wizards = {name: _wizard(r, name, raw, probe) for name, raw in wizards_raw.items()}
+    private = _private_listen(r, doc.get("private_listen"))
+    token_file = r.abspath(doc.get("metrics_token_file"), "metrics_token_file", optional=True)
+    if private is not None and token_file is None:
+        raise r.fail("metrics_token_file", "required with private_listen (its requests must "
+                                           "bear the token)")
     if root is not None:
         for w in wizards.values():
             for i, b in enumerate(w.backends):
@@ -399,7 +443,8 @@ def load(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Side
         control_socket=r.abspath(doc["control_socket"], "control_socket"),
         state_dir=r.abspath(doc["state_dir"], "state_dir"), secrets_file=secrets_file,
         probe=probe, hooks=_hooks(r, doc.get("hooks")), wizards=wizards,
-        secrets=dict(r.secrets or {}))
+        secrets=dict(r.secrets or {}), private_listen=private, metrics_token_file=token_file,
+        units=_units(r, doc.get("units")))
 
 
 # --- writing (the deploy) --------------------------------------------------------------------
@@ -448,9 +493,13 @@ def dump(cfg: SidecarConfig) -> tuple[str, str]:
         "secrets_file": str(cfg.secrets_file) if cfg.secrets_file else None,
         "probe": _probe_doc(cfg.probe),
         "hooks": {"command": cfg.hooks.command, "webhook": cfg.hooks.webhook,
-                  "telegram": telegram},
+                  "telegram": telegram, "settle": cfg.hooks.settle},
+        "units": list(cfg.units),
         "wizards": wizards,
     }
+    if cfg.private_listen is not None:
+        doc["private_listen"] = f"{cfg.private_listen[0]}:{cfg.private_listen[1]}"
+        doc["metrics_token_file"] = str(cfg.metrics_token_file)
     text = ("# Generated by neverdark from the inventory; edits are overwritten.\n"
             + yaml.safe_dump(doc, sort_keys=False))
     try:

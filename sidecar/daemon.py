@@ -19,12 +19,12 @@ from typing import Awaitable, Callable
 
 import httpx
 
-from sidecar import badge, hooktest, reload as reload_mod, sdnotify
+from sidecar import badge, hooktest, jsonlog, reload as reload_mod, sdnotify, units
 from sidecar.config import SidecarConfig
 from sidecar.control import serve as serve_control
 from sidecar.events import Events, iso
-from sidecar.http_api import HttpApi
-from sidecar.metrics import Metrics
+from sidecar.http_api import HttpApi, read_token
+from sidecar.metrics import Metrics, WizardState
 from sidecar.runner import WizardRunner
 from sidecar.switch import SwitchResult, check, switch
 
@@ -32,6 +32,9 @@ log = logging.getLogger("sidecar")
 
 DEFAULT_SYSTEMCTL = ("sudo", "-n", "/usr/bin/systemctl")
 SYSTEMCTL_ENV = "NEVERDARK_SIDECAR_SYSTEMCTL"
+# `systemctl show` for the units' metrics: read-only, so no sudo.
+DEFAULT_SHOW = ("/usr/bin/systemctl",)
+UNITS_INTERVAL = 15.0   # s between readings of the units (Prometheus' default scrape: 15 s)
 DEFAULT_WAIT = 600.0
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
@@ -58,9 +61,11 @@ class Daemon:
     def __init__(self, cfg: SidecarConfig, *, systemctl: list[str] | None = None,
                  switch_fn: SwitchFn | None = None, check_fn: CheckFn | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time, boot_id: str | None = None) -> None:
+                 wall: Callable[[], float] = time.time, boot_id: str | None = None,
+                 show: list[str] | None = None, cgroup_root: Path = units.CGROUP_ROOT) -> None:
         """`clock`: the monotonic clock every timer runs on; `wall`: the time of day, for records
-        and the state file; `boot_id`: which boot `clock` counts from (default: the kernel's)."""
+        and the state file; `boot_id`: which boot `clock` counts from (default: the kernel's);
+        `show` and `cgroup_root`: where the units' metrics are read (sidecar/units.py)."""
         self.cfg = cfg
         self.systemctl = list(systemctl) if systemctl else systemctl_from_env()
         self.switch_fn = switch_fn or switch
@@ -68,9 +73,13 @@ class Daemon:
         self.clock = clock
         self.wall = wall
         self.boot_id = read_boot_id() if boot_id is None else boot_id
+        self.show = list(show) if show else list(DEFAULT_SHOW)
+        self.cgroup_root = cgroup_root
         self.metrics = Metrics()
         self.client: httpx.AsyncClient | None = None
-        self.events = Events(self.metrics, lambda: self.cfg, lambda: self.client, wall)
+        self.events = Events(self.metrics, lambda: self.cfg, lambda: self.client, wall, clock)
+        self.private: asyncio.Server | None = None     # the private listener, if configured
+        self.metrics_token: bytes | None = None
         self.runners: dict[str, WizardRunner] = {}
         self.runner_tasks: dict[str, asyncio.Task] = {}
         self.retiring: dict[str, asyncio.Task] = {}   # removed wizards finishing a switch
@@ -94,8 +103,9 @@ class Daemon:
         return badge.summary(name, [b.name for b in runner.w.backends], runner.status())
 
     def render_metrics(self) -> str:
-        return self.metrics.render({n: ([b.name for b in r.w.backends], r.policy.active, r.policy.dark)
-                                    for n, r in self.runners.items()})
+        return self.metrics.render({
+            n: WizardState([b.name for b in r.w.backends], r.policy.active, r.policy.dark,
+                           r.status()) for n, r in self.runners.items() if not r.retiring})
 
     def healthy(self) -> bool:
         tasks = [*self.runner_tasks.values(), *self._tasks]
@@ -141,6 +151,35 @@ class Daemon:
     def api(self) -> HttpApi:
         return HttpApi(self.status, self.render_metrics, self.healthy, self.wizard_view)
 
+    def private_api(self) -> HttpApi:
+        """The private listener's: the same views, every request bearing the token."""
+        return HttpApi(self.status, self.render_metrics, self.healthy, self.wizard_view,
+                       token=lambda: self.metrics_token)
+
+    async def start_private(self, cfg: SidecarConfig) -> tuple[asyncio.Server | None, bytes | None]:
+        """(the private listener, its token) for `cfg`; (None, None) when it asks for none.
+        Raises OSError (address not to be had) or http_api.TokenError (no usable token)."""
+        if cfg.private_listen is None:
+            return None, None
+        token = await self.read_metrics_token(cfg)
+        server = await self.private_api().start(*cfg.private_listen)
+        return server, token
+
+    async def read_metrics_token(self, cfg: SidecarConfig) -> bytes:
+        """The token file, read again (a deploy may have replaced it: a reload takes it)."""
+        token = await asyncio.to_thread(read_token, cfg.metrics_token_file)
+        jsonlog.add_secrets({"metrics_token": token.decode()})
+        return token
+
+    async def _units_loop(self) -> None:
+        while True:
+            try:
+                self.metrics.units = await units.read_units(
+                    self.cfg.watched_units(), self.show, self.cgroup_root)
+            except Exception:  # noqa: BLE001 -- the metrics go stale; the sidecar goes on
+                log.exception("reading the units failed")
+            await asyncio.sleep(UNITS_INTERVAL)
+
     def start_runner(self, name: str, runner: WizardRunner) -> None:
         self.runners[name] = runner
         self.runner_tasks[name] = asyncio.get_running_loop().create_task(
@@ -152,7 +191,10 @@ class Daemon:
             self.client = httpx.AsyncClient(follow_redirects=False)
             runners = {n: WizardRunner(w, self) for n, w in self.cfg.wizards.items()}
             self.http = await self.api().start(*self.cfg.listen)
+            self.private, self.metrics_token = await self.start_private(self.cfg)
             self.control = await serve_control(self.cfg.control_socket, self.handle_control)
+            self._tasks.append(asyncio.get_running_loop().create_task(
+                self._units_loop(), name="units"))
             for name, runner in runners.items():
                 self.start_runner(name, runner)
             interval = sdnotify.watchdog_interval()
@@ -160,7 +202,10 @@ class Daemon:
                 self._tasks.append(asyncio.get_running_loop().create_task(
                     self._watchdog(interval), name="watchdog"))
             sdnotify.notify("READY=1\n" + self._status_line())
+            private = self.cfg.private_listen
             log.info("sidecar ready", extra={"listen": f"{self.cfg.listen[0]}:{self.cfg.listen[1]}",
+                                             "private_listen": f"{private[0]}:{private[1]}"
+                                             if private else None,
                                              "control_socket": str(self.cfg.control_socket),
                                              "wizards": list(self.runners),
                                              "watchdog_interval": interval})
@@ -206,12 +251,12 @@ class Daemon:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        servers = [s for s in (self.http, self.control) if s is not None]
+        servers = [s for s in (self.http, self.private, self.control) if s is not None]
         for s in servers:
             s.close()
         for s in servers:
             await s.wait_closed()
-        self.http = self.control = None
+        self.http = self.private = self.control = None
         await self.events.close(timeout=10)
         # A switch cancelled here keeps its intent in the file: the next start finishes it.
         for r in self.runners.values():

@@ -1,7 +1,9 @@
 """What the sidecar tells: probes, alerts and transitions, to the logs, /metrics and the hooks.
 
 The wizard runners (sidecar/runner.py) report here; the hooks run in the background, so a slow
-webhook never holds up a failover, and `close` waits a while for the ones still running.
+webhook never holds up a failover, and `close` waits a while for the ones still running. What
+reaches the hooks goes through sidecar/notices.py (one notice per incident, one on recovery), and
+each delivery's outcome is counted for /metrics.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -17,6 +20,7 @@ import httpx
 from sidecar import hooks
 from sidecar.config import SidecarConfig
 from sidecar.metrics import Metrics
+from sidecar.notices import Notices
 from sidecar.policy import COMPLETED, ROLLED_BACK, Alert
 from sidecar.probes import ProbeResult
 
@@ -37,21 +41,39 @@ def iso(ts) -> str | None:
 
 class Events:
     def __init__(self, metrics: Metrics, config: Callable[[], SidecarConfig],
-                 client: Callable[[], httpx.AsyncClient | None], wall: Callable[[], float]) -> None:
+                 client: Callable[[], httpx.AsyncClient | None], wall: Callable[[], float],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         """`config` and `client`: the daemon's current ones (a reload replaces the config)."""
         self.metrics = metrics
         self._config = config
         self._client = client
         self._wall = wall
         self._hook_tasks: set[asyncio.Task] = set()
+        self.notices = Notices(self.send, clock, wall, lambda: self._config().hooks.settle, iso)
 
     def fire(self, event: dict) -> None:
+        """An event about a wizard: a notice, or folded into the wizard's open incident."""
+        self.notices.event(event["wizard"], event)
+
+    def calm(self, wizard: str, calm: bool) -> None:
+        """After each probe round: whether the wizard is calm (its incident may be over)."""
+        self.notices.calm(wizard, calm)
+
+    def send(self, event: dict) -> None:
         """Run the hooks in the background: a slow webhook must not hold up failover."""
         cfg = self._config()
-        task = asyncio.get_running_loop().create_task(
-            hooks.notify(event, cfg.hooks, cfg.secrets, self._client()))
+        task = asyncio.get_running_loop().create_task(self._deliver(event, cfg))
         self._hook_tasks.add(task)
         task.add_done_callback(self._hook_tasks.discard)
+
+    async def _deliver(self, event: dict, cfg: SidecarConfig) -> None:
+        outcomes = await hooks.notify(event, cfg.hooks, cfg.secrets, self._client())
+        self.count(outcomes)
+
+    def count(self, outcomes: dict) -> None:
+        """Each hook's delivery, for /metrics (neverdark_hook_deliveries_total)."""
+        for name, (ok, detail, _) in outcomes.items():
+            self.metrics.delivery(name, hooks.outcome(ok, detail))
 
     async def close(self, timeout: float = 10.0) -> None:
         if self._hook_tasks:

@@ -119,11 +119,22 @@ async def deliver(event: dict, hooks, secrets: dict[str, str], client: httpx.Asy
             for name, (ok, detail, seconds) in zip(jobs, results)}
 
 
+def outcome(ok: bool, detail: str) -> str:
+    """A delivery's outcome for /metrics: 'ok', 'timeout' (the hook did not answer in time) or
+    'error' (it answered no, or could not be reached)."""
+    if ok:
+        return "ok"
+    kind = detail.partition(":")[0]
+    return "timeout" if "Timeout" in kind else "error"
+
+
 async def notify(event: dict, hooks, secrets: dict[str, str], client: httpx.AsyncClient, *,
-                 telegram_base: str = TELEGRAM_API, timeout: float = 10.0) -> None:
-    """deliver(), with failures logged only."""
+                 telegram_base: str = TELEGRAM_API,
+                 timeout: float = 10.0) -> dict[str, tuple[bool, str, float]]:
+    """deliver(), with failures logged; returns deliver()'s outcomes."""
     outcomes = await deliver(event, hooks, secrets, client, telegram_base=telegram_base,
                              timeout=timeout)
     for name, (ok, detail, _) in outcomes.items():
         if not ok:
             log.warning("%s hook failed: %s", name, detail)
+    return outcomes

@@ -49,7 +49,11 @@ async def try_hooks(hooks, secrets: dict[str, str], client, *,
 
 async def handle(daemon, request: dict) -> dict:
     """The control op, with the running sidecar's hooks, secrets and HTTP client."""
-    return await try_hooks(daemon.cfg.hooks, daemon.cfg.secrets, daemon.client)
+    reply = await try_hooks(daemon.cfg.hooks, daemon.cfg.secrets, daemon.client)
+    # A test notice is a delivery like any other: a hook that fails it shows in /metrics too.
+    daemon.events.count({name: (h["ok"], h["detail"], h["seconds"])
+                         for name, h in reply["hooks"].items()})
+    return reply
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from sidecar import config as config_mod, jsonlog
 from sidecar.config import ConfigError, WizardConfig
 from sidecar.control import serve as serve_control
+from sidecar.http_api import TokenError
 from sidecar.runner import WizardRunner
 
 if TYPE_CHECKING:
@@ -45,15 +46,20 @@ async def reload(d: "Daemon") -> bool:
                   extra={"error": str(exc)})
         return False
     # New listeners first: if one cannot be had, nothing has changed yet.
-    http = control = None
+    http = control = private = None
+    token = d.metrics_token
     try:
         if new.listen != d.cfg.listen:
             http = await d.api().start(*new.listen)
+        if new.private_listen != d.cfg.private_listen:
+            private, token = await d.start_private(new)     # (None, None): turned off
+        elif new.private_listen is not None:
+            token = await d.read_metrics_token(new)         # a deploy may have replaced it
         if new.control_socket != d.cfg.control_socket:
             control = await serve_control(new.control_socket, d.handle_control)
         new.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        for server in (http, control):
+    except (OSError, TokenError) as exc:
+        for server in (http, control, private):
             if server is not None:
                 server.close()
         log.error("reload refused: cannot apply it; the running config is kept",
@@ -64,6 +70,11 @@ async def reload(d: "Daemon") -> bool:
     if http is not None:
         d.http.close()
         d.http = http
+    d.metrics_token = token
+    if new.private_listen != old.private_listen:
+        if d.private is not None:
+            d.private.close()
+        d.private = private
     if control is not None:
         d.control.close()
         try:
@@ -79,6 +90,7 @@ async def reload(d: "Daemon") -> bool:
     added = [n for n in new.wizards if n not in serving]
     for name in removed:
         retire(d, name)
+        d.events.notices.forget(name)
     for name in changed:
         runner = serving[name]
         runner.reconfigure(new.wizards[name], fresh_backends(runner.pending or runner.w,

@@ -143,8 +143,15 @@ class WizardRunner:
         await self._passive()
         await self._act()
         self._flush_alerts()
+        self.d.events.calm(self.w.name, self.calm())
         self._settle_waiters()
         self.save()
+
+    def calm(self) -> bool:
+        """On its primary, not dark, no key rejected: an operator notice's incident may end."""
+        p = self.policy
+        return (p.active == self.w.backends[0].name and not p.dark and not self.switching
+                and not any(h.key_rejected for h in p.health.values()))
 
     async def _act(self) -> None:
         self._sleep = self.w.probe.interval

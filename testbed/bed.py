@@ -229,7 +229,9 @@ class Testbed:
                 "sidecar": {"probe": {"interval": 2, "timeout": 1, "fall": 2, "rise": 2,
                                       "min_dwell": 10, "cooldown_429": 30, "damping_base": 4,
                                       "damping_cap": 16},
-                            "hooks": {"webhook": self.hooks.url}}}
+                            # settle 0: every event its own notice, as the drills read them
+                            # (notices by incident: tests/test_notices.py)
+                            "hooks": {"webhook": self.hooks.url, "settle": 0}}}
 
     def write_inventory(self, wizards: dict, models: dict | None = None,
                         path: Path | None = None) -> Path:

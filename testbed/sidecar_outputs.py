@@ -3,7 +3,9 @@ its `/metrics` text, read over its own HTTP API after its first probe rounds.
 
 The daemon runs in this process with a real config file (one wizard, a cloud primary and a local
 fallback, both pointing at closed loopback ports: every probe fails with `refused`, so it
-counts failures and, with nothing healthy, never switches). The monitoring test compares the
+counts failures and, with nothing healthy, never switches). Its units are read from a cgroup v2
+tree written here and a stand-in `systemctl show` (the runner has no systemd to ask): the
+model server's unit active with a limit, the gateway's failed after an OOM kill. The monitoring test compares the
 metric families with monitoring/metrics.txt; the status test compares the stand-in sidecar's
 document with the status.
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -22,6 +26,41 @@ from sidecar import config, flip
 from sidecar.daemon import Daemon
 from testbed.hermes_gateway import variant
 from testbed.llmock import free_port
+
+
+MODEL_UNIT = "neverdark-llama-gemma-test.service"
+GATEWAY_UNIT = "neverdark-wizard-merlin.service"
+UNITS = {MODEL_UNIT: {"ActiveState": "active", "NRestarts": "1",
+                      "memory.current": "123456789", "memory.max": "536870912",
+                      "memory.events": "low 0\nhigh 0\nmax 3\noom 1\noom_kill 0\n"},
+         GATEWAY_UNIT: {"ActiveState": "failed", "NRestarts": "4",
+                        "memory.current": "0", "memory.max": "max",
+                        "memory.events": "low 0\nhigh 0\nmax 9\noom 2\noom_kill 2\n"}}
+
+
+def fake_units(root: Path) -> tuple[list[str], Path]:
+    """(a stand-in `systemctl` command, a cgroup v2 root) describing UNITS."""
+    cgroup = root / "cgroup"
+    (cgroup / "system.slice").mkdir(parents=True, exist_ok=True)
+    (cgroup / "cgroup.controllers").write_text("cpu memory pids\n")
+    blocks = []
+    for unit, u in UNITS.items():
+        d = cgroup / "system.slice" / unit
+        d.mkdir(exist_ok=True)
+        for f in ("memory.current", "memory.max", "memory.events"):
+            (d / f).write_text(u[f] + ("" if u[f].endswith("\n") else "\n"))
+        blocks.append(f"Id={unit}\nActiveState={u['ActiveState']}\nNRestarts={u['NRestarts']}\n"
+                      f"ControlGroup=/system.slice/{unit}\nMemoryCurrent=[not set]\n")
+    script = root / "systemctl.py"
+    script.write_text(textwrap.dedent(f"""\
+        import sys
+        blocks = {dict(zip(UNITS, blocks))!r}
+        assert sys.argv[1:3] == ["show", "-p"], sys.argv
+        units = sys.argv[sys.argv.index("--") + 1:]
+        print("\\n".join(blocks.get(u, f"Id={{u}}\\nActiveState=inactive\\nNRestarts=0\\n")
+                          for u in units))
+        """))
+    return [sys.executable, str(script)], cgroup
 
 
 def write_config(root: Path, hooks: dict | None = None) -> Path:
@@ -45,6 +84,7 @@ def write_config(root: Path, hooks: dict | None = None) -> Path:
            "state_dir": str(root / "state"), "secrets_file": str(env),
            "probe": {"interval": 0.2, "timeout": 1, "fall": 2, "rise": 2},
            "hooks": hooks or {},
+           "units": [MODEL_UNIT],
            "wizards": {"merlin": {
                "unit": "neverdark-wizard-merlin.service", "api_port": free_port(),
                "api_key_env": "API_KEY_MERLIN", "home": str(root / "home"),
@@ -62,7 +102,8 @@ def write_config(root: Path, hooks: dict | None = None) -> Path:
 
 async def _read(path: Path, rounds: int, timeout: float, during) -> tuple[dict, str, object]:
     cfg = config.load(path)
-    daemon = Daemon(cfg, systemctl=["false"])
+    show, cgroup = fake_units(path.parent)
+    daemon = Daemon(cfg, systemctl=["false"], show=show, cgroup_root=cgroup)
     await daemon.start()
     try:
         deadline = time.monotonic() + timeout

@@ -31,7 +31,7 @@ COMMANDS = {
     "release": ["merlin"], "drill": ["merlin", "--turns", "1"], "render": ["vps", "--out", "OUT"],
     # model add needs an inventory only to write into it (it prints a block without one)
     "model": ["add", "GGUF", "--name", "g2", "--write"],
-    "notify": ["--test"], "panel": ["--listen", "127.0.0.1:0"],
+    "notify": ["--test"], "panel": ["--listen", "127.0.0.1:0"], "prometheus": ["--out", "OUT"],
 }
 
 

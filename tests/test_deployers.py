@@ -75,10 +75,15 @@ def recorder(monkeypatch) -> Recorder:
     return rec
 
 
-def host_plan(tmp_path: Path, drop: tuple[str, ...] = (), host: str = "vps.fra-1") -> dict:
+def host_plan(tmp_path: Path, drop: tuple[str, ...] = (), host: str = "vps.fra-1",
+              metrics: str | None = None) -> dict:
     doc = yaml.safe_load((DATA / "contract_names.yaml").read_text())
     for wizard in drop:
         del doc["wizards"][wizard]
+    if metrics:
+        doc["sidecar"]["metrics"] = metrics
+        for h in doc["hosts"].values():
+            h["private_address"] = h["address"]
     shutil.copy(DATA / "contract_names.env", tmp_path)
     (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     return plan.host_plan(validate(tmp_path / "fleet.yaml", env={}), host)
@@ -176,7 +181,8 @@ def test_a_host_without_wizards_has_its_sidecar_hermes_and_engines_removed(tmp_p
     removed = {op.kwargs["path"] for op in ops if op.kind in ("files.file", "files.directory")}
     assert removed == {f"{contract.UNIT_DIR}/{contract.SIDECAR_UNIT}", contract.SIDECAR_CONFIG,
                        contract.SIDECAR_ENV, sidecar.SUDOERS_STAGED, contract.SIDECAR_SUDOERS,
-                       contract.SIDECAR_DIR, contract.SIDECAR_STATE_DIR}
+                       contract.SIDECAR_DIR, contract.SIDECAR_STATE_DIR,
+                       contract.METRICS_TOKEN_FILE}
     assert index(ops, "systemd.service", service=contract.SIDECAR_UNIT, running=False) < \
         index(ops, "server.user", user=contract.SIDECAR_USER, present=False)
     index(ops, "server.group", group=contract.OPS_GROUP, present=False)
@@ -192,3 +198,39 @@ def test_the_journal_drop_in_is_removed_off_a_pi(tmp_path, recorder):
     ops = recorder.of("journald")
     remove = index(ops, "files.file", path=contract.JOURNALD_DROPIN, present=False)
     assert remove < index(ops, "systemd.service", service=base.JOURNALD, restarted=True)
+
+
+def test_private_metrics_make_the_token_on_the_host_before_the_sidecar_reloads(tmp_path,
+                                                                              recorder):
+    p = host_plan(tmp_path, metrics="private")
+    assert f"private_listen: 10.0.0.1:{contract.SIDECAR_PORT}" in p["sidecar"]["config"].content
+    run(stages.host_deployers(p))
+    ops = recorder.of("sidecar")
+    made = index(ops, "ops.token_if_missing", path=contract.METRICS_TOKEN_FILE,
+                 user=contract.SIDECAR_USER)
+    mode = index(ops, "ops.file_mode", path=contract.METRICS_TOKEN_FILE, mode="0600")
+    started = next(i for i, op in enumerate(ops) if op.kind == "systemd.service"
+                   and op.kwargs.get("service") == contract.SIDECAR_UNIT)
+    assert made < mode < started
+
+
+def test_loopback_metrics_make_no_token(tmp_path, recorder):
+    run(stages.host_deployers(host_plan(tmp_path)))
+    assert not [op for op in recorder.ops if op.kind == "ops.token_if_missing"]
+
+
+def test_the_token_command_prints_nothing_and_leaves_a_0600_file(tmp_path):
+    import os
+    import pwd
+    import subprocess
+    from deploys import ops as real_ops
+    path = tmp_path / "metrics.token"
+    user = pwd.getpwuid(os.getuid()).pw_name
+    proc = subprocess.run(["sh", "-c", real_ops.token_command(str(path), user)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
+    token = path.read_text()
+    assert len(token) == 64 and int(token, 16) >= 0 and "\n" not in token
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert not (tmp_path / "metrics.token.new").exists()
+    assert token not in real_ops.token_command(str(path), user)

@@ -19,6 +19,7 @@ from sidecar import engine
 from sidecar.gateway import CheckTurn, check_turn, judge
 from sidecar.metrics import Metrics
 from sidecar.probes import ProbeResult
+from testbed.metrics_text import value
 
 DATA = Path(__file__).parent / "data" / "engine"
 
@@ -100,12 +101,14 @@ def test_metrics_export_engine_counters_and_check_turns():
     m.probe("merlin", ProbeResult("local", True, "ok", None, None, 0.001, "listening", totals))
     m.local_turn("merlin", "local", engine.breakdown(2.5, totals, None).as_dict())
     text = m.render({"merlin": (["claude", "local"], "local", False)})
-    assert 'neverdark_engine_prompt_tokens_total{wizard="merlin",backend="local"} 458' in text
-    assert 'neverdark_engine_cached_tokens_total{wizard="merlin",backend="local"} 448' in text
+    assert value(text, "neverdark_engine_prompt_tokens_total", wizard="merlin", backend="local") == 458
+    assert value(text, "neverdark_engine_cached_tokens_total", wizard="merlin", backend="local") == 448
     assert "neverdark_engine_queue_seconds_total" not in text   # native has none to give
-    assert 'neverdark_local_check_turns_total{wizard="merlin",backend="local"} 1' in text
-    assert 'part="prefill"} 9.476000' in text
-    assert 'kind="cached"} 448' in text
+    assert value(text, "neverdark_local_check_turns_total", wizard="merlin", backend="local") == 1
+    assert value(text, "neverdark_local_check_turn_seconds_total", wizard="merlin",
+                 backend="local", part="prefill") == pytest.approx(9.476)
+    assert value(text, "neverdark_local_check_turn_tokens_total", wizard="merlin",
+                 backend="local", kind="cached") == 448
 
 
 # --- the deployed launcher with the real model ------------------------------------------------

@@ -26,6 +26,7 @@ import time
 
 import pytest
 
+from testbed.metrics_text import value
 from testbed.wait import wait_until as wait_for
 
 pytestmark = [pytest.mark.fleet, pytest.mark.e2e]
@@ -248,8 +249,8 @@ def _assert_told(bed, t0: float, outcome: str, active: str) -> None:
                       60, "the webhook for the interrupted switch")
     assert events[-1]["recovered"] == outcome
     label = "completed" if outcome.startswith("completed") else "rolled_back"
-    assert (f'neverdark_interrupted_switches_total{{wizard="{WIZARD}",outcome="{label}"}} 1'
-            in metrics(bed))
+    assert value(metrics(bed), "neverdark_interrupted_switches_total", wizard=WIZARD,
+                 outcome=label) == 1
     assert bed.ssh(HOST, f"python3 -c 'import json;print(json.load(open("
                          f"\"/var/lib/neverdark/sidecar/state/{WIZARD}.json\"))[\"intent\"])'"
                    ).strip() == "None"

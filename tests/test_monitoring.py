@@ -26,23 +26,8 @@ DASHBOARD = MON / "grafana-dashboard.json"
 # The families a later phase adds to the sidecar. Each is an expected failure until then
 # (strict: the day the sidecar exports one, its test XPASSes and fails until it leaves this
 # list), so none can stay missing silently, and the rules and dashboard already use them.
-NEXT_PHASE = "issue 18, phase 2: the sidecar's prometheus_client export (cgroup memory, units, " \
-             "hooks, per-backend health)"
 MODEL_CHECK = "issue 17: `neverdark model check` results exported by the sidecar"
 PENDING = {
-    "neverdark_active_index": NEXT_PHASE,
-    "neverdark_active_since_timestamp_seconds": NEXT_PHASE,
-    "neverdark_backend_healthy": NEXT_PHASE,
-    "neverdark_key_rejected": NEXT_PHASE,
-    "neverdark_last_probe_timestamp_seconds": NEXT_PHASE,
-    "neverdark_unit_memory_bytes": NEXT_PHASE,
-    "neverdark_unit_memory_max_bytes": NEXT_PHASE,
-    "neverdark_unit_oom_kills_total": NEXT_PHASE,
-    "neverdark_unit_restarts_total": NEXT_PHASE,
-    "neverdark_unit_active": NEXT_PHASE,
-    "neverdark_host_memory_total_bytes": NEXT_PHASE,
-    "neverdark_host_memory_available_bytes": NEXT_PHASE,
-    "neverdark_hook_deliveries_total": NEXT_PHASE,
     "neverdark_model_check_first_token_seconds": MODEL_CHECK,
     "neverdark_model_check_prefill_tokens_per_second": MODEL_CHECK,
     "neverdark_model_check_decode_tokens_per_second": MODEL_CHECK,
@@ -254,9 +239,20 @@ def test_dashboard_panels_use_the_datasource_variable():
 # --- the list against what the sidecar serves -------------------------------------------------
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> dict[str, tuple[str, set[frozenset[str]]]]:
+def metrics_text(tmp_path_factory) -> str:
+    return sidecar_outputs(tmp_path_factory.mktemp("sidecar"))[1]
+
+
+# Families with no sample in that daemon's first rounds: nothing switched, no hook configured.
+# (tests/test_sidecar_daemon.py and tests/test_notices.py see them with samples.)
+NO_SAMPLES_HERE = {"neverdark_transitions_total", "neverdark_interrupted_switches_total",
+                   "neverdark_hook_deliveries_total"}
+
+
+@pytest.fixture(scope="module")
+def exported(metrics_text) -> dict[str, tuple[str, set[frozenset[str]]]]:
     """family -> (type, label-name sets of its samples), from a real sidecar's /metrics."""
-    _, text, _ = sidecar_outputs(tmp_path_factory.mktemp("sidecar"))
+    text = metrics_text
     types: dict[str, str] = {}
     for line in text.splitlines():
         if line.startswith("# TYPE "):
@@ -286,8 +282,29 @@ def test_the_sidecar_exports_each_listed_metric(name, exported):
     kind, labels = FAMILIES[name]
     assert name in exported, f"the sidecar's /metrics has no {name}"
     assert exported[name][0] == kind, f"{name}: exported as {exported[name][0]}, listed {kind}"
+    assert exported[name][1] or name in NO_SAMPLES_HERE, f"{name}: no sample to check"
     for seen in exported[name][1]:
         assert seen == labels, f"{name}: exported with labels {sorted(seen)}, listed {sorted(labels)}"
+
+
+def test_units_and_host_memory_as_the_cgroup_tree_says(metrics_text):
+    """The stand-in units (testbed/sidecar_outputs.py: UNITS) come out as their cgroup v2 files
+    and `systemctl show` say; the host's memory as /proc/meminfo says."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from testbed.sidecar_outputs import GATEWAY_UNIT, MODEL_UNIT
+    got = {(s.name, s.labels.get("unit")): s.value
+           for f in text_string_to_metric_families(metrics_text) for s in f.samples}
+    assert got[("neverdark_unit_memory_bytes", MODEL_UNIT)] == 123456789
+    assert got[("neverdark_unit_memory_max_bytes", MODEL_UNIT)] == 536870912
+    assert got[("neverdark_unit_memory_max_bytes", GATEWAY_UNIT)] == 0      # "max": no limit
+    assert got[("neverdark_unit_oom_kills_total", MODEL_UNIT)] == 0
+    assert got[("neverdark_unit_oom_kills_total", GATEWAY_UNIT)] == 2
+    assert got[("neverdark_unit_restarts_total", GATEWAY_UNIT)] == 4
+    assert got[("neverdark_unit_active", MODEL_UNIT)] == 1
+    assert got[("neverdark_unit_active", GATEWAY_UNIT)] == 0
+    total = got[("neverdark_host_memory_total_bytes", None)]
+    assert 0 < got[("neverdark_host_memory_available_bytes", None)] <= total
+    assert total == int(Path("/proc/meminfo").read_text().split()[1]) * 1024
 
 
 def test_pending_names_are_all_listed():

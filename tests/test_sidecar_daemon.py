@@ -44,6 +44,7 @@ from sidecar.daemon import Daemon
 from sidecar.policy import STORM_MAX, STORM_WINDOW
 from sidecar.probes import probe
 from sidecar.switch import SwitchResult
+from testbed.metrics_text import value
 from testbed.hermes_gateway import variant
 from testbed.hook_command import HOOK
 from testbed.llmock import LLMock, free_port
@@ -92,7 +93,10 @@ def site(tmp_path, mocks):
         "secrets_file": str(env),
         "probe": {"interval": 0.2, "timeout": 2, "fall": 2, "rise": 2, "min_dwell": 1.5,
                   "cooldown_429": 5, "damping_base": 0.5, "damping_cap": 2},
-        "hooks": {"command": f"{sys.executable} {hook_script} {tmp_path / 'hook-out'}"},
+        # settle 0: every event a notice of its own, as these tests read them (notices by
+        # incident: tests/test_notices.py)
+        "hooks": {"command": f"{sys.executable} {hook_script} {tmp_path / 'hook-out'}",
+                  "settle": 0},
         "wizards": {"merlin": {
             "unit": "neverdark-wizard-merlin.service", "api_port": 9, "api_key_env": "WIZARD_MERLIN_API_KEY",
             "home": str(tmp_path / "home"), "active_config": str(active), "restart": True,
@@ -239,8 +243,8 @@ def test_outage_fails_over_and_back(site, mocks, notify_socket, json_logs):
             assert "local (fallback)" in svg.text and badge.COLOURS["fallback"] in svg.text
             assert unknown == 404
             assert status["transitions"][-1]["kind"] == "failover"
-            assert 'neverdark_active_backend{wizard="merlin",backend="local"} 1' in metrics
-            assert 'neverdark_probe_failures_total{wizard="merlin",backend="claude",reason="http_5xx"}' in metrics
+            assert value(metrics, "neverdark_active_backend", wizard="merlin", backend="local") == 1
+            assert value(metrics, "neverdark_probe_failures_total", wizard="merlin", backend="claude", reason="http_5xx") is not None
             assert healthz == 200
 
             # Recovery: failback only after rise passes and the minimum dwell.
@@ -335,7 +339,7 @@ def test_start_checks_an_active_config_other_than_the_saved_one(site, mocks):
     assert checked == ["local"]
     assert record["ok"] and record["from"] == "claude" and record["to"] == "local"
     assert record["reason"].endswith("completed after a sidecar restart")
-    assert 'neverdark_interrupted_switches_total{wizard="merlin",outcome="completed"} 1' in metrics
+    assert value(metrics, "neverdark_interrupted_switches_total", wizard="merlin", outcome="completed") == 1
     saved = state.load(cfg.state_dir, "merlin")
     assert saved["active"] == "local" and saved["intent"] is None
     assert saved["transitions"][-1]["recovered"] == "completed after a sidecar restart"
@@ -663,8 +667,9 @@ def test_intent_left_by_a_killed_sidecar_is_recorded_and_finished(site, mocks, f
     assert rec["ok"] is flipped and rec["check"] == {"backend": active, "ok": True}
     assert active == ("local" if flipped else "claude")
     label = "completed" if flipped else "rolled_back"
-    assert f'neverdark_interrupted_switches_total{{wizard="merlin",outcome="{label}"}} 1' in metrics
-    assert ('neverdark_transitions_total{wizard="merlin",kind="manual"} 1' in metrics) is flipped
+    assert value(metrics, "neverdark_interrupted_switches_total", wizard="merlin",
+                 outcome=label) == 1
+    assert (value(metrics, "neverdark_transitions_total", wizard="merlin", kind="manual") == 1) is flipped
     saved = state.load(cfg.state_dir, "merlin")
     assert saved["intent"] is None and saved["forced"] is None and saved["active"] == active
     [event] = [json.loads(p.read_text()) for p in (site.parent / "hook-out").glob("*.json")]
@@ -802,8 +807,8 @@ def test_check_turns_on_a_local_backend_reach_metrics(site, mocks):
         finally:
             await d.close()
             await asyncio.to_thread(primary.reset)
-        assert 'neverdark_local_check_turns_total{wizard="merlin",backend="local"} 1' in metrics
-        assert 'neverdark_local_check_turn_seconds_total{wizard="merlin",backend="local",part="prefill"} 1.200000' in metrics, metrics
+        assert value(metrics, "neverdark_local_check_turns_total", wizard="merlin", backend="local") == 1
+        assert value(metrics, "neverdark_local_check_turn_seconds_total", wizard="merlin", backend="local", part="prefill") == pytest.approx(1.2), metrics
 
     asyncio.run(scenario())
 
@@ -925,3 +930,51 @@ def test_reading_status_changes_no_policy_state(site, mocks):
     before, after = asyncio.run(scenario())
     assert len(before["restarts"]) == 3
     assert after == before
+
+
+# --- operator notices by incident (sidecar/notices.py; the pure rules: tests/test_notices.py) --
+
+def test_an_outage_is_one_notice_and_one_recovery(site, mocks):
+    """A real outage (failover, then failback once the primary answers): the hooks get one
+    notice when it starts and one when it has been over for `settle`, not one per event; each
+    delivery, the failing webhook's too, is counted in /metrics."""
+    doc = yaml.safe_load(site.read_text())
+    doc["hooks"]["settle"] = 1.0
+    doc["hooks"]["webhook"] = f"http://127.0.0.1:{free_port()}/closed"   # refused: an error
+    site.write_text(yaml.safe_dump(doc))
+    cfg = config.load(site)
+    primary, _ = mocks
+    out = site.parent / "hook-out"
+
+    def notices():
+        return sorted((json.loads(p.read_text()) for p in out.glob("*.json")),
+                      key=lambda e: e["at"])
+
+    async def scenario():
+        d = Daemon(cfg, switch_fn=flip_only, systemctl=["/bin/false"])
+        await d.start()
+        try:
+            p = d.runners["merlin"].policy
+            await healthy_then_503(p, primary)
+            await until(lambda: len(notices()) == 1, what="the incident's notice")
+            await asyncio.to_thread(primary.reset)
+            await until(lambda: p.active == "claude", what="failback")
+            kinds = [t["kind"] for t in p.transitions]
+            assert len(notices()) == 1, "the failback is folded into the incident"
+            await until(lambda: len(notices()) == 2, timeout=15, what="the recovery notice")
+            await asyncio.sleep(1.5)    # nothing more comes
+            await d.events.close()
+            return kinds, d.render_metrics()
+        finally:
+            await d.close()
+
+    kinds, metrics = asyncio.run(scenario())
+    assert kinds == ["failover", "failback"]
+    first, last = notices()
+    assert first["notice"] == "incident" and first["event"] == "transition"
+    assert first["kind"] == "failover" and first["to"] == "local"
+    assert last["event"] == "recovered" and last["wizard"] == "merlin"
+    assert last["incident"]["events"] == {"failover": 1, "failback": 1}
+    assert last["incident"]["folded"] == 1 and last["incident"]["first"] == "failover"
+    assert value(metrics, "neverdark_hook_deliveries_total", hook="command", outcome="ok") == 2
+    assert value(metrics, "neverdark_hook_deliveries_total", hook="webhook", outcome="error") == 2

@@ -21,6 +21,7 @@ from sidecar import control
 from sidecar.http_api import HttpApi
 from sidecar.metrics import Metrics
 from sidecar.probes import ProbeResult
+from testbed.metrics_text import value
 from testbed.llmock import free_port
 
 
@@ -70,15 +71,15 @@ def test_http_status_metrics_healthz():
     text = r["metrics"].text
     assert r["metrics"].headers["content-type"].startswith("text/plain; version=0.0.4")
     lines = set(text.splitlines())
-    assert 'neverdark_active_backend{wizard="merlin",backend="local"} 1' in lines
-    assert 'neverdark_active_backend{wizard="merlin",backend="claude"} 0' in lines
-    assert 'neverdark_dark{wizard="merlin"} 1' in lines
-    assert 'neverdark_transitions_total{wizard="merlin",kind="failover"} 1' in lines
-    assert 'neverdark_probe_failures_total{wizard="merlin",backend="claude",reason="http_5xx"} 1' in lines
-    assert 'neverdark_probe_failures_total{wizard="merlin",backend="claude",reason="passive"} 1' in lines
-    assert 'neverdark_probe_latency_seconds_bucket{wizard="merlin",backend="claude",le="0.05"} 1' in lines
-    assert 'neverdark_probe_latency_seconds_bucket{wizard="merlin",backend="claude",le="+Inf"} 2' in lines
-    assert 'neverdark_probe_latency_seconds_count{wizard="merlin",backend="claude"} 2' in lines
+    assert value(text, "neverdark_active_backend", wizard="merlin", backend="local") == 1
+    assert value(text, "neverdark_active_backend", wizard="merlin", backend="claude") == 0
+    assert value(text, "neverdark_dark", wizard="merlin") == 1
+    assert value(text, "neverdark_transitions_total", wizard="merlin", kind="failover") == 1
+    assert value(text, "neverdark_probe_failures_total", wizard="merlin", backend="claude", reason="http_5xx") == 1
+    assert value(text, "neverdark_probe_failures_total", wizard="merlin", backend="claude", reason="passive") == 1
+    assert value(text, "neverdark_probe_latency_seconds_bucket", wizard="merlin", backend="claude", le="0.05") == 1
+    assert value(text, "neverdark_probe_latency_seconds_bucket", wizard="merlin", backend="claude", le="+Inf") == 2
+    assert value(text, "neverdark_probe_latency_seconds_count", wizard="merlin", backend="claude") == 2
     assert "# TYPE neverdark_probe_latency_seconds histogram" in lines
 
 

@@ -38,6 +38,7 @@ import yaml
 
 from sidecar import flip
 from sidecar.gateway import CHECK_WORDS
+from testbed.metrics_text import value
 from testbed.hermes_gateway import Gateway, variant
 from testbed.hook_command import HOOK
 from testbed.llmock import LLMock, free_port
@@ -185,7 +186,9 @@ class Site:
             "state_dir": str(self.state_dir), "secrets_file": str(env),
             "probe": {"interval": 0.3, "timeout": 2, "fall": 2, "rise": 2, "min_dwell": 30,
                       "cooldown_429": 5, "damping_base": 1, "damping_cap": 4},
-            "hooks": {"command": f"{sys.executable} {root / 'hook.py'} {self.hook_out}"},
+            # settle 0: every event its own notice (by incident: tests/test_notices.py)
+            "hooks": {"command": f"{sys.executable} {root / 'hook.py'} {self.hook_out}",
+                      "settle": 0},
             "wizards": {"merlin": self.wizard(bench.active, bench.claude_v, bench.local_v,
                                               bench.gw.home, restart=False)},
         }
@@ -295,7 +298,7 @@ def test_killed_after_the_intent_before_the_flip(site, bench, sidecars):
                for r in chats_since(bench.claude, killed))
     saved = site.state()
     assert saved["intent"] is None and saved["transitions"][-1]["recovered"] == rec["recovered"]
-    assert 'neverdark_interrupted_switches_total{wizard="merlin",outcome="rolled_back"} 1' in sc.metrics()
+    assert value(sc.metrics(), "neverdark_interrupted_switches_total", wizard="merlin", outcome="rolled_back") == 1
     until(lambda: [e for e in site.events() if e.get("recovered")], 10, "the hook")
     [event] = [e for e in site.events() if e.get("recovered")]
     assert event["rolled_back"] is True and event["active"] == "claude"
@@ -337,8 +340,8 @@ def test_killed_after_the_flip_during_the_restart(site, bench, sidecars):
     assert any(r["path"] == "/v1/chat/completions" and r["status"] == 200 and r["body"].get("tools")
                for r in chats_since(bench.local, killed))
     metrics = sc.metrics()
-    assert 'neverdark_interrupted_switches_total{wizard="merlin",outcome="completed"} 1' in metrics
-    assert 'neverdark_transitions_total{wizard="merlin",kind="manual"} 1' in metrics
+    assert value(metrics, "neverdark_interrupted_switches_total", wizard="merlin", outcome="completed") == 1
+    assert value(metrics, "neverdark_transitions_total", wizard="merlin", kind="manual") == 1
     rc, answer = ctl_answer(op)
     assert rc == 0 and answer["ok"] and answer["interrupted"] and answer["active"] == "local"
 

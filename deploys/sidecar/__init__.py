@@ -32,7 +32,7 @@ class SidecarDeployer(Deployer):
                               contract.SIDECAR_USER, "0700")],
                     units=[contract.SIDECAR_UNIT],
                     files=[contract.SIDECAR_CONFIG, contract.SIDECAR_ENV, SUDOERS_STAGED,
-                           contract.SIDECAR_SUDOERS])
+                           contract.SIDECAR_SUDOERS, contract.METRICS_TOKEN_FILE])
 
     def unit_file(self) -> File:
         p = self.p["sidecar"]
@@ -78,6 +78,13 @@ class SidecarDeployer(Deployer):
 
     def configure(self) -> None:
         super().configure()   # its state dir, config, secrets, staged sudo rule and unit
+        token = self.p["sidecar"].get("metrics_token")
+        if self.enabled and token:
+            # Before start(): the reload that takes the private listener reads it.
+            ops.token_if_missing(name="sidecar: metrics token (made here, on the host)",
+                                 path=token, user=contract.SIDECAR_USER)
+            ops.file_mode(name="sidecar: metrics token 0600", path=token, mode="0600",
+                          user=contract.SIDECAR_USER, group=contract.SIDECAR_USER)
         if self.enabled:
             ops.install_if_valid(name="sidecar: may restart its gateways only",
                                  source=SUDOERS_STAGED, dest=contract.SIDECAR_SUDOERS,

@@ -91,12 +91,57 @@ def test_units_verify_enabled_and_running(host, fleet, host_name):
         assert svc.is_running, f"{unit} not running"
 
 
+def private_metrics(fleet, host_name) -> str | None:
+    """The private address the sidecar also listens on (`sidecar: {metrics: private}`)."""
+    if fleet.sidecar.metrics == "private" and fleet.wizards_on(host_name):
+        return fleet.hosts[host_name].private_address
+    return None
+
+
 def test_ports_listen_on_loopback_only(host, fleet, host_name):
+    """Loopback only; the sidecar's port also on the private address with metrics: private."""
     listening = host.socket.get_listening_sockets()
+    private = private_metrics(fleet, host_name)
     for port in ports(fleet, host_name):
         assert f"tcp://{contract.LOOPBACK}:{port}" in listening, f"nothing on loopback:{port}"
-        others = [s for s in listening if s.endswith(f":{port}") and contract.LOOPBACK not in s]
+        allowed = {f"tcp://{contract.LOOPBACK}:{port}"}
+        if private and port == fleet.sidecar.port:
+            assert f"tcp://{private}:{port}" in listening, f"nothing on {private}:{port}"
+            allowed.add(f"tcp://{private}:{port}")
+        others = [s for s in listening if s.endswith(f":{port}") and s not in allowed]
         assert not others, f"port {port} also listens on {others}"
+
+
+def test_metrics_token_file(host, fleet, host_name):
+    """Made on the host, 0600, the sidecar user's; absent without metrics: private."""
+    token = host.file(contract.METRICS_TOKEN_FILE)
+    if not private_metrics(fleet, host_name):
+        assert not token.exists
+        return
+    assert (token.user, token.group, token.mode) == (contract.SIDECAR_USER, contract.SIDECAR_USER,
+                                                     0o600)
+    assert int(host.check_output(f"wc -c < {contract.METRICS_TOKEN_FILE}")) >= 16
+
+
+# Asks /metrics on the private address without a token, with a wrong one and with the host's
+# own, and prints only the three status codes (the token stays on the host).
+_TOKEN_PROBE = (
+    "import sys,urllib.request as u,urllib.error as e\n"
+    "def get(h):\n"
+    "    try: return u.urlopen(u.Request(sys.argv[1],headers=h),timeout=30).status\n"
+    "    except e.HTTPError as x: return x.code\n"
+    "t=open(sys.argv[2]).read().strip()\n"
+    "print(get({}),get({'Authorization':'Bearer wrong-token-0123456789'}),"
+    "get({'Authorization':'Bearer '+t}))\n")
+
+
+def test_private_metrics_want_the_token(host, fleet, host_name):
+    private = private_metrics(fleet, host_name)
+    if not private:
+        return
+    url = f"http://{private}:{fleet.sidecar.port}/metrics"
+    out = host.check_output("python3 -c %s %s %s", _TOKEN_PROBE, url, contract.METRICS_TOKEN_FILE)
+    assert out.split() == ["401", "401", "200"], out
 
 
 def test_host_has_the_declared_cores_and_memory(host, fleet, host_name):
