@@ -19,7 +19,7 @@ from typing import Awaitable, Callable
 
 import httpx
 
-from sidecar import badge, hooktest, reload as reload_mod, sdnotify
+from sidecar import badge, hooktest, model_check_metrics, reload as reload_mod, sdnotify
 from sidecar.config import SidecarConfig
 from sidecar.control import serve as serve_control
 from sidecar.events import Events, iso
@@ -95,7 +95,9 @@ class Daemon:
 
     def render_metrics(self) -> str:
         return self.metrics.render({n: ([b.name for b in r.w.backends], r.policy.active, r.policy.dark)
-                                    for n, r in self.runners.items()})
+                                    for n, r in self.runners.items()},
+                                   model_check_metrics.families(self.cfg.model_check_dir,
+                                                                self._serving()))
 
     def healthy(self) -> bool:
         tasks = [*self.runner_tasks.values(), *self._tasks]

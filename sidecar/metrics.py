@@ -70,8 +70,9 @@ class Metrics:
         """A switch found unfinished at start: 'completed' or 'rolled_back' (or 'interrupted')."""
         self.recovered[(wizard, outcome)] += 1
 
-    def render(self, wizards: dict) -> str:
-        """`wizards`: name -> (backend names in order, active backend or None, dark)."""
+    def render(self, wizards: dict, families: list = ()) -> str:
+        """`wizards`: name -> (backend names in order, active backend or None, dark);
+        `families`: more gauges as (name, help, type, [(labels, value)]) (model checks)."""
         out = ["# HELP neverdark_active_backend 1 for the backend each wizard is on.",
                "# TYPE neverdark_active_backend gauge"]
         for w, (backends, active, _) in sorted(wizards.items()):
@@ -103,6 +104,9 @@ class Metrics:
             out.append(f"neverdark_probe_latency_seconds_sum{_labels(wizard=w, backend=b)} {self._sum[(w, b)]:.6f}")
             out.append(f"neverdark_probe_latency_seconds_count{_labels(wizard=w, backend=b)} {counts[-1]}")
         out += self._render_engines()
+        for name, help_, kind, samples in families:
+            out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+            out += [f"{name}{_labels(**labels)} {float(value)!r}" for labels, value in samples]
         return "\n".join(out) + "\n"
 
     _ENGINE = (("prompt_tokens", "neverdark_engine_prompt_tokens_total",

@@ -28,7 +28,6 @@ DASHBOARD = MON / "grafana-dashboard.json"
 # list), so none can stay missing silently, and the rules and dashboard already use them.
 NEXT_PHASE = "issue 18, phase 2: the sidecar's prometheus_client export (cgroup memory, units, " \
              "hooks, per-backend health)"
-MODEL_CHECK = "issue 17: `neverdark model check` results exported by the sidecar"
 PENDING = {
     "neverdark_active_index": NEXT_PHASE,
     "neverdark_active_since_timestamp_seconds": NEXT_PHASE,
@@ -43,12 +42,6 @@ PENDING = {
     "neverdark_host_memory_total_bytes": NEXT_PHASE,
     "neverdark_host_memory_available_bytes": NEXT_PHASE,
     "neverdark_hook_deliveries_total": NEXT_PHASE,
-    "neverdark_model_check_first_token_seconds": MODEL_CHECK,
-    "neverdark_model_check_prefill_tokens_per_second": MODEL_CHECK,
-    "neverdark_model_check_decode_tokens_per_second": MODEL_CHECK,
-    "neverdark_model_check_budget_seconds": MODEL_CHECK,
-    "neverdark_model_check_within_budget": MODEL_CHECK,
-    "neverdark_model_check_timestamp_seconds": MODEL_CHECK,
 }
 PROMETHEUS_OWN = {"up"}     # written by Prometheus for every target
 
