@@ -129,14 +129,15 @@ def test_a_check_measures_cold_and_warm_on_the_real_engine(checked):
     assert r["ok"] and r["wizard"] == "merlin" and r["backend"] == "local", r
     assert r["within_budget"] is False and r["budget_s"] == 0.05
     c = r["completions"]
-    # cold: the whole prompt evaluated; warm: the conversation's prefix reused from the cache,
-    # only the prime's answer and the new turn evaluated.
-    assert c["cold"]["prompt_tokens"] >= 300, c["cold"]
-    assert c["warm"]["cached_tokens"] >= c["cold"]["prompt_tokens"] - 5, c
+    # cold: the whole prompt evaluated (the marker made it new); warm: the real prompt, which
+    # the prime evaluated, reused from the cache, only the prime's answer and the new turn new.
+    assert c["cold"]["prompt_tokens"] >= 300 and c["cold"]["cached_tokens"] == 0, c["cold"]
+    real = c["prime"]["prompt_tokens"] + c["prime"]["cached_tokens"]
+    assert c["warm"]["cached_tokens"] >= real - 1, c
     assert c["warm"]["prompt_tokens"] < 150, c["warm"]
     assert r["first_token_s"]["warm"] < r["first_token_s"]["cold"], r["first_token_s"]
     assert r["rates_from"] == {"prefill": "engine", "decode": "engine"}
-    assert 20 < r["prefill_tokens_per_s"] < 20000 and 1 < r["decode_tokens_per_s"] < 2000, r
+    assert 5 < r["prefill_tokens_per_s"] < 20000 and 0.5 < r["decode_tokens_per_s"] < 2000, r
     assert r["warm_turn_s"] == pytest.approx(
         r["first_token_s"]["warm"] + contract.ANSWER_TOKENS / r["decode_tokens_per_s"], abs=0.02)
 
