@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,17 @@ def test_the_budget_and_answer_length_have_one_source():
     assert speed.ANSWER_TOKENS == contract.ANSWER_TOKENS
     assert config.SidecarConfig.__dataclass_fields__["model_check_dir"].default == \
         Path(contract.MODEL_CHECK_DIR)
+
+
+def test_the_sidecar_config_carries_a_model_check_dir_only_when_not_the_default(tmp_path):
+    cfg = config.load(write_host(tmp_path, "http://127.0.0.1:9/v1"))
+    assert cfg.model_check_dir == tmp_path / "model-check"
+    text, _ = config.dump(cfg)
+    assert yaml.safe_load(text)["model_check_dir"] == str(tmp_path / "model-check")
+    text, _ = config.dump(replace(cfg, model_check_dir=Path(contract.MODEL_CHECK_DIR)))
+    assert "model_check_dir" not in yaml.safe_load(text)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((tmp_path / "sidecar.yaml").read_text().replace(
+        str(tmp_path / "model-check"), "relative/dir"))
+    with pytest.raises(config.ConfigError, match="model_check_dir: must be an absolute path"):
+        config.load(bad)
