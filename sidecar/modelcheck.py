@@ -62,6 +62,7 @@ class Completion:
     prompt_ms: float | None = None
     generated_tokens: int | None = None
     predicted_ms: float | None = None
+    queue_ms: float | None = None        # waiting for the engine (llama_launcher's lock only)
 
 
 def _apply_chunk(c: Completion, chunk: dict) -> None:
@@ -70,6 +71,7 @@ def _apply_chunk(c: Completion, chunk: dict) -> None:
         c.prompt_tokens, c.cached_tokens = t.get("prompt_n"), t.get("cache_n")
         c.prompt_ms = t.get("prompt_ms")
         c.generated_tokens, c.predicted_ms = t.get("predicted_n"), t.get("predicted_ms")
+        c.queue_ms = t.get("queue_ms")
     usage = chunk.get("usage")
     if isinstance(usage, dict) and c.prompt_tokens is None:
         c.prompt_tokens = usage.get("prompt_tokens")
