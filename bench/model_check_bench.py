@@ -1,12 +1,14 @@
 """`neverdark model check` on the test fleet: prints figures for docs/model-check.md (not a test).
 
-    .venv/bin/python bench/model_check_bench.py [WIZARD ...]   # default: merlin gandalf (vps1) radagast (pi1)
+    .venv/bin/python bench/model_check_bench.py [--mixed] [WIZARD ...]
+                                       # default: merlin gandalf (vps1) radagast (pi1)
 
-Brings the test fleet up (testbed.bed.Testbed: vps1 x86_64, pi1 aarch64 under qemu-user),
+Brings the test fleet up (testbed.bed.Testbed: vps1 and pi1 x86_64 with the vps and pi
+profiles; with --mixed, pi1 aarch64 under qemu-user, tests/test_fleet_mixed_arch.py's fleet),
 deploys it, runs the operator's `neverdark model check WIZARD --json` for each wizard in turn
 (one at a time: each is three completions on its host's engine), prints one line of figures per
 wizard and the command's wall time, then tears the fleet down. Under emulation pi1's figures are
-qemu's, not a Pi's.
+qemu's, not a Pi's (and a cold prefill there takes minutes).
 """
 
 from __future__ import annotations
@@ -19,15 +21,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from testbed.bed import Testbed  # noqa: E402
+from testbed.bed import MIXED_HOSTS, HOSTS, Testbed  # noqa: E402
 
 CHECK_TIMEOUT = 3600   # a cold Hermes-sized prefill, twice, under qemu-user
 
 
 def main(argv: list[str]) -> int:
-    wizards = argv or ["merlin", "gandalf", "radagast"]
+    mixed = "--mixed" in argv
+    wizards = [a for a in argv if a != "--mixed"] or ["merlin", "gandalf", "radagast"]
     with tempfile.TemporaryDirectory(prefix="neverdark-model-check-bench-") as tmp, \
-            Testbed(Path(tmp)) as bed:
+            Testbed(Path(tmp), hosts=MIXED_HOSTS if mixed else HOSTS) as bed:
         t = time.monotonic()
         result = bed.deploy()
         if result.rc != 0:
