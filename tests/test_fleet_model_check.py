@@ -32,7 +32,9 @@ def test_model_check_measures_merlins_fallback_on_its_host(bed, first_deploy):
     assert c["cold"]["prompt_tokens"] >= 300, c      # the wizard's whole prompt, evaluated
     real = c["prime"]["prompt_tokens"] + c["prime"]["cached_tokens"]
     assert c["warm"]["cached_tokens"] >= real - 1, c     # its prefix reused
-    assert r["first_token_s"]["warm"] < r["first_token_s"]["cold"], r
+    # The engine's own prefill time (a wait for the engine, which another request on a shared
+    # server can cause, is outside it): a few new tokens against the whole prompt.
+    assert c["warm"]["prompt_ms"] < c["cold"]["prompt_ms"], c
     assert r["path"] == f"{contract.MODEL_CHECK_DIR}/merlin.json"
     mode = bed.ssh("vps1", f"stat -c '%a %U' {contract.MODEL_CHECK_DIR}/merlin.json").split()
     assert mode == ["644", "root"], mode
