@@ -492,7 +492,41 @@ def prometheus_cmd(out: Path, interval: str, inventory) -> None:
 
 @main.group("model")
 def model_group() -> None:
-    """Local models: read a GGUF's own facts into the inventory."""
+    """Local models: read a GGUF's own facts into the inventory; measure them on their hosts."""
+
+
+@model_group.command("check")
+@click.argument("wizards", nargs=-1)
+@click.option("--budget", type=click.FloatRange(0.1, 3600), default=contract.INTERACTIVE_BUDGET_S,
+              show_default=True, help="seconds a warm turn may take")
+@click.option("--backend", default=None, help="default: each wizard's first local backend")
+@click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
+@_inventory
+def model_check(wizards: tuple[str, ...], budget: float, backend, as_json: bool, inventory) -> None:
+    """Measure each WIZARD's local fallback on its host with the wizard's real prompt (cold and
+    warm first token, prefill and decode rates) and judge a warm turn against the budget. Exit 1
+    if any is over it or could not be measured. Default: every wizard with a local backend.
+
+    \b
+    Examples:
+      neverdark model check                   # every wizard with a local model
+      neverdark model check merlin --budget 20
+    """
+    from neverdark.models import check
+    fleet = _fleet(inventory)
+    for w in wizards:
+        _host_of(fleet, w)
+    names = list(wizards) or check.local_wizards(fleet)
+    if not names:
+        raise click.ClickException("no wizard in the inventory has a local backend")
+    results = check.run(fleet, names, budget, backend)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            for line in check.table(r):
+                click.echo(line)
+    sys.exit(EXIT_OK if all(check.passed(r) for r in results) else EXIT_PROBLEMS)
 
 
 @model_group.command("add")

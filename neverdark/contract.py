@@ -162,6 +162,13 @@ LLAMA_DIR = f"{OPT}/llama"
 LLAMA_LIB = f"{LLAMA_DIR}/lib"
 HERMES_DIR = f"{OPT}/hermes"
 
+# `neverdark model check` (sidecar/modelcheck.py): is a wizard's local model fast enough? A warm
+# turn (the conversation's prefix cached, a new message, a brief answer) must fit the interactive
+# budget, the Telegram case (issue 17). neverdark.models.speed estimates against the same figures.
+INTERACTIVE_BUDGET_S = 10.0
+ANSWER_TOKENS = 60               # a brief answer
+MODEL_CHECK_DIR = f"{VAR}/model-check"   # <wizard>.json, the latest result; the sidecar exports it
+
 # Model files are written once (hash-named, renamed into place after the check) and never
 # again: read-only to everyone, root's. A Pi's SD card wears with every rewrite of gigabytes.
 MODEL_FILE_MODE = "0444"

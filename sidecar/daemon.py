@@ -19,7 +19,8 @@ from typing import Awaitable, Callable
 
 import httpx
 
-from sidecar import badge, hooktest, jsonlog, reload as reload_mod, sdnotify, units
+from sidecar import (badge, hooktest, jsonlog, model_check_metrics, reload as reload_mod, sdnotify,
+                     units)
 from sidecar.config import SidecarConfig
 from sidecar.control import serve as serve_control
 from sidecar.events import Events, iso
@@ -105,7 +106,8 @@ class Daemon:
     def render_metrics(self) -> str:
         return self.metrics.render({
             n: WizardState([b.name for b in r.w.backends], r.policy.active, r.policy.dark,
-                           r.status()) for n, r in self.runners.items() if not r.retiring})
+                           r.status()) for n, r in self.runners.items() if not r.retiring},
+            model_check_metrics.families(self.cfg.model_check_dir, self._serving()))
 
     def healthy(self) -> bool:
         tasks = [*self.runner_tasks.values(), *self._tasks]

@@ -20,7 +20,7 @@ wizards), and the breakdown of each check turn the sidecar ran itself (switches,
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
 
@@ -47,6 +47,7 @@ class WizardState(NamedTuple):
 class Scrape:
     metrics: "Metrics"
     wizards: dict[str, WizardState]
+    families: list = field(default_factory=list)
     meminfo: Path = MEMINFO
 
 
@@ -107,9 +108,11 @@ class Metrics:
         """One hook delivery: outcome 'ok', or 'timeout' / 'error'."""
         self.deliveries[(hook, outcome)] += 1
 
-    def render(self, wizards: dict) -> str:
-        """`wizards`: name -> WizardState (or the tuple (backends, active, dark[, status]))."""
-        scrape = Scrape(self, {n: WizardState(*v) for n, v in wizards.items()})
+    def render(self, wizards: dict, families: Iterable = ()) -> str:
+        """`wizards`: name -> WizardState (or the tuple (backends, active, dark[, status]));
+        `families`: more gauges as (name, help, type, [(labels, value)]), read by another part
+        of the sidecar at this scrape (sidecar/model_check_metrics.py)."""
+        scrape = Scrape(self, {n: WizardState(*v) for n, v in wizards.items()}, list(families))
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(scrape))
         return generate_latest(registry).decode()
@@ -309,6 +312,18 @@ def hook_deliveries(s: Scrape) -> Iterable:
     yield c
 
 
+def given(s: Scrape) -> Iterable:
+    """The families handed to `render` as data (only gauges are: the model checks)."""
+    for name, help_, kind, samples in s.families:
+        assert kind == "gauge", kind
+        labels = list(dict.fromkeys(k for lb, _ in samples for k in lb))   # as given
+        g = _gauge(name, help_, labels)
+        for lb, value in samples:
+            g.add_metric([str(lb.get(k, "")) for k in labels], float(value))
+        yield g
+
+
 # The families, in exposition order. Another part of the sidecar adds its own producer here.
 PRODUCERS: list[Callable[[Scrape], Iterable]] = [
-    wizard_state, switches, probes, engines, check_turns, units, host_memory, hook_deliveries]
+    wizard_state, switches, probes, engines, check_turns, units, host_memory, hook_deliveries,
+    given]

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from sidecar import config, flip
+from sidecar import config, flip, modelcheck
 from sidecar.daemon import Daemon
 from testbed.hermes_gateway import variant
 from testbed.llmock import free_port
@@ -79,8 +79,16 @@ def write_config(root: Path, hooks: dict | None = None) -> Path:
     env.write_text("KEY_MERLIN__CLAUDE=sk-ant-outputs-test-0001\n"
                    "API_KEY_MERLIN=nd-api-key-outputs-test-0000001\n")
     os.chmod(env, 0o600)
+    # A `neverdark model check` result for the local fallback, as sidecar.modelcheck leaves it
+    # (figures of the test fleet's vps1), so /metrics carries the model-check families.
+    checks = root / "model-check"
+    modelcheck.save(checks, "merlin", {
+        "ok": True, "wizard": "merlin", "backend": "local", "kind": "local", "model": "gemma-test",
+        "platform": "telegram", "timestamp": time.time(), "budget_s": 10.0, "answer_tokens": 60,
+        "first_token_s": {"cold": 9.5, "warm": 3.1}, "prefill_tokens_per_s": 52.8,
+        "decode_tokens_per_s": 3.5, "warm_turn_s": 20.24, "within_budget": False})
     doc = {"listen": f"127.0.0.1:{free_port()}",
-           "control_socket": str(root / "run" / "control.sock"),
+           "control_socket": str(root / "run" / "control.sock"), "model_check_dir": str(checks),
            "state_dir": str(root / "state"), "secrets_file": str(env),
            "probe": {"interval": 0.2, "timeout": 1, "fall": 2, "rise": 2},
            "hooks": hooks or {},

@@ -182,7 +182,7 @@ def test_a_host_without_wizards_has_its_sidecar_hermes_and_engines_removed(tmp_p
     assert removed == {f"{contract.UNIT_DIR}/{contract.SIDECAR_UNIT}", contract.SIDECAR_CONFIG,
                        contract.SIDECAR_ENV, sidecar.SUDOERS_STAGED, contract.SIDECAR_SUDOERS,
                        contract.SIDECAR_DIR, contract.SIDECAR_STATE_DIR,
-                       contract.METRICS_TOKEN_FILE}
+                       contract.METRICS_TOKEN_FILE, contract.MODEL_CHECK_DIR}
     assert index(ops, "systemd.service", service=contract.SIDECAR_UNIT, running=False) < \
         index(ops, "server.user", user=contract.SIDECAR_USER, present=False)
     index(ops, "server.group", group=contract.OPS_GROUP, present=False)

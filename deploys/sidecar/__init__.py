@@ -29,7 +29,10 @@ class SidecarDeployer(Deployer):
                     groups=[contract.OPS_GROUP],
                     venv=Venv("sidecar", tuple(p["requirements"])),
                     dirs=[Dir(contract.SIDECAR_STATE_DIR, contract.SIDECAR_USER,
-                              contract.SIDECAR_USER, "0700")],
+                              contract.SIDECAR_USER, "0700"),
+                          # `neverdark model check` results: root writes them (sidecar.modelcheck
+                          # runs as root), the sidecar reads them for /metrics. Figures only.
+                          Dir(contract.MODEL_CHECK_DIR, "root", "root", "0755")],
                     units=[contract.SIDECAR_UNIT],
                     files=[contract.SIDECAR_CONFIG, contract.SIDECAR_ENV, SUDOERS_STAGED,
                            contract.SIDECAR_SUDOERS, contract.METRICS_TOKEN_FILE])

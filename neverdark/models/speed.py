@@ -21,9 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-BUDGET_S = 10.0          # a warm turn, the Telegram case (issue 17)
+from neverdark import contract
+
+BUDGET_S = contract.INTERACTIVE_BUDGET_S   # a warm turn, the Telegram case (issue 17)
 WARM_NEW_TOKENS = 25     # a user's message and the template's turn markers
-ANSWER_TOKENS = 60       # a brief answer (the README's projections use the same)
+ANSWER_TOKENS = contract.ANSWER_TOKENS     # a brief answer (the README's projections use the same)
 GB = 1_000_000_000
 
 
