@@ -243,7 +243,7 @@ def test_the_firewall_admits_the_wizards_host_and_drops_the_rest(tmp_path):
     assert unit.path == "/etc/systemd/system/neverdark-firewall.service"
     assert "ExecReload=/usr/sbin/nft -f /etc/neverdark/firewall.nft" in unit.content
     assert "ExecStop=/usr/sbin/nft delete table inet neverdark" in unit.content
-    assert "Before=network-pre.target neverdark-llama-gemma.service" in unit.content
+    assert "Before=network-pre.target shutdown.target neverdark-llama-gemma.service" in unit.content
 
 
 def test_ipv6_private_addresses_get_ip6_rules(tmp_path):
