@@ -14,6 +14,8 @@ import pytest
 
 from neverdark import contract, engines, memory_fit, model_keys, plan, topology
 from neverdark.inventory import InventoryError, validate
+from deploys import firewall
+from tests.test_deployers import recorder, run as run_stages  # noqa: F401 (a fixture)
 from tests.test_inventory import GEMMA_SHA, line_of, write_inventory
 
 URL = f"{{url: 'https://example.net/gemma.gguf', sha256: {GEMMA_SHA}}}"
@@ -286,3 +288,36 @@ def test_the_launcher_refuses_a_request_without_its_key():
     assert _ask(app, "/metrics", [(b"x-api-key", b"k" * 64)]) == 200
     assert _ask(app, "/health", []) == 200                  # liveness stays open
     assert _ask(KeyMiddleware(inner, key=""), "/v1/models", []) == 200   # loopback: keyless
+
+
+# --- the deploy's order ----------------------------------------------------------------------
+
+def test_the_firewall_is_up_before_the_server_and_goes_after_it(tmp_path, recorder,
+                                                                 monkeypatch):
+    """Enabled: loaded (install, configure, activate) before the model server listens beyond
+    loopback, a new ruleset reloaded, never stopped; disabled on a host that has it: removed only
+    after the servers are back on loopback."""
+    from deploys import stages
+
+    fleet = fleet_of(tmp_path)
+    p = plan.host_plan(fleet, "b")
+    run_stages(stages.host_deployers(p))
+    names = [op.kwargs.get("name", "") for op in recorder.ops]
+    run_fw = names.index("firewall: run neverdark-firewall.service")
+    assert run_fw < names.index("llama server gemma: run neverdark-llama-gemma.service")
+    assert "firewall: reload neverdark-firewall.service (its config changed)" in names
+    assert any(op.kind == "apt.packages" and op.kwargs["packages"] == ["nftables"]
+               for op in recorder.ops)
+
+    recorder.ops.clear()
+    p = plan.host_plan(fleet_of(tmp_path, FLEET.replace(", host: b}", "}").replace(
+        "memory_mb: 2048", "memory_mb: 6144")), "b")
+    assert p["firewall"] is None
+    # the host has the firewall from the deploy before
+    monkeypatch.setattr(firewall.ops, "host_has_file",
+                        lambda path: path == "/etc/systemd/system/neverdark-firewall.service")
+    run_stages(stages.host_deployers(p))
+    names = [op.kwargs.get("name", "") for op in recorder.ops]
+    stop = names.index("firewall: stop neverdark-firewall.service")
+    assert stop > names.index("llama server gemma: run neverdark-llama-gemma.service")
+    assert "firewall: remove /etc/neverdark/firewall.nft" in names
