@@ -57,6 +57,17 @@ def cli(bed, *args: str) -> dict:
     return json.loads(proc.stdout)
 
 
+def wait_for(bed, ok, timeout: float) -> dict:
+    """Until merlin's sidecar status satisfies `ok`; that status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        w = bed.sidecar_status(WIZARD_HOST)["wizards"][WIZARD]
+        if ok(w):
+            return w
+        assert time.monotonic() < deadline, w
+        time.sleep(1)
+
+
 def test_the_deploy_converges(cross, deployed):
     again = cross.deploy()
     assert again.rc == 0 and again.changed == 0, again.changed_ops
@@ -99,13 +110,13 @@ def test_the_other_hosts_server_taken_over_then_lost(cross, deployed):
         status = cli(cross, "status", "--json")["wizards"][WIZARD]
         assert (status["active"], status["served_by"]) == ("remote", SERVING), status
         cross.ssh(SERVING, f"systemctl stop {unit}")
-        deadline = time.monotonic() + 120
-        while not cross.sidecar_status(WIZARD_HOST)["wizards"][WIZARD]["dark"]:
-            assert time.monotonic() < deadline, cross.sidecar_status(WIZARD_HOST)
-            time.sleep(1)
+        dark = wait_for(cross, lambda w: w["dark"], 120)
+        # dark keeps the last backend active: nothing healthy to switch to
+        assert dark["active"] == "remote" and not dark["backends"]["remote"]["healthy"], dark
         cross.ssh(SERVING, f"systemctl start {unit}")
-        cross.wait_active(WIZARD_HOST, WIZARD, "remote", timeout=400)
-        assert not cross.sidecar_status(WIZARD_HOST)["wizards"][WIZARD]["dark"]
+        back = wait_for(cross, lambda w: not w["dark"] and w["active"] == "remote"
+                        and w["backends"]["remote"]["healthy"], 400)
+        assert not back["switching"], back
     finally:
         cross.ssh(SERVING, f"systemctl start {unit}", check=False)
         claude.recover()
