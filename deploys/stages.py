@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from deploys.base import BaseDeployer, JournaldDeployer
 from deploys.deployer import Deployer, each
+from deploys.firewall import FirewallDeployer
 from deploys.hermes import HermesDeployer, WizardDeployer
 from deploys.llama import LlamaDeployer, LlamaServerDeployer
 from deploys.models import ModelsDeployer
@@ -27,13 +28,18 @@ def host_deployers(p: dict, stale_wizards: list[str] = (),
     engine = LlamaDeployer(p, enabled=bool(servers))
     hermes = HermesDeployer(p, enabled=bool(wizards))
     wizard_ds = [WizardDeployer(p, w["name"], w, hermes) for w in wizards]
+    # Up before a server listens beyond loopback; taken down only after every server here is
+    # back on loopback.
+    firewall = FirewallDeployer(p, enabled=bool(p["firewall"]))
     return [
         BaseDeployer(p),
         JournaldDeployer(p, enabled=bool(p["base"]["journald"])),
+        *([firewall] if firewall.enabled else []),
         models,
         *[LlamaServerDeployer(p, s, s["unit"], engine, models)
           for s in servers],
         *[LlamaServerDeployer(p, None, unit, enabled=False) for unit in stale_llama_units],
+        *([] if firewall.enabled else [firewall]),
         engine,
         *wizard_ds,
         *[WizardDeployer(p, name, enabled=False) for name in stale_wizards],

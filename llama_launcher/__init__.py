@@ -35,6 +35,9 @@ measured on the test fleet):
   line (the journal), and summed in `GET /metrics` under native llama-server's metric names, so
   one scraper reads either engine.
 
+- A key (auth.py), when the server is reached by other hosts of the fleet: read from
+  LLAMA_API_KEY in the unit's EnvironmentFile, as llama-server reads it, never from argv.
+
 Everything else is llama-cpp-python's own server, started with the same command line. Only
 the standard library and what the llama venv has (llama-cpp-python[server], numpy).
 """

@@ -10,6 +10,7 @@ import time
 import llama_cpp.server.app as server_app
 
 from llama_launcher import VERSION
+from llama_launcher.auth import KeyMiddleware
 from llama_launcher.cache import CACHE, SWA_FULL
 from llama_launcher.timings import STATS, TimingsMiddleware
 
@@ -55,3 +56,5 @@ def add_routes(app) -> None:
     # First match wins: ours go in front of the library's lock-taking /v1/models.
     app.router.routes[:] = app.router.routes[before:] + app.router.routes[:before]
     app.add_middleware(TimingsMiddleware)
+    # Added last, so it runs first: a request without the key reaches nothing.
+    app.add_middleware(KeyMiddleware)

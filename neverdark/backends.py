@@ -39,6 +39,7 @@ class Backend:
     api_key_secret: str | None       # the inventory's secret holding its key (None: keyless)
     key_env: str | None              # the sidecar's name for that key (contract.backend_key_env)
     variant: str                     # its Hermes variant, which the sidecar installs
+    host: str | None = None          # the host serving a local model (None: not a local one)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,12 @@ def view(fleet: Fleet, wizard: str) -> WizardBackends:
 
 
 def _backend(fleet: Fleet, wizard: str, b: CloudBackend | LocalBackend) -> Backend:
-    secret = b.api_key.secret if isinstance(b, CloudBackend) and b.api_key else None
+    if isinstance(b, LocalBackend):
+        # a server other hosts reach takes a key from every wizard, its own host's too
+        host = fleet.serving_host(wizard, b)
+        secret = fleet.model_key_secret(host, b.local)
+    else:
+        host, secret = None, b.api_key.secret if b.api_key else None
     return Backend(
         name=b.name, kind=backend_kind(b),
         model=b.local if isinstance(b, LocalBackend) else b.model,
@@ -72,4 +78,4 @@ def _backend(fleet: Fleet, wizard: str, b: CloudBackend | LocalBackend) -> Backe
         tools=None if b.tools is None else tuple(b.tools),
         api_key_secret=secret,
         key_env=contract.backend_key_env(wizard, b.name) if secret else None,
-        variant=contract.variant_path(wizard, b.name))
+        variant=contract.variant_path(wizard, b.name), host=host)

@@ -74,17 +74,46 @@ def check_references(report: Report, fleet: Fleet, host_names: set, model_names:
                 unsure.add(wz.host)
                 continue
             model = fleet.models[b.local]
-            if model.hosts is not None and wz.host in host_names and wz.host not in model.hosts:
-                report.add(here + ("local",),
-                           f"model '{b.local}' is not served on host '{wz.host}' (its hosts: "
+            serving = b.host or wz.host
+            if b.host is not None and not _check_serving_host(report, fleet, here, w, b,
+                                                              host_names):
+                continue
+            if model.hosts is not None and serving in host_names and serving not in model.hosts:
+                report.add(here + ("host" if b.host else "local",),
+                           f"model '{b.local}' is not served on host '{serving}' (its hosts: "
                            f"{', '.join(model.hosts)}); a local backend uses the model served "
-                           "on the wizard's own host")
+                           + ("on the host it names" if b.host else
+                              "on the wizard's own host, or on the one its `host` names"))
             _check_max_tokens(report, fleet, here, b.max_tokens, model.context_length)
             if b.tools:
                 problem = tools_problem(model, b.local)
                 if problem:
                     report.add(here + ("tools",), problem)
     return unsure
+
+
+def _check_serving_host(report: Report, fleet: Fleet, here: tuple, wizard: str,
+                        b: LocalBackend, host_names: set) -> bool:
+    """A backend served by another host (`host:`): that host exists and both hosts have a
+    private_address (the server listens on the serving host's, and admits the wizard's host's
+    through its firewall). False: the backend cannot be checked further."""
+    wz = fleet.wizards[wizard]
+    if b.host not in host_names:
+        report.add(here + ("host",), f"unknown host '{b.host}'" + _known(host_names))
+        return False
+    if b.host == wz.host or b.host not in fleet.hosts or wz.host not in fleet.hosts:
+        return True
+    if fleet.hosts[b.host].private_address is None:
+        report.add(here + ("host",),
+                   f"host '{b.host}' has no private_address: a model server other hosts reach "
+                   f"listens there, never on a public address (set hosts.{b.host}."
+                   "private_address: its LAN, WireGuard or Tailscale address)")
+    if fleet.hosts[wz.host].private_address is None:
+        report.add(here + ("host",),
+                   f"the wizard's host '{wz.host}' has no private_address: host '{b.host}' "
+                   f"admits only the fleet's private addresses to its model server (set "
+                   f"hosts.{wz.host}.private_address)")
+    return True
 
 
 def tools_problem(model, name: str) -> str | None:
@@ -107,8 +136,10 @@ def check_key_variables(report: Report, fleet: Fleet) -> None:
         seen: dict[str, tuple] = {}
         for w in fleet.wizards_on(h):
             for i, b in enumerate(fleet.wizards[w].backends):
-                if not isinstance(b, CloudBackend):
-                    continue
+                if isinstance(b, LocalBackend) and (
+                        b.local not in fleet.models or (b.host or h) not in fleet.hosts
+                        or fleet.model_key_secret(b.host or h, b.local) is None):
+                    continue   # keyless: neverdark's own server on loopback
                 env = contract.backend_key_env(w, b.name)
                 here = ("wizards", w, "backends", i, "name")
                 if env in seen:

@@ -291,8 +291,10 @@ def drill(wizard: str, to: str | None, turns: int, as_json: bool, inventory) -> 
 
 
 def drill_lines(host: str, report: dict) -> list[str]:
+    served = f" (served by {report['served_by']})" if report.get("served_by") else ""
     lines = [f"drill {report.get('wizard')} on {host}: "
-             f"{report.get('from', '?')} -> {report.get('to', '?')} -> {report.get('from', '?')}"]
+             f"{report.get('from', '?')} -> {report.get('to', '?')}{served} -> "
+             f"{report.get('from', '?')}"]
     for step, turns_key in (("failover", "fallback_turns"), ("failback", "primary_turns")):
         s = report.get(step)
         if not s:

@@ -199,6 +199,21 @@ def llama_unit(model: str) -> str:
     return f"neverdark-llama-{model}.service"
 
 
+# A model server other hosts reach reads its key from here (EnvironmentFile, 0600): never argv.
+LLAMA_ETC = f"{ETC}/llama"
+LLAMA_KEY_ENV = "LLAMA_API_KEY"     # llama-server's own variable; the launcher reads the same
+
+
+def llama_key_file(model: str) -> str:
+    return f"{LLAMA_ETC}/{model}.env"
+
+
+# The firewall that admits only the fleet's hosts to those servers (deploys/firewall).
+FIREWALL_TABLE = "neverdark"          # nft family inet
+FIREWALL_RULES = f"{ETC}/firewall.nft"
+FIREWALL_UNIT = "neverdark-firewall.service"
+
+
 LLAMA_UNIT_PREFIX = "neverdark-llama-"
 # The native llama-server and the libraries beside it: one folder per build (named by a digest
 # of its files), the link switched to a new build only once every file is verified.
@@ -269,6 +284,13 @@ def loopback_url(port: int) -> str:
 def local_base_url(port: int) -> str:
     """An OpenAI-compatible local server's base URL, as Hermes and the probes take it."""
     return f"{loopback_url(port)}/v1"
+
+
+def server_base_url(address: str, port: int) -> str:
+    """A model server neverdark runs, at the address it listens on: loopback, or its host's
+    private address when other hosts reach it (an IPv6 one in brackets)."""
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}/v1"
 
 
 # --- local model engines ---------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The two local model engines: how each is run, and what each really serves.
 
-Both run under the same unit (`neverdark-llama-<model>.service`), listen on the same loopback
-port, answer `/health` without waiting for a generation, speak the OpenAI chat API Hermes uses,
+Both run under the same unit (`neverdark-llama-<model>.service`), listen on the same port
+(on loopback, or on the host's private address with a key when wizards of other hosts use the
+model: docs/crosshost.md; the key comes from the unit's EnvironmentFile, never argv), answer `/health` without waiting for a generation, speak the OpenAI chat API Hermes uses,
 and keep each wizard's prompt prefix in their own prompt cache once a turn has computed it (the
 sidecar's check turn before a switch onto the model does, through the wizard's real gateway):
 
@@ -76,7 +77,7 @@ def native_argv(s, binary: str = NATIVE_BINARY, model_path: str | None = None) -
     elsewhere to run the same command off a host, as the tests and benchmarks do)."""
     slots = len(s.wizards) or 1
     argv = [binary, "--model", model_path or s.model_path, "--alias", s.model,
-            "--host", contract.LOOPBACK, "--port", str(s.port),
+            "--host", s.listen, "--port", str(s.port),
             # one slot per wizard, each with its own n_ctx (a separate, not a shared, KV pool)
             "--ctx-size", str(s.n_ctx * slots), "--parallel", str(slots), "--no-kv-unified",
             "--threads", str(s.threads), "--threads-batch", str(s.threads),
@@ -109,7 +110,7 @@ def python_argv(s, python: str = PYTHON, model_path: str | None = None) -> list[
     """The launcher's command line (llama-cpp-python's own server options); it finds the
     package on the PYTHONPATH `environment` sets."""
     argv = [python, "-m", LAUNCHER, "--model", model_path or s.model_path, "--model_alias", s.model,
-            "--host", contract.LOOPBACK, "--port", str(s.port),
+            "--host", s.listen, "--port", str(s.port),
             "--n_ctx", str(s.n_ctx), "--n_threads", str(s.threads),
             "--n_threads_batch", str(s.threads), "--chat_format", s.chat_format,
             "--logits_all", "false", "--interrupt_requests", "false"]

@@ -119,11 +119,13 @@ def _backends(wizard) -> list:
 def key_env(wizard, backend) -> str | None:
     """The environment name the wizard's .env holds this backend's key under."""
     kind = _get(backend, "kind")
-    if kind == "local" or (kind in ("openai", "ollama") and not _get(backend, "api_key_secret")):
-        return None   # neverdark's own server, or one that wants no key (Ollama, a local vLLM)
+    if kind in ("local", "openai", "ollama") and not _get(backend, "api_key_secret"):
+        # neverdark's own server on loopback, or one that wants no key (Ollama, a local vLLM)
+        return None
     if kind in FIXED_KEY_ENV:
         return FIXED_KEY_ENV[kind]
-    if kind in ("openai", "ollama"):
+    if kind in ("openai", "ollama", "local"):
+        # (local: a server other hosts of the fleet reach, which takes its key)
         # Never OPENAI_API_KEY: Hermes hands that to any entry lacking a key of its own.
         return contract.backend_key_env(str(_get(wizard, "name")), str(_get(backend, "name")))
     raise ValueError(f"backend {_get(backend, 'name')!r}: unknown kind {kind!r}")

@@ -111,8 +111,8 @@ def validate(path: str | os.PathLike, env: Mapping[str, str] = os.environ) -> Fl
     # The header-derived fields first: the tools check and the memory fit read them.
     incomplete = facts.fill_models(report, fleet)
     unsure = checks.check_references(report, fleet, names["hosts"], names["models"])
-    unsure |= {fleet.wizards[w].host for m in incomplete for h in fleet.hosts
-               for w in fleet.wizards_using(h, m)}
+    unsure |= {where for m in incomplete for h in fleet.hosts
+               for w in fleet.wizards_using(h, m) for where in (h, fleet.wizards[w].host)}
     # A host with a broken wizard entry would be budgeted without that wizard's gateway.
     raw_wizards = raw.get("wizards") if isinstance(raw.get("wizards"), dict) else {}
     unsure |= {entry.get("host") for w, entry in raw_wizards.items()

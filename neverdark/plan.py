@@ -10,6 +10,7 @@ written with the sidecar's own `dump`, so the two sides cannot disagree.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,7 +63,30 @@ def host_plan(fleet: Fleet, host: str) -> dict:
         "llama": llama_plan(fleet, host),
         "hermes": {"requirements": HERMES_REQUIREMENTS, "wizards": wizards},
         "sidecar": sidecar_plan(fleet, host, wizards, chains),
+        "firewall": firewall_plan(fleet, host),
     }
+
+
+NFT = "/usr/sbin/nft"
+
+
+def firewall_plan(fleet: Fleet, host: str) -> dict | None:
+    """The nftables ruleset that admits only the hosts of the wizards using each model server
+    other hosts reach (None: no such server here, no firewall)."""
+    rules = []
+    for s in topology.llama_servers(fleet, host):
+        if not s.remote_wizards:
+            continue
+        addresses = sorted({ipaddress.ip_address(fleet.hosts[fleet.wizards[w].host]
+                                                 .private_address)
+                            for w in s.remote_wizards}, key=lambda a: (a.version, a))
+        rules.append({"model": s.model, "port": s.port, "wizards": list(s.remote_wizards),
+                      "ipv4": [str(a) for a in addresses if a.version == 4],
+                      "ipv6": [str(a) for a in addresses if a.version == 6]})
+    if not rules:
+        return None
+    return {"rules": rules, "nft": NFT,
+            "units": [contract.llama_unit(r["model"]) for r in rules]}
 
 
 def journald_dropin() -> File:
@@ -111,6 +135,12 @@ def llama_server_plan(fleet: Fleet, s: topology.LlamaServer) -> dict:
     granted = memory_fit.server_mb(model, len(s.wizards), fleet.memory)
     d["memory_max_mb"] = int(granted * 1.25) + 64
     d["wizards"] = list(s.wizards)
+    d["remote_wizards"] = list(s.remote_wizards)
+    # The key of a server other hosts reach, in its EnvironmentFile (root reads it for the
+    # unit; 0600, never argv): llama-server takes LLAMA_API_KEY, the launcher reads the same.
+    d["key_file"] = (File(s.key_file, contract.dotenv_dumps(
+        {contract.LLAMA_KEY_ENV: fleet.secret(s.key_secret)}), "0600", contract.LLAMA_USER,
+        contract.LLAMA_USER, secret=True) if s.key_secret else None)
     return d
 
 
@@ -229,7 +259,8 @@ def sidecar_config_for(fleet: Fleet, host: str, chains: list[WizardBackends] | N
         backends = tuple(sidecar_config.BackendConfig(
             name=b.name, kind=b.kind, base_url=b.base_url, model=b.model,
             api_key=fleet.secret(b.api_key_secret) if b.api_key_secret else None,
-            variant=Path(b.variant), api_key_env=b.key_env, context_length=b.context_length)
+            variant=Path(b.variant), api_key_env=b.key_env, context_length=b.context_length,
+            host=b.host if b.host and b.host != host else None)
             for b in chain.backends)
         api_env = wz.api_server_key.secret
         secrets[api_env] = fleet.secret(api_env)
@@ -316,9 +347,11 @@ def summary(fleet: Fleet) -> list[str]:
         h = fleet.hosts[host]
         lines.append(f"{host} ({h.profile}, {h.address}, {h.memory_mb} MB):")
         for s in topology.llama_servers(fleet, host):
-            lines.append(f"  model {s.model} ({s.engine}): 127.0.0.1:{s.port} n_ctx {s.n_ctx}"
+            remote = f" (and {', '.join(s.remote_wizards)} of other hosts, with a key)" \
+                if s.remote_wizards else ""
+            lines.append(f"  model {s.model} ({s.engine}): {s.listen}:{s.port} n_ctx {s.n_ctx}"
                          f"{f' x {s.slots} slots' if s.engine == 'llama-server' else ''}, "
-                         f"{s.threads} threads, serving {', '.join(s.wizards)}")
+                         f"{s.threads} threads, serving {', '.join(s.wizards)}{remote}")
         for w in fleet.wizards_on(host):
             chain = " -> ".join(f"{b.name} ({backend_kind(b)})" for b in fleet.wizards[w].backends)
             lines.append(f"  wizard {w}: API 127.0.0.1:{fleet.wizards[w].api_port}, "

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag,
                       ValidationInfo, field_validator, model_validator)
 
-from neverdark import contract
+from neverdark import contract, model_keys
 from neverdark.hermes_config import DEFAULT_NOTICE, HERMES_TOOLSETS
 from neverdark.secrets import SecretRef, SecretStore
 
@@ -326,6 +326,9 @@ class CloudBackend(Strict):
 class LocalBackend(Strict):
     name: str
     local: str
+    # The host whose server of the model this backend uses (None: the wizard's own); another
+    # host reaches it at that host's private_address, with a key (docs/crosshost.md).
+    host: str | None = None
     # Small by default: every generated token is slow on a small host, and a base model that
     # rambles or loops stops here (~40 s at a Pi 5's 6 tokens/s for an E2B-class model).
     max_tokens: Tokens = 256
@@ -501,12 +504,15 @@ class Fleet(Strict):
     _store: SecretStore = PrivateAttr(default_factory=lambda: SecretStore({}, {}))
     _path: Path | None = PrivateAttr(None)
     _llama_ports: dict[tuple[str, str], int] = PrivateAttr(default_factory=dict)
+    _fleet_key: str | None = PrivateAttr(None)   # read or made on first use (model_keys)
 
     @property
     def path(self) -> Path | None:
         return self._path
 
     def secret(self, name: str) -> str:
+        if name.startswith(model_keys.SECRET_PREFIX):
+            return self._model_key(name)
         value = self._store.get(name)
         if value is None:
             raise KeyError(f"secret {name!r} is not resolved")
@@ -518,22 +524,70 @@ class Fleet(Strict):
     def wizards_on(self, host: str) -> list[str]:
         return sorted(w for w, wz in self.wizards.items() if wz.host == host)
 
+    def serving_host(self, wizard: str, backend: LocalBackend) -> str:
+        """The host whose server of the model a local backend uses."""
+        return backend.host or self.wizards[wizard].host
+
+    def _served(self) -> Iterator[tuple[str, str, str]]:
+        """(serving host, model, wizard) for every local backend (one naming an unknown host,
+        which validation reports, serves nowhere)."""
+        for w in sorted(self.wizards):
+            for b in self.wizards[w].backends:
+                if isinstance(b, LocalBackend) and self.serving_host(w, b) in self.hosts:
+                    yield self.serving_host(w, b), b.local, w
+
     def wizards_using(self, host: str, model: str) -> list[str]:
-        return [w for w in self.wizards_on(host)
-                if any(isinstance(b, LocalBackend) and b.local == model
-                       for b in self.wizards[w].backends)]
+        """Every wizard that can fall back onto the host's server of the model: the host's own
+        and those of other hosts (each one a slot, a prefix in the cache, in the memory fit)."""
+        return sorted({w for h, m, w in self._served() if h == host and m == model})
+
+    def remote_wizards(self, host: str, model: str) -> list[str]:
+        """The wizards of other hosts that use the host's server of the model."""
+        return [w for w in self.wizards_using(host, model) if self.wizards[w].host != host]
 
     def local_models(self, host: str) -> list[str]:
-        """Models served on the host: those some wizard there has a local backend for."""
-        return sorted({b.local for w in self.wizards_on(host) for b in self.wizards[w].backends
-                       if isinstance(b, LocalBackend) and b.local in self.models})
+        """Models served on the host: those some local backend of any wizard is served by
+        there."""
+        return sorted({m for h, m, _ in self._served() if h == host and m in self.models})
 
     def llama_port(self, host: str, model: str) -> int:
         return self._llama_ports[(host, model)]
 
+    def listen_address(self, host: str, model: str) -> str:
+        """Where the host's server of the model listens: loopback, unless a wizard of another
+        host uses it (then the host's private_address, never a public one)."""
+        if self.remote_wizards(host, model):
+            return self.hosts[host].private_address or contract.LOOPBACK
+        return contract.LOOPBACK
+
+    def model_key_secret(self, host: str, model: str) -> str | None:
+        """The secret name of the server's key (None: a loopback server, keyless)."""
+        if self.listen_address(host, model) == contract.LOOPBACK:
+            return None
+        return model_keys.secret_name(host, model)
+
+    def _model_key(self, name: str) -> str:
+        for h in self.hosts:
+            for m in self.local_models(h):
+                if self.model_key_secret(h, m) == name:
+                    return model_keys.derive(self.fleet_key(), h, m)
+        raise KeyError(f"secret {name!r} is not the key of a served model")
+
+    def fleet_key(self) -> str:
+        if self._fleet_key is None:
+            path = self._store.path
+            self._fleet_key = model_keys.load_or_create(
+                self._store.get(model_keys.FLEET_KEY_SECRET),
+                model_keys.key_file(path, self._path))
+        return self._fleet_key
+
     def base_url(self, wizard: str, backend: CloudBackend | LocalBackend) -> str:
         if isinstance(backend, LocalBackend):
-            return contract.local_base_url(self.llama_port(self.wizards[wizard].host, backend.local))
+            # A server other hosts reach listens on its private address only: its own host's
+            # wizards reach it there too.
+            host = self.serving_host(wizard, backend)
+            return contract.server_base_url(self.listen_address(host, backend.local),
+                                            self.llama_port(host, backend.local))
         return contract.openai_base_url(backend.provider, backend.base_url)
 
     def context_length(self, backend: CloudBackend | LocalBackend) -> int:

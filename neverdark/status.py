@@ -192,6 +192,10 @@ def _wizard(fleet, name: str, report: HostReport | None, now: float) -> dict:
                       "held_for": _num(h.get("held_for")) or 0.0,
                       "last_reason": h.get("last_reason"), "last_at": _num(h.get("last_at"))}
                   for b, h in backends.items() if isinstance(h, dict)})
+    # A local backend served by another host of the fleet: which host answers the wizard now.
+    served = {b.name: b.host for b in fleet.wizards[name].backends
+              if getattr(b, "host", None) and b.host != host}
+    view["served_by"] = served.get(active)
     if view["dark"]:
         view["state"] = "dark"
         view["problems"].append("dark: no healthy backend")
@@ -333,7 +337,8 @@ def wizard_row(name: str, w: dict, now: float) -> list[str]:
     flags = "".join([" DARK" if w["dark"] else "", " pinned" if w["pinned"] else "",
                      " switching" if w["switching"] else ""])
     health = " ".join(f"{b}:{h['health']}" for b, h in w["backends"].items())
-    return [p(name), p(w["host"]), p(str(w["active"] or "?")) + flags, ago(w["since"], now),
+    where = f" (on {p(w['served_by'])})" if w.get("served_by") else ""
+    return [p(name), p(w["host"]), p(str(w["active"] or "?")) + where + flags, ago(w["since"], now),
             p(str(w["why"] or "")), p(health)]
 
 

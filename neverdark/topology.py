@@ -32,7 +32,7 @@ class LlamaServer:
     tools: bool                # engine and template put tool schemas into the prompt and
                                # parse tool calls back (llama-server --jinja, a tools template)
     context_length: int        # what Hermes is told
-    wizards: tuple[str, ...]   # every wizard of the host that can fall back onto it
+    wizards: tuple[str, ...]   # every wizard that can fall back onto it, other hosts' too
     prompt_cache_mb: int       # llama-cpp-python's prompt cache (0 on llama-server)
     prompt_cache_bytes: int
     sliding_window: int | None
@@ -41,10 +41,21 @@ class LlamaServer:
     extend_context: bool
     cache_reuse: int
     ctx_checkpoints: int
+    # Reached by other hosts (docs/crosshost.md): their wizards, where it listens (loopback, or
+    # the host's private_address when others reach it) and its key's secret name
+    # (neverdark.model_keys; None: keyless).
+    remote_wizards: tuple[str, ...] = ()
+    listen: str = contract.LOOPBACK
+    key_secret: str | None = None
 
     @property
     def base_url(self) -> str:
-        return contract.local_base_url(self.port)
+        return contract.server_base_url(self.listen, self.port)
+
+    @property
+    def key_file(self) -> str | None:
+        """Its EnvironmentFile holding the key (None: keyless)."""
+        return contract.llama_key_file(self.model) if self.key_secret else None
 
     @property
     def model_path(self) -> str:
@@ -71,7 +82,9 @@ def llama_servers(fleet: Fleet, host: str) -> list[LlamaServer]:
             mlock=model.server.mlock, swa_full=model.server.swa_full,
             chat_format=model.chat_format or template.FALLBACK,
             template=served.template, tools=served.tools, context_length=model.context_length,
-            wizards=tuple(sorted(users)), prompt_cache_mb=memory_fit.mb(cache),
+            wizards=tuple(sorted(users)), remote_wizards=tuple(fleet.remote_wizards(host, m)),
+            listen=fleet.listen_address(host, m), key_secret=fleet.model_key_secret(host, m),
+            prompt_cache_mb=memory_fit.mb(cache),
             prompt_cache_bytes=int(cache),
             sliding_window=model.kv.sliding_window if model.kv.sliding_window_layers else None,
             training_context=model.training_context, architecture=model.architecture,

@@ -73,6 +73,9 @@ class BackendConfig:
     # The context Hermes is told; a server that serves less (an Ollama model at its default
     # num_ctx) is probed unhealthy rather than left to truncate prompts.
     context_length: int | None = None
+    # The fleet host serving a local model when it is another host's (reached across the
+    # network at its private address, with a key): what status and drill name as the answerer.
+    host: str | None = None
 
 
 @dataclass(frozen=True)
@@ -317,7 +320,8 @@ def _hooks(r: _Reader, raw: Any) -> HooksConfig:
     return HooksConfig(command=command, webhook=webhook, telegram=telegram, settle=settle)
 
 
-_BACKEND_KEYS = ("name", "kind", "base_url", "model", "api_key_env", "variant", "context_length")
+_BACKEND_KEYS = ("name", "kind", "base_url", "model", "api_key_env", "variant", "context_length",
+                 "host")
 
 
 def _backend(r: _Reader, raw: Any, where: str) -> BackendConfig:
@@ -335,7 +339,8 @@ def _backend(r: _Reader, raw: Any, where: str) -> BackendConfig:
         model=r.string(raw["model"], f"{where}.model"), api_key=key,
         variant=r.abspath(raw["variant"], f"{where}.variant"), api_key_env=env,
         context_length=(None if raw.get("context_length") is None else r.number(
-            raw["context_length"], f"{where}.context_length", minimum=1, integer=True)))
+            raw["context_length"], f"{where}.context_length", minimum=1, integer=True)),
+        host=None if raw.get("host") is None else r.string(raw["host"], f"{where}.host"))
 
 
 _WIZARD_KEYS = ("unit", "api_port", "api_key_env", "home", "active_config", "probe", "backends",
@@ -484,7 +489,8 @@ def dump(cfg: SidecarConfig) -> tuple[str, str]:
             "probe": _probe_doc(w.probe, cfg.probe), "restart": w.restart,
             "backends": [{"name": b.name, "kind": b.kind, "base_url": b.base_url,
                           "model": b.model, "api_key_env": ref(b.api_key_env, b.api_key),
-                          "variant": str(b.variant), "context_length": b.context_length}
+                          "variant": str(b.variant), "context_length": b.context_length,
+                          **({"host": b.host} if b.host else {})}
                          for b in w.backends]}
     telegram = None
     if cfg.hooks.telegram:

@@ -70,6 +70,8 @@ def drill(cfg, wizard_name: str, to: str | None, turns: int, socket: str,
         return {**report, "ok": False, "error": f"failover failed: {reply.get('error')}"}
     fallback = wizard.backend(reply["active"])
     report["to"] = fallback.name
+    if getattr(fallback, "host", None):   # another host's model server answers these turns
+        report["served_by"] = fallback.host
     report["fallback_turns"] = asyncio.run(_turns(wizard, fallback, turns, timeout))
 
     reply, report["failback"] = _switch(socket, wizard_name, start, timeout)

@@ -83,11 +83,19 @@ def parse_metrics(text: str) -> EngineTotals:
     return EngineTotals(**found)
 
 
-async def scrape(client: httpx.AsyncClient, base_url: str, timeout: float = 5.0) -> EngineTotals | None:
+def auth_headers(key: str | None) -> dict[str, str]:
+    """What a request to a local engine carries: its key when it has one (a server other hosts
+    of the fleet reach; /health alone is open there)."""
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+async def scrape(client: httpx.AsyncClient, base_url: str, timeout: float = 5.0,
+                 key: str | None = None) -> EngineTotals | None:
     """The engine's counters now, or None when it has none to give (old launcher, native
     without --metrics, down)."""
     try:
-        r = await client.get(contract.url_root(base_url) + "/metrics", timeout=timeout)
+        r = await client.get(contract.url_root(base_url) + "/metrics", timeout=timeout,
+                             headers=auth_headers(key))
         if r.status_code != 200:
             return None
         return parse_metrics(r.text)

@@ -209,7 +209,7 @@ async def verify_once(wizard, target, client: httpx.AsyncClient, timeout: float,
     base = f"http://127.0.0.1:{wizard.api_port}"
     auth = {"Authorization": f"Bearer {wizard.api_key}"}
     local = getattr(target, "kind", None) == "local"
-    before = await engine.scrape(client, target.base_url) if local else None
+    before = await engine.scrape(client, target.base_url, key=getattr(target, "api_key", None)) if local else None
     started = time.monotonic()
     try:
         r = await client.post(f"{base}/v1/chat/completions", json={"messages": check.messages},
@@ -217,7 +217,7 @@ async def verify_once(wizard, target, client: httpx.AsyncClient, timeout: float,
     except httpx.HTTPError as exc:
         return Verdict(False, f"verify request failed: {type(exc).__name__}", time.monotonic() - started, None)
     latency = time.monotonic() - started
-    after = await engine.scrape(client, target.base_url) if local else None
+    after = await engine.scrape(client, target.base_url, key=getattr(target, "api_key", None)) if local else None
     if r.status_code != 200:
         return Verdict(False, f"verify answered HTTP {r.status_code}: {_error_text(r, wizard)}",
                        latency, None)

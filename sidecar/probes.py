@@ -234,7 +234,8 @@ async def probe(backend, client: httpx.AsyncClient, timeout: float, deep: bool =
         # launcher, whose library routes all wait): 200 once the model is loaded, 503 while
         # llama-server is still loading it. Readiness is the deep probe (a one-token
         # generation), sent just before a switch onto it.
-        method, url, headers, body = "GET", f"{contract.url_root(backend.base_url)}/health", {}, None
+        method, url, body = "GET", f"{contract.url_root(backend.base_url)}/health", None
+        headers = engine.auth_headers(backend.api_key)
     else:
         method, url, headers, body = _request(backend, deep)
 
@@ -264,7 +265,8 @@ async def probe(backend, client: httpx.AsyncClient, timeout: float, deep: bool =
         return result(False, "bad_response", status, detail="body is not JSON")
     if backend.kind == "local" and not deep:
         done = result(True, "ok", status, detail="healthy")
-        totals = await engine.scrape(client, backend.base_url, timeout=min(timeout, 2.0))
+        totals = await engine.scrape(client, backend.base_url, timeout=min(timeout, 2.0),
+                                     key=backend.api_key)
         return done if totals is None else dataclasses.replace(done, engine=totals)
     if not _shape_ok(backend.kind, deep, data):
         return result(False, "bad_response", status, detail="body has the wrong shape")

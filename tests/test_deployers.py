@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploys import base, deployer, hermes, llama, models, retired, sidecar, stages
+from deploys import base, deployer, firewall, hermes, llama, models, retired, sidecar, stages
 from neverdark import contract, plan
 from neverdark.inventory import validate
 
@@ -65,7 +65,7 @@ class Recorder:
 @pytest.fixture
 def recorder(monkeypatch) -> Recorder:
     rec = Recorder()
-    for mod in (deployer, base, hermes, llama, models, retired, sidecar, stages):
+    for mod in (deployer, base, firewall, hermes, llama, models, retired, sidecar, stages):
         for attr in ("files", "server", "systemd", "pip", "apt", "ops"):
             if hasattr(mod, attr):
                 monkeypatch.setattr(mod, attr, rec.module(attr))
@@ -167,8 +167,13 @@ def test_a_model_no_longer_used_loses_its_server(tmp_path, recorder):
     old = contract.llama_unit("old-model")
     run(stages.host_deployers(p, stale_llama_units=[old]))
     ops = recorder.of("llama server old-model")
-    assert [op.kind for op in ops] == ["systemd.service", "files.file", "systemd.daemon_reload"], ops
+    assert [op.kind for op in ops] == ["systemd.service", "files.file", "systemd.daemon_reload",
+                                       "files.file"], ops
     assert ops[1].kwargs["path"] == f"{contract.UNIT_DIR}/{old}"
+    # and its key, had other hosts reached it (docs/crosshost.md)
+    assert ops[3].kwargs == {"name": "llama server old-model: remove "
+                                     "/etc/neverdark/llama/old-model.env",
+                             "path": contract.llama_key_file("old-model"), "present": False}
 
 
 def test_a_host_without_wizards_has_its_sidecar_hermes_and_engines_removed(tmp_path, recorder):

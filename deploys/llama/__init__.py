@@ -61,7 +61,7 @@ class LlamaDeployer(Deployer):
         # The engines' files (venv, wheel, launcher, llama-server builds) all live in LLAMA_DIR,
         # installed by `install` below as the models ask.
         return Owns(users=[User(contract.LLAMA_USER)],
-                    dirs=[Dir(contract.LLAMA_DIR)])
+                    dirs=[Dir(contract.LLAMA_DIR), Dir(contract.LLAMA_ETC, mode="0750")])
 
     def files(self) -> list[File]:
         """The launcher package, module by module (a change to any restarts the
@@ -75,6 +75,10 @@ class LlamaDeployer(Deployer):
         super().install()
         if not self.enabled:
             return
+        # Here, not in configure: the servers' key files go in it, and their deployers
+        # configure before this one.
+        files.directory(name=f"llama: {contract.LLAMA_ETC}", path=contract.LLAMA_ETC,
+                        user="root", group="root", mode="0750")
         if self.python:
             wheel = self.p["llama"]["wheel"]
             files.directory(name="llama: wheel dir", path=wheel["dir"], user="root",
@@ -150,7 +154,7 @@ class LlamaDeployer(Deployer):
     def configure(self) -> None:
         """The directories only: the launcher is uploaded in install, with the engine."""
         if self.enabled:
-            for d in each(self.owns().dirs):
+            for d in each(self.owns().dirs[:1]):
                 self.directory(d)
 
     def restart_ops_for(self, engine: str) -> list:
@@ -171,16 +175,26 @@ class LlamaServerDeployer(Deployer):
         self.name = f"llama server {self.model}"
 
     def owns(self) -> Owns:
-        return Owns(units=[self.unit])
+        return Owns(units=[self.unit], files=[contract.llama_key_file(self.model)])
 
     def unit_file(self) -> File:
+        key = self.server["key_file"]
         return File(f"{contract.UNIT_DIR}/{self.unit}",
                     render("llama", "neverdark-llama.service.j2", s=self.server,
                            exec_start=exec_start(self.server["argv"]),
+                           key_file=key.path if key else None,
+                           firewall_unit=contract.FIREWALL_UNIT,
                            user=contract.LLAMA_USER, models_dir=contract.MODELS_DIR))
 
     def files(self) -> list[File]:
-        return [self.unit_file()]
+        key = self.server["key_file"]
+        return [self.unit_file(), *([key] if key else [])]
+
+    def configure(self) -> None:
+        super().configure()
+        if self.enabled and not self.server["key_file"]:
+            # a server no other host reaches any more keeps no key
+            self.remove(contract.llama_key_file(self.model))
 
     def start(self) -> None:
         engine = self.engine.restart_ops_for(self.server["engine"]) if self.engine else []

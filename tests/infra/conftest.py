@@ -20,6 +20,15 @@ from neverdark.inventory import default_inventory_path, validate
 def pytest_addoption(parser):
     parser.addoption("--inventory", default=None,
                      help="inventory YAML (default: $NEVERDARK_INVENTORY or fleet.yaml)")
+    parser.addoption("--outsider", default=None,
+                     help="a testinfra host spec (ssh://user@addr) of a machine outside the "
+                          "fleet: no model server may accept its connections")
+
+
+@pytest.fixture(scope="session")
+def outsider(pytestconfig):
+    spec = pytestconfig.getoption("--outsider")
+    return testinfra.get_host(spec, ssh_extra_args="-o BatchMode=yes") if spec else None
 
 
 def _fleet(config):

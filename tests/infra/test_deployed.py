@@ -32,12 +32,21 @@ def ports(fleet, host_name):
     return found
 
 
-def http(host, method, url, body=None, timeout=120):
-    script = ("import json,sys,urllib.request as u;"
+def http(host, method, url, body=None, timeout=120, key_file=None):
+    """A request sent from the host; `key_file`: a server's EnvironmentFile on the host, whose
+    key goes in the Authorization header (read there, so it is never on a command line). An
+    HTTP error comes back as its status."""
+    script = ("import json,sys,urllib.request as u,urllib.error as e;"
+              "h={'content-type':'application/json'};"
+              "k=[l.split('=',1)[1].strip() for l in open(sys.argv[4]) if '=' in l] "
+              "if sys.argv[4] else [];"
+              "h.update({'Authorization':'Bearer '+k[0]} if k else {});"
               "r=u.Request(sys.argv[2],method=sys.argv[1],data=(sys.argv[3].encode() or None),"
-              "headers={'content-type':'application/json'});"
-              "x=u.urlopen(r,timeout=%d);print(x.status);print(x.read().decode())" % timeout)
-    out = host.check_output("python3 -c %s %s %s %s", script, method, url, body or "")
+              "headers=h)\n"
+              "try: x=u.urlopen(r,timeout=%d);print(x.status);print(x.read().decode())\n"
+              "except e.HTTPError as x: print(x.code);print(x.read().decode())" % timeout)
+    out = host.check_output("python3 -c %s %s %s %s %s", script, method, url, body or "",
+                            key_file or "")
     status, _, text = out.partition("\n")
     return int(status), text
 
@@ -99,12 +108,17 @@ def private_metrics(fleet, host_name) -> str | None:
 
 
 def test_ports_listen_on_loopback_only(host, fleet, host_name):
-    """Loopback only; the sidecar's port also on the private address with metrics: private."""
+    """Every port on loopback, but a model server other hosts reach: on the host's private
+    address, never on a public one or on every address; the sidecar's port also on the private
+    address with metrics: private."""
     listening = host.socket.get_listening_sockets()
     private = private_metrics(fleet, host_name)
+    where = {s.port: s.listen for s in topology.llama_servers(fleet, host_name)}
     for port in ports(fleet, host_name):
-        assert f"tcp://{contract.LOOPBACK}:{port}" in listening, f"nothing on loopback:{port}"
-        allowed = {f"tcp://{contract.LOOPBACK}:{port}"}
+        address = where.get(port, contract.LOOPBACK)
+        shown = f"[{address}]" if ":" in address else address
+        assert f"tcp://{shown}:{port}" in listening, f"nothing on {address}:{port}"
+        allowed = {f"tcp://{shown}:{port}"}
         if private and port == fleet.sidecar.port:
             assert f"tcp://{private}:{port}" in listening, f"nothing on {private}:{port}"
             allowed.add(f"tcp://{private}:{port}")
@@ -142,6 +156,53 @@ def test_private_metrics_want_the_token(host, fleet, host_name):
     url = f"http://{private}:{fleet.sidecar.port}/metrics"
     out = host.check_output("python3 -c %s %s %s", _TOKEN_PROBE, url, contract.METRICS_TOKEN_FILE)
     assert out.split() == ["401", "401", "200"], out
+
+
+def test_a_server_other_hosts_reach_refuses_a_request_without_its_key(host, fleet, host_name):
+    """401 without the key (and with a wrong one); /health alone stays open."""
+    for s in topology.llama_servers(fleet, host_name):
+        if not s.key_file:
+            continue
+        key = host.file(s.key_file)
+        assert (key.user, key.mode) == (contract.LLAMA_USER, 0o600)
+        status, _ = http(host, "GET", f"{s.base_url}/models", timeout=10)
+        assert status == 401, f"{s.model}: HTTP {status} without the key"
+        status, _ = http(host, "GET", f"{contract.url_root(s.base_url)}/health", timeout=10)
+        assert status == 200
+        status, _ = http(host, "GET", f"{s.base_url}/models", timeout=10, key_file=s.key_file)
+        assert status == 200, f"{s.model}: HTTP {status} with the key"
+        pid = host.check_output(f"systemctl show -p MainPID --value {contract.llama_unit(s.model)}")
+        argv = host.file(f"/proc/{pid}/cmdline").content_string
+        assert "api-key" not in argv and "api_key" not in argv
+
+
+def test_the_firewall_admits_only_the_fleet(host, fleet, host_name):
+    """The table is loaded where a server is reached from other hosts, and absent elsewhere."""
+    fw = plan.firewall_plan(fleet, host_name)
+    loaded = host.run(f"nft list table inet {contract.FIREWALL_TABLE}")
+    if fw is None:
+        assert loaded.rc != 0, "a neverdark firewall table on a host that needs none"
+        assert not host.file(contract.FIREWALL_RULES).exists
+        return
+    assert loaded.rc == 0, loaded.stderr
+    assert host.service(contract.FIREWALL_UNIT).is_enabled
+    for r in fw["rules"]:
+        for a in r["ipv4"] + r["ipv6"]:
+            assert a in loaded.stdout and f"dport {r['port']}" in loaded.stdout
+        assert f"tcp dport {r['port']} drop" in loaded.stdout
+
+
+def test_a_host_outside_the_fleet_cannot_connect(outsider, fleet, host_name):
+    """With --outsider HOST (a testinfra host spec of a machine outside the fleet that can
+    route to the private addresses): no model server answers it."""
+    if outsider is None:
+        return
+    for s in topology.llama_servers(fleet, host_name):
+        if s.listen == contract.LOOPBACK:
+            continue
+        probe = outsider.run("python3 -c %s %s %s", "import socket,sys;socket.create_connection("
+                             "(sys.argv[1],int(sys.argv[2])),timeout=5)", s.listen, str(s.port))
+        assert probe.rc != 0, f"{s.model} on {host_name} accepted a connection from outside"
 
 
 def test_host_has_the_declared_cores_and_memory(host, fleet, host_name):
@@ -222,7 +283,8 @@ def test_llama_server_answers_a_real_completion(host, fleet, host_name):
     for s in topology.llama_servers(fleet, host_name):
         body = json.dumps({"messages": [{"role": "user", "content": "Say hello."}],
                            "max_tokens": 4})
-        status, text = http(host, "POST", f"{s.base_url}/chat/completions", body)
+        status, text = http(host, "POST", f"{s.base_url}/chat/completions", body,
+                            key_file=s.key_file)
         answer = json.loads(text)
         assert status == 200 and answer["choices"][0]["message"]["content"] is not None
         assert answer["usage"]["completion_tokens"] >= 1
@@ -238,7 +300,7 @@ def test_each_gateway_health_answers(host, fleet, host_name):
 def test_each_llama_server_is_healthy(host, fleet, host_name):
     """/health answers without waiting for a generation, on both engines."""
     for s in topology.llama_servers(fleet, host_name):
-        status, _ = http(host, "GET", f"{contract.loopback_url(s.port)}/health", timeout=10)
+        status, _ = http(host, "GET", f"{contract.url_root(s.base_url)}/health", timeout=10)
         assert status == 200
 
 
