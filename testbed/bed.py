@@ -279,11 +279,13 @@ class Testbed:
             time.sleep(1)
         raise TimeoutError(f"{wizard} not on {backend} after {timeout:.0f} s; last: {last!r}")
 
-    def testinfra(self, *pytest_args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        """The operator's testinfra suite (tests/infra) against this inventory, as a subprocess."""
+    def testinfra(self, *pytest_args: str, timeout: float = 600,
+                  inventory: Path | None = None) -> subprocess.CompletedProcess:
+        """The operator's testinfra suite (tests/infra) against this inventory (or `inventory`),
+        as a subprocess."""
         return subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args,
-             str(REPO / "tests" / "infra"), f"--inventory={self.inventory_path}"],
+             str(REPO / "tests" / "infra"), f"--inventory={inventory or self.inventory_path}"],
             capture_output=True, text=True, timeout=timeout,
             env=dict(os.environ, NEVERDARK_SECRETS=str(self.secrets_path)))
 
@@ -295,9 +297,11 @@ class Testbed:
                 mock.start()
             mock.recover()
 
-    def neverdark(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-        """The operator's `neverdark` command on this inventory, as a subprocess."""
-        env = dict(os.environ, NEVERDARK_INVENTORY=str(self.inventory_path),
+    def neverdark(self, *args: str, timeout: float = 900,
+                  inventory: Path | None = None) -> subprocess.CompletedProcess:
+        """The operator's `neverdark` command on this inventory (or `inventory`), as a
+        subprocess."""
+        env = dict(os.environ, NEVERDARK_INVENTORY=str(inventory or self.inventory_path),
                    NEVERDARK_SECRETS=str(self.secrets_path))
         return subprocess.run([str(Path(sys.executable).with_name("neverdark")), *args], env=env,
                               capture_output=True, text=True, timeout=timeout)

@@ -219,9 +219,11 @@ def test_private_metrics_make_the_token_on_the_host_before_the_sidecar_reloads(t
     assert made < mode < started
 
 
-def test_loopback_metrics_make_no_token(tmp_path, recorder):
+def test_loopback_metrics_make_no_token_and_remove_one_left_by_private(tmp_path, recorder):
     run(stages.host_deployers(host_plan(tmp_path)))
     assert not [op for op in recorder.ops if op.kind == "ops.token_if_missing"]
+    # a host deployed with metrics: private before keeps no token (tests/infra checks it)
+    index(recorder.of("sidecar"), "files.file", path=contract.METRICS_TOKEN_FILE, present=False)
 
 
 def test_the_token_command_prints_nothing_and_leaves_a_0600_file(tmp_path):

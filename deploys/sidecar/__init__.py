@@ -88,6 +88,11 @@ class SidecarDeployer(Deployer):
                                  path=token, user=contract.SIDECAR_USER)
             ops.file_mode(name="sidecar: metrics token 0600", path=token, mode="0600",
                           user=contract.SIDECAR_USER, group=contract.SIDECAR_USER)
+        elif self.enabled:
+            # Back to loopback: the token guards nothing any more and would outlive the
+            # listener (a later `private` makes a fresh one). No effect of its own: the config
+            # without private_listen is what reloads the sidecar.
+            self.remove(contract.METRICS_TOKEN_FILE, effect=None)
         if self.enabled:
             ops.install_if_valid(name="sidecar: may restart its gateways only",
                                  source=SUDOERS_STAGED, dest=contract.SIDECAR_SUDOERS,
