@@ -144,13 +144,16 @@ def test_capacity_drill_first_engine(bed, first_deploy):
 
 
 # Known defect, measured (fleet: gandalf evaluated 551 tokens, 1 cached; runner: the same with a
-# "ping" between two prompts on a 2-slot llama-server): the sidecar's pre-switch deep probe of a
-# local backend is a generation that names no slot, so llama-server gives it the least recently
-# used slot, which holds the wizard switched before; that wizard's next turn is cold. Strict: the
-# day a fix lands this fails, and the marker goes.
+# "ping" between two prompts on a 2-slot llama-server): a request that names no slot takes
+# llama-server's least recently used slot, which holds the wizard switched before; that wizard's
+# next turn is cold. The sidecar's pre-switch deep probe was one such request and no longer
+# generates (sidecar/probes.py; tests/test_probes.py shows both prefixes kept on the runner), but
+# something else still takes the slot: on the fleet after that fix (2026-12-05) merlin's turn
+# evaluated 447 tokens, 28 cached, gandalf's 29 and 1,075. Strict: the day a fix lands this
+# fails, and the marker goes.
 SLOT_EVICTED = pytest.mark.xfail(strict=True, reason=(
-    "llama-server: the pre-switch deep probe takes the least recently used slot, another "
-    "wizard's prefix (the removed warmer named slots; nothing does now)"))
+    "llama-server: a request other than the wizards' own takes the least recently used slot, "
+    "another wizard's prefix (the pre-switch deep probe no longer does)"))
 
 
 def known(engine: str):
