@@ -204,6 +204,12 @@ def test_the_plan_uploads_the_llama_cpp_python_wheel_built_for_the_hosts_arch(tm
 
 # --- the chat template each engine is started with ----------------------------------------------
 
+@pytest.fixture
+def no_model_cache(tmp_path, monkeypatch):
+    # the url source is not on this machine, so its typed gguf_template is taken as it is
+    monkeypatch.setattr(model_sources, "CACHE", tmp_path / "cache")
+
+
 def served(tmp_path, engine: str, extra: str):
     text = inventory(engine=engine, server="{threads: 2, extend_context: true}",
                      extra="    training_context: 32768\n    architecture: gemma3\n" + extra)
@@ -212,7 +218,7 @@ def served(tmp_path, engine: str, extra: str):
     return s, engines.argv(s)
 
 
-def test_a_models_own_template_runs_as_jinja_on_both_engines(tmp_path):
+def test_a_models_own_template_runs_as_jinja_on_both_engines(tmp_path, no_model_cache):
     s, argv = served(tmp_path, "llama-server", "    gguf_template: chat\n")
     assert s.template == "model" and "--jinja" in argv
     for flag in ("--no-jinja", "--chat-template", "--reverse-prompt"):
@@ -222,7 +228,7 @@ def test_a_models_own_template_runs_as_jinja_on_both_engines(tmp_path):
     assert s.template == "model" and "--chat_format" not in argv, argv
 
 
-def test_a_gguf_without_a_template_gets_chatml_explicitly(tmp_path):
+def test_a_gguf_without_a_template_gets_chatml_explicitly(tmp_path, no_model_cache):
     s, argv = served(tmp_path, "llama-server", "    gguf_template: none\n")
     assert s.template == "chatml"
     assert argv[argv.index("--no-jinja"):][:3] == ["--no-jinja", "--chat-template", "chatml"]
@@ -233,7 +239,7 @@ def test_a_gguf_without_a_template_gets_chatml_explicitly(tmp_path):
     assert ["--chat_format", "chatml"] == argv[argv.index("--chat_format"):][:2]
 
 
-def test_an_override_is_a_built_in_template_not_jinja_text(tmp_path):
+def test_an_override_is_a_built_in_template_not_jinja_text(tmp_path, no_model_cache):
     # Under --jinja llama-server would take "llama3" as the template's own text.
     s, argv = served(tmp_path, "llama-server", "    gguf_template: tools\n    chat_format: llama3\n")
     assert (s.template, s.tools) == ("llama3", False)
