@@ -23,6 +23,15 @@ The context: llama-server caps every slot at the model's training context (GGUF
 under 64,000 tokens. So a model trained for less runs on llama-server only with
 `server.extend_context: true`, which raises the cap (`--override-kv`) the way llama-cpp-python
 serves any n_ctx: past its training context the model may answer worse.
+
+The chat template (topology.LlamaServer.template, decided by neverdark.models.template):
+`model`, the GGUF's own, runs as Jinja on both engines (llama-server `--jinja`;
+llama-cpp-python with no `--chat_format` takes the GGUF's tokenizer.chat_template); any other
+name is a built-in template (chatml for a GGUF without one). llama-server runs a built-in one
+with `--no-jinja`: under Jinja it would read the name as the template's text (only `chatml` is
+special-cased), and a request carrying tools is then refused (400 "tools param requires --jinja
+flag") instead of having them pasted into the system prompt by llama.cpp's generic tool format:
+tools reach a model only through --jinja and a template that renders them (docs/templates.md).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from neverdark import contract
+from neverdark.models import template
 
 KV_TYPE_IDS = {"f16": 1, "q4_0": 2, "q8_0": 8}   # ggml_type values llama-cpp-python's CLI takes
 NATIVE_BINARY = f"{contract.LLAMA_SERVER_LINK}/llama-server"
@@ -72,6 +82,13 @@ def served_context(engine: str, n_ctx: int, training: int | None, extend: bool) 
     return Context(n_ctx, "n_ctx")
 
 
+def template_args(name: str) -> list[str]:
+    """llama-server's chat template flags for LlamaServer.template `name`."""
+    if name == template.MODEL:
+        return ["--jinja"]
+    return ["--no-jinja", "--chat-template", name]
+
+
 def native_argv(s, binary: str = NATIVE_BINARY, model_path: str | None = None) -> list[str]:
     """llama-server's command line for a topology.LlamaServer `s` (the paths can be pointed
     elsewhere to run the same command off a host, as the tests and benchmarks do)."""
@@ -81,7 +98,7 @@ def native_argv(s, binary: str = NATIVE_BINARY, model_path: str | None = None) -
             # one slot per wizard, each with its own n_ctx (a separate, not a shared, KV pool)
             "--ctx-size", str(s.n_ctx * slots), "--parallel", str(slots), "--no-kv-unified",
             "--threads", str(s.threads), "--threads-batch", str(s.threads),
-            "--chat-template", s.chat_format,
+            *template_args(s.template),
             "--metrics",
             # the slots are the prompt cache: no second copy in RAM
             "--cache-ram", "0", "--ctx-checkpoints", str(s.ctx_checkpoints),
@@ -90,11 +107,11 @@ def native_argv(s, binary: str = NATIVE_BINARY, model_path: str | None = None) -
             # least recently used one. llama.cpp's 0.1 lets any short request (a health ping:
             # 7 of its 25 tokens are the chat template's) take over a wizard's warm slot.
             "--slot-prompt-similarity", "0.5", "--no-webui"]
-    if s.chat_format in TEMPLATE_STOPS:
+    if s.template in TEMPLATE_STOPS:
         # The template's end-of-turn marker is plain text to a model whose vocabulary lacks it
         # (Gemma under chatml): llama-server would generate to max_tokens past it, where
         # llama-cpp-python's chatml format stops there. The same stop for every request.
-        argv += ["--reverse-prompt", TEMPLATE_STOPS[s.chat_format]]
+        argv += ["--reverse-prompt", TEMPLATE_STOPS[s.template]]
     if s.swa_full:
         argv.append("--swa-full")
     if s.kv_type != "f16":
@@ -112,8 +129,12 @@ def python_argv(s, python: str = PYTHON, model_path: str | None = None) -> list[
     argv = [python, "-m", LAUNCHER, "--model", model_path or s.model_path, "--model_alias", s.model,
             "--host", s.listen, "--port", str(s.port),
             "--n_ctx", str(s.n_ctx), "--n_threads", str(s.threads),
-            "--n_threads_batch", str(s.threads), "--chat_format", s.chat_format,
-            "--logits_all", "false", "--interrupt_requests", "false"]
+            "--n_threads_batch", str(s.threads)]
+    if s.template != template.MODEL:
+        # without one it takes the GGUF's tokenizer.chat_template (Jinja, or the built-in
+        # format it recognises the text as), and llama-2 for a GGUF without one
+        argv += ["--chat_format", s.template]
+    argv += ["--logits_all", "false", "--interrupt_requests", "false"]
     if s.kv_type != "f16":
         kv = str(KV_TYPE_IDS[s.kv_type])
         argv += ["--type_k", kv, "--type_v", kv, "--flash_attn", "true"]

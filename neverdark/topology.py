@@ -25,10 +25,9 @@ class LlamaServer:
     kv_type: str
     mlock: bool
     swa_full: bool
-    chat_format: str           # the override, else chatml: what engines.py's command lines
-                               # pass today (the serving side moves to `template`)
     template: str              # "model" (the GGUF's own chat template) or the override's name
-                               # (chatml for a GGUF without one): neverdark.models.template
+                               # (chatml for a GGUF without one): neverdark.models.template;
+                               # engines.py's command lines serve it
     tools: bool                # engine and template put tool schemas into the prompt and
                                # parse tool calls back (llama-server --jinja, a tools template)
     context_length: int        # what Hermes is told
@@ -80,7 +79,6 @@ def llama_servers(fleet: Fleet, host: str) -> list[LlamaServer]:
             threads=model.server.threads or fleet.hosts[host].cores,
             n_ctx=model.server.n_ctx, kv_type=model.server.kv_type,
             mlock=model.server.mlock, swa_full=model.server.swa_full,
-            chat_format=model.chat_format or template.FALLBACK,
             template=served.template, tools=served.tools, context_length=model.context_length,
             wizards=tuple(sorted(users)), remote_wizards=tuple(fleet.remote_wizards(host, m)),
             listen=fleet.listen_address(host, m), key_secret=fleet.model_key_secret(host, m),

@@ -1,8 +1,13 @@
 """Active health probes of one backend, classified into the reasons the policy acts on.
 
 By default a probe costs no billed tokens: it lists models. ``deep=True`` sends a real 1-token
-generation, which on a cloud backend is the optional paid probe and on the local llama server is
-the readiness check (a server can list models while its model is broken).
+generation, which on a cloud backend is the optional paid probe. On the local server it is the
+readiness check before a switch, and there a generation has a cost too: llama-server gives a
+request that names no slot the least recently used one, another wizard's cached prefix, whose
+next turn is then cold. So llama-server is asked without generating: its slots (GET /slots),
+the model it serves (GET /models) and that the chat template renders (POST /apply-template, the
+model's own Jinja template since issue 17, which can fail where chatml did not). llama-cpp-python
+has no /apply-template (404): it gets the 1-token generation (one context, no slot to take).
 
 A local probe also reads the engine's counters (sidecar.engine: GET /metrics, which neither engine
 holds behind a generation), so every probe round carries where the local turns' time went since
@@ -228,6 +233,10 @@ async def probe(backend, client: httpx.AsyncClient, timeout: float, deep: bool =
         return ProbeResult(backend.name, ok, reason, status, retry_after,
                            time.monotonic() - started, _redact(detail, backend), deep=deep)
 
+    if backend.kind == "local" and deep:
+        ready = await _llama_server_ready(backend, client, timeout)
+        if ready is not None:
+            return result(*ready)
     if backend.kind == "local" and not deep:
         # Liveness of the local server is its /health, which both engines answer without
         # waiting for a generation (llama-server itself; llama-cpp-python through neverdark's
@@ -293,3 +302,56 @@ async def _served_context_problem(backend, client: httpx.AsyncClient, data: dict
     if served is None:
         return source
     return served_context.too_small(served, wanted, source)
+
+
+PING = [{"role": "user", "content": "ping"}]
+
+
+async def _llama_server_ready(backend, client: httpx.AsyncClient, timeout: float):
+    """llama-server's readiness without a generation, as result() arguments (ok, reason,
+    status, retry_after, detail); None when the server has no /apply-template (llama-cpp-python:
+    the caller generates one token instead)."""
+    root, base = contract.url_root(backend.base_url), backend.base_url.rstrip("/")
+    steps = (("POST", f"{root}/apply-template", {"messages": PING}),
+             ("GET", f"{root}/slots", None),
+             ("GET", f"{base}/models", None))
+    try:
+        async with asyncio.timeout(timeout):
+            for i, (method, url, body) in enumerate(steps):
+                response = await client.request(method, url, json=body, timeout=timeout)
+                status, path = response.status_code, response.url.path
+                if i == 0 and status == 404:
+                    return None
+                if status == 501 and path.endswith("/slots"):
+                    continue      # started with --no-slots: nothing to read there
+                if status >= 500:
+                    return (False, "http_5xx", status, None, f"HTTP {status} from {path}")
+                if status != 200:
+                    return (False, "bad_response", status, None, f"HTTP {status} from {path}")
+                try:
+                    data = json.loads(response.content)
+                except (ValueError, UnicodeDecodeError):
+                    return (False, "bad_response", status, None, f"{path}: body is not JSON")
+                problem = _ready_problem(path, data, backend.model)
+                if problem:
+                    return (False, "bad_response", status, None, problem)
+    except (httpx.HTTPError, OSError, asyncio.TimeoutError) as exc:
+        return (False, _classify_transport(exc), None, None, f"{type(exc).__name__}: {exc}")
+    return (True, "ok", 200, None, "deep (slots, model and template, no generation)")
+
+
+def _ready_problem(path: str, data, model: str) -> str | None:
+    if path.endswith("/apply-template"):
+        if not (isinstance(data, dict) and isinstance(data.get("prompt"), str) and data["prompt"]):
+            return f"{path}: no prompt rendered"
+    elif path.endswith("/slots"):
+        if not (isinstance(data, list) and data):
+            return f"{path}: no slots"
+    else:
+        ids = [m.get("id") for m in data.get("data", []) if isinstance(m, dict)] \
+            if isinstance(data, dict) and isinstance(data.get("data"), list) else None
+        if ids is None:
+            return f"{path}: body has the wrong shape"
+        if model not in ids:
+            return f"{path}: serves {', '.join(map(str, ids)) or 'no model'}, not {model}"
+    return None

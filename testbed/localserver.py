@@ -41,7 +41,7 @@ def server_spec(engine: str, wizards: tuple[str, ...], n_ctx: int = 65536, port:
     return LlamaServer(
         model="gemma3-270m", engine=engine, port=port or free_port(), threads=s.threads,
         n_ctx=s.n_ctx, kv_type=s.kv_type, mlock=False, swa_full=s.swa_full,
-        chat_format="chatml", template="chatml", tools=False, context_length=s.n_ctx, wizards=tuple(sorted(wizards)),
+        template="chatml", tools=False, context_length=s.n_ctx, wizards=tuple(sorted(wizards)),
         prompt_cache_mb=memory_fit.mb(cache), prompt_cache_bytes=int(cache),
         sliding_window=512, training_context=32768, architecture="gemma3",
         extend_context=engine == "llama-server", cache_reuse=s.cache_reuse,
@@ -61,8 +61,9 @@ def native_binary() -> Path:
 class LocalServer:
     """One engine process on a free loopback port, with the unit's command line."""
 
-    def __init__(self, spec: LlamaServer, log: Path) -> None:
-        self.spec, self.log_path = spec, Path(log)
+    def __init__(self, spec: LlamaServer, log: Path, model: Path | None = None) -> None:
+        # model: another GGUF than the test model (its template copies, testbed.template_models)
+        self.spec, self.log_path, self.model = spec, Path(log), model
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -74,7 +75,7 @@ class LocalServer:
         return self.spec.base_url
 
     def argv(self) -> list[str]:
-        model = str(runtimes.gguf())
+        model = str(self.model or runtimes.gguf())
         if self.spec.engine == "llama-server":
             return engines.native_argv(self.spec, binary=str(native_binary()), model_path=model)
         return engines.python_argv(self.spec, python=str(runtimes.LLAMA_PYTHON),
@@ -114,4 +115,4 @@ class LocalServer:
         raise RuntimeError("no VmRSS")
 
     def with_port(self, port: int) -> LocalServer:
-        return LocalServer(replace(self.spec, port=port), self.log_path)
+        return LocalServer(replace(self.spec, port=port), self.log_path, self.model)

@@ -200,3 +200,51 @@ def test_the_plan_uploads_the_llama_cpp_python_wheel_built_for_the_hosts_arch(tm
     fake.cached = lambda arch, parts: None
     with pytest.raises(RuntimeError, match="no llama-cpp-python wheel built for aarch64"):
         plan.host_plan(fleet, "vps")
+
+
+# --- the chat template each engine is started with ----------------------------------------------
+
+@pytest.fixture
+def no_model_cache(tmp_path, monkeypatch):
+    # the url source is not on this machine, so its typed gguf_template is taken as it is
+    monkeypatch.setattr(model_sources, "CACHE", tmp_path / "cache")
+
+
+def served(tmp_path, engine: str, extra: str):
+    text = inventory(engine=engine, server="{threads: 2, extend_context: true}",
+                     extra="    training_context: 32768\n    architecture: gemma3\n" + extra)
+    fleet = validate(write_inventory(tmp_path, text, SECRETS), env={})
+    s, = topology.llama_servers(fleet, "vps")
+    return s, engines.argv(s)
+
+
+def test_a_models_own_template_runs_as_jinja_on_both_engines(tmp_path, no_model_cache):
+    s, argv = served(tmp_path, "llama-server", "    gguf_template: chat\n")
+    assert s.template == "model" and "--jinja" in argv
+    for flag in ("--no-jinja", "--chat-template", "--reverse-prompt"):
+        assert flag not in argv, argv
+    # llama-cpp-python takes the GGUF's tokenizer.chat_template when given no chat format
+    s, argv = served(tmp_path, "llama-cpp-python", "    gguf_template: tools\n")
+    assert s.template == "model" and "--chat_format" not in argv, argv
+
+
+def test_a_gguf_without_a_template_gets_chatml_explicitly(tmp_path, no_model_cache):
+    s, argv = served(tmp_path, "llama-server", "    gguf_template: none\n")
+    assert s.template == "chatml"
+    assert argv[argv.index("--no-jinja"):][:3] == ["--no-jinja", "--chat-template", "chatml"]
+    assert "--jinja" not in argv
+    # Gemma's vocabulary has no <|im_end|>: the stop keeps chatml turns short
+    assert ["--reverse-prompt", "<|im_end|>"] == argv[argv.index("--reverse-prompt"):][:2]
+    s, argv = served(tmp_path, "llama-cpp-python", "    gguf_template: none\n")
+    assert ["--chat_format", "chatml"] == argv[argv.index("--chat_format"):][:2]
+
+
+def test_an_override_is_a_built_in_template_not_jinja_text(tmp_path, no_model_cache):
+    # Under --jinja llama-server would take "llama3" as the template's own text.
+    s, argv = served(tmp_path, "llama-server", "    gguf_template: tools\n    chat_format: llama3\n")
+    assert (s.template, s.tools) == ("llama3", False)
+    assert argv[argv.index("--no-jinja"):][:3] == ["--no-jinja", "--chat-template", "llama3"]
+    assert "--jinja" not in argv and "--reverse-prompt" not in argv
+    s, argv = served(tmp_path, "llama-cpp-python",
+                     "    gguf_template: chat\n    chat_format: chatml-function-calling\n")
+    assert ["--chat_format", "chatml-function-calling"] == argv[argv.index("--chat_format"):][:2]

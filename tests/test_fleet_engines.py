@@ -143,14 +143,18 @@ def test_capacity_drill_first_engine(bed, first_deploy):
     capacity(bed, FIRST_ENGINE)
 
 
-# Known defect, measured (fleet: gandalf evaluated 551 tokens, 1 cached; runner: the same with a
-# "ping" between two prompts on a 2-slot llama-server): the sidecar's pre-switch deep probe of a
-# local backend is a generation that names no slot, so llama-server gives it the least recently
-# used slot, which holds the wizard switched before; that wizard's next turn is cold. Strict: the
-# day a fix lands this fails, and the marker goes.
+# Known defect, measured. The sidecar's pre-switch deep probe used to take a slot (a generation
+# naming none gets the least recently used one); it no longer generates (sidecar/probes.py,
+# tests/test_probes.py). What still makes merlin's next turn cold is not another request: the
+# fleet's llama-server journal (2026-12-05) shows merlin's slot selected by its prefix (LCP
+# similarity 0.943) and yet 447 tokens evaluated, 28 reused. Gemma 3's sliding-window layers
+# (512 tokens, `swa_full: false`) keep too little to roll the slot back from the check turn's
+# end to the shared system prompt. On the runner (2 slots, Hermes' lean system prompt, a check
+# turn then a new conversation): 440 evaluated, 23 cached; with swa_full true 20 and 443.
+# Strict: the day a fix lands this fails, and the marker goes.
 SLOT_EVICTED = pytest.mark.xfail(strict=True, reason=(
-    "llama-server: the pre-switch deep probe takes the least recently used slot, another "
-    "wizard's prefix (the removed warmer named slots; nothing does now)"))
+    "llama-server: without swa_full, Gemma 3's sliding-window cache cannot roll a slot back "
+    "from the check turn to the wizard's prefix (the slot is the right one)"))
 
 
 def known(engine: str):

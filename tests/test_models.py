@@ -298,7 +298,7 @@ def test_a_file_source_needs_no_header_fields(tmp_path, cache):
     assert (m.kv.layers, m.kv.kv_heads, m.kv.head_dim, m.kv.sliding_window_layers,
             m.kv.sliding_window) == (18, 1, 256, 15, 512)
     s, = topology.llama_servers(fleet, "vps")
-    assert (s.template, s.tools, s.chat_format) == ("model", False, "chatml")
+    assert (s.template, s.tools) == ("model", False)
 
 
 @pytest.mark.parametrize("typed, field, words", [

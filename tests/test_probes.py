@@ -334,6 +334,70 @@ def test_local_liveness_answers_while_a_long_answer_streams(llama_server):
     assert any('"finish_reason": "' in line or '"finish_reason":"' in line for line in out["lines"])
 
 
+def test_local_deep_probe_on_llama_cpp_python_generates_one_token(llama_server):
+    # it has no /apply-template: the readiness check is the generation
+    b = backend("local", llama_server, "gemma3-270m", api_key=None)
+    before = httpx.get(f"{contract.url_root(llama_server)}/metrics").text
+    r = run_probe(b, timeout=60, deep=True)
+    after = httpx.get(f"{contract.url_root(llama_server)}/metrics").text
+    assert (r.ok, r.detail) == (True, "deep")
+    assert counter(after, "llamacpp:tokens_predicted_total") > counter(
+        before, "llamacpp:tokens_predicted_total")
+
+
+def counter(metrics: str, name: str) -> float:
+    line, = [x for x in metrics.splitlines() if x.startswith(name + " ")]
+    return float(line.split()[1])
+
+
+@pytest.fixture(scope="module")
+def native_server(tmp_path_factory):
+    """Native llama-server as its unit runs it (two wizards: two slots)."""
+    from testbed.localserver import LocalServer, server_spec
+    from testbed.wait import NotReady
+    spec = server_spec("llama-server", ("gandalf", "merlin"), n_ctx=2048)
+    server = LocalServer(spec, tmp_path_factory.mktemp("native") / "llama-server.log")
+    try:
+        server.start(timeout=180)
+    except NotReady as e:
+        pytest.fail(str(e))
+    yield server
+    server.stop()
+
+
+def test_local_deep_probe_on_llama_server_takes_no_slot(native_server):
+    """Readiness from its slots, its model and its template, without a generation: a
+    generation would take the least recently used slot, the wizard switched first, whose next
+    turn would be cold (the fleet measured 551 tokens evaluated, 1 cached)."""
+    root = native_server.root
+
+    def turn(wizard: str) -> dict:
+        r = httpx.post(f"{native_server.base_url}/chat/completions", timeout=300, json={
+            "messages": [{"role": "system", "content": f"You are {wizard}. " + " ".join(
+                f"Rule {i} of {wizard}: answer briefly." for i in range(30))},
+                {"role": "user", "content": "hello"}], "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200, r.text
+        return r.json()["timings"]
+
+    for w in ("Merlin", "Gandalf"):      # each wizard's prefix in its own slot
+        turn(w)
+    before = httpx.get(f"{root}/metrics").text
+    r = run_probe(backend("local", native_server.base_url, "gemma3-270m", api_key=None),
+                  timeout=60, deep=True)
+    assert (r.ok, r.reason, r.deep) == (True, "ok", True), r.detail
+    after = httpx.get(f"{root}/metrics").text
+    for name in ("llamacpp:prompt_tokens_total", "llamacpp:tokens_predicted_total"):
+        assert counter(after, name) == counter(before, name), name
+    for w in ("Merlin", "Gandalf"):      # both prefixes still cached
+        t = turn(w)
+        assert t["cache_n"] > 200 and t["prompt_n"] < 10, (w, t)
+    # a server that serves another model is not ready for this backend
+    wrong = run_probe(backend("local", native_server.base_url, "qwen", api_key=None),
+                      timeout=60, deep=True)
+    assert (wrong.ok, wrong.reason) == (False, "bad_response")
+    assert "serves gemma3-270m, not qwen" in wrong.detail
+
+
 def test_local_wrong_path_is_bad_response(llama_server):
     # A base_url missing /v1: the server listens (liveness passes), but the readiness probe's
     # generation gets a 404, so nothing switches onto it.
