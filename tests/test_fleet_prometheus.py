@@ -13,33 +13,22 @@ checks of the token file and the private listener run against that deploy. The r
 
 from __future__ import annotations
 
-import json
-import shutil
 import stat
-import subprocess
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 
 import pytest
 import yaml
 
 from neverdark import contract, prometheus
-from testbed.llmock import free_port
+from testbed import prometheus_server
+from testbed.prometheus_server import api
 from testbed.wait import wait_until
 
 pytestmark = [pytest.mark.fleet]
 
 ALERT = "NeverdarkWizardOnFallback"
-
-
-def api(base: str, path: str, **params) -> dict:
-    url = f"{base}/api/v1/{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
-    with urllib.request.urlopen(url, timeout=10) as r:
-        doc = json.loads(r.read())
-    assert doc["status"] == "success", doc
-    return doc["data"]
 
 
 def fallback_alerts(base: str) -> dict[str, str]:
@@ -91,8 +80,7 @@ def test_testinfra_token_and_private_listener_checks_pass(bed, private_fleet):
 
 def test_prometheus_scrapes_the_fleet_and_the_fallback_alert_fires_and_resolves(
         bed, private_fleet, tmp_path):
-    binary = shutil.which("prometheus")
-    assert binary, "prometheus not found: `apt-get install prometheus` (scripts/setup.sh does)"
+    prometheus_server.binary()              # a clear failure without it
     fleet = bed.validated(private_fleet)
     hosts = prometheus.hosts_scraped(fleet)
     assert hosts == ["pi1", "vps1"]
@@ -127,13 +115,7 @@ def test_prometheus_scrapes_the_fleet_and_the_fallback_alert_fires_and_resolves(
     for wizard, host in (("merlin", "vps1"), ("gandalf", "vps1"), ("radagast", "pi1")):
         bed.wait_active(host, wizard, {"merlin": "claude", "gandalf": "claude",
                                        "radagast": "local"}[wizard], timeout=300)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    with (tmp_path / "prometheus.log").open("w") as log:
-        prom = subprocess.Popen([binary, f"--config.file={out / 'prometheus.yml'}",
-                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                                 f"--web.listen-address=127.0.0.1:{port}"],
-                                stdout=subprocess.DEVNULL, stderr=log)
+    prom, base = prometheus_server.start(out / "prometheus.yml", tmp_path)
     claude = bed.mocks["vps1/anthropic"]
     try:
         def up() -> dict | None:

@@ -17,13 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import os
-import shutil
-import subprocess
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import yaml
@@ -34,19 +29,13 @@ from sidecar import config, flip
 from sidecar.daemon import Daemon
 from sidecar.switch import SwitchResult
 from testbed.hermes_gateway import variant
+from testbed import prometheus_server
 from testbed.llmock import LLMock, free_port
+from testbed.prometheus_server import api
 from testbed.sidecar_outputs import fake_units, write_config
 
 TOKEN = "f00dfeedf00dfeedf00dfeedf00dfeed"
 DATA = Path(__file__).parent / "data" / "inventories"
-
-
-def api(base: str, path: str, **params) -> dict:
-    url = f"{base}/api/v1/{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
-    with urllib.request.urlopen(url, timeout=10) as r:
-        doc = json.loads(r.read())
-    assert doc["status"] == "success", doc
-    return doc["data"]
 
 
 def poll(check, timeout: float, what: str):
@@ -93,8 +82,7 @@ def scrape_dir(tmp_path: Path, target: str) -> Path:
 
 
 def test_a_real_prometheus_scrapes_the_private_listener_and_the_dark_alert_fires(tmp_path):
-    binary = shutil.which("prometheus")
-    assert binary, "prometheus not found: `apt-get install prometheus` (scripts/setup.sh does)"
+    prometheus_server.binary()              # a clear failure without it
     cfg = config.load(write_config(tmp_path / "sidecar"))
     tok = tmp_path / "metrics.token"
     tok.write_text(TOKEN + "\n")
@@ -122,10 +110,7 @@ def test_a_real_prometheus_scrapes_the_private_listener_and_the_dark_alert_fires
     async def scenario() -> dict:
         daemon = Daemon(cfg, systemctl=["false"], show=show, cgroup_root=cgroup)
         await daemon.start()
-        prom = subprocess.Popen(
-            [binary, f"--config.file={out / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"))
+        prom, _ = prometheus_server.start(out / "prometheus.yml", tmp_path, port)
         try:
             return await asyncio.to_thread(observe)
         finally:
@@ -176,8 +161,7 @@ def firing(base: str, name: str) -> list[dict]:
 
 
 def test_the_fallback_alert_fires_during_a_drill_and_resolves_after_it(tmp_path):
-    binary = shutil.which("prometheus")
-    assert binary, "prometheus not found: `apt-get install prometheus` (scripts/setup.sh does)"
+    prometheus_server.binary()              # a clear failure without it
     primary, fallback = LLMock(tmp_path), LLMock(tmp_path)
     try:
         cfg = config.load(live_config(tmp_path / "sidecar", primary, fallback))
@@ -218,11 +202,7 @@ def test_the_fallback_alert_fires_during_a_drill_and_resolves_after_it(tmp_path)
         async def scenario() -> dict:
             daemon = Daemon(cfg, systemctl=["false"], show=["false"], switch_fn=flip_only)
             await daemon.start()
-            prom = subprocess.Popen(
-                [binary, f"--config.file={out / 'prometheus.yml'}",
-                 f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{port}"],
-                stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"))
+            prom, _ = prometheus_server.start(out / "prometheus.yml", tmp_path, port)
             try:
                 return await asyncio.to_thread(drill, daemon.runners["merlin"].policy)
             finally:
