@@ -312,13 +312,16 @@ async def _llama_server_ready(backend, client: httpx.AsyncClient, timeout: float
     status, retry_after, detail); None when the server has no /apply-template (llama-cpp-python:
     the caller generates one token instead)."""
     root, base = contract.url_root(backend.base_url), backend.base_url.rstrip("/")
+    # A server other hosts reach wants its key on every route but /health.
+    headers = engine.auth_headers(backend.api_key)
     steps = (("POST", f"{root}/apply-template", {"messages": PING}),
              ("GET", f"{root}/slots", None),
              ("GET", f"{base}/models", None))
     try:
         async with asyncio.timeout(timeout):
             for i, (method, url, body) in enumerate(steps):
-                response = await client.request(method, url, json=body, timeout=timeout)
+                response = await client.request(method, url, headers=headers, json=body,
+                                                  timeout=timeout)
                 status, path = response.status_code, response.url.path
                 if i == 0 and status == 404:
                     return None

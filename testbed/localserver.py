@@ -13,7 +13,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from neverdark import engines, memory_fit
+from neverdark import contract, engines, memory_fit
 from neverdark.schema import Model
 from neverdark.topology import LlamaServer
 from testbed import runtimes
@@ -81,9 +81,13 @@ class LocalServer:
         return engines.python_argv(self.spec, python=str(runtimes.LLAMA_PYTHON),
                                    model_path=model)
 
-    def start(self, timeout: float = 180, error: type[Exception] = NotReady) -> LocalServer:
+    def start(self, timeout: float = 180, error: type[Exception] = NotReady,
+              key: str | None = None) -> LocalServer:
+        """`key`: the API key a server other hosts reach wants (the unit's EnvironmentFile)."""
         # The launcher package from this checkout, where a host has /opt/neverdark/llama/lib.
         env = dict(os.environ, **engines.environment(self.spec, launcher_lib=str(REPO)))
+        if key is not None:
+            env[contract.LLAMA_KEY_ENV] = key
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv(), env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)

@@ -410,3 +410,30 @@ def test_local_server_gone_is_refused(llama_server):
     b = backend("local", f"http://127.0.0.1:{free_port()}/v1", "gemma3-270m", api_key=None)
     r = run_probe(b)
     assert (r.ok, r.reason) == (False, "refused")
+
+
+@pytest.mark.parametrize("engine_name", ["llama-cpp-python", "llama-server"])
+def test_local_deep_probe_carries_the_key_of_a_server_other_hosts_reach(engine_name, tmp_path):
+    """A model server another host's wizard falls back onto wants its key on every route but
+    /health (docs/crosshost.md): the readiness probe before a switch sends it, and without it the
+    server is not ready for that backend."""
+    from testbed.localserver import LocalServer, server_spec
+    from testbed.wait import NotReady
+    key = "nd-model-key-for-the-probe-test-0123456789"
+    server = LocalServer(server_spec(engine_name, ("merlin",), n_ctx=2048),
+                         tmp_path / "server.log")
+    try:
+        server.start(timeout=180, key=key)
+    except NotReady as e:
+        pytest.fail(str(e))
+    try:
+        keyed = backend("local", server.base_url, "gemma3-270m", api_key=key)
+        assert run_probe(keyed).ok                            # /health: open
+        r = run_probe(keyed, timeout=60, deep=True)
+        assert (r.ok, r.reason) == (True, "ok"), r.detail
+        assert key not in r.detail
+        bare = run_probe(backend("local", server.base_url, "gemma3-270m", api_key=None),
+                         timeout=60, deep=True)
+        assert (bare.ok, bare.status) == (False, 401), bare
+    finally:
+        server.stop()
