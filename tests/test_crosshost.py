@@ -9,6 +9,8 @@ import hashlib
 import hmac
 import os
 import stat
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -321,3 +323,13 @@ def test_the_firewall_is_up_before_the_server_and_goes_after_it(tmp_path, record
     stop = names.index("firewall: stop neverdark-firewall.service")
     assert stop > names.index("llama server gemma: run neverdark-llama-gemma.service")
     assert "firewall: remove /etc/neverdark/firewall.nft" in names
+
+
+def test_the_fleet_key_made_beside_a_checkouts_inventory_is_never_committed():
+    """The default layout keeps fleet.yaml and secrets.env in the repository root, where the
+    fleet key is then made: git must ignore it there and anywhere else in the tree."""
+    repo = Path(__file__).resolve().parent.parent
+    for where in (repo, repo / "deploys"):
+        path = where / model_keys.FLEET_KEY_FILE
+        found = subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", str(path)])
+        assert found.returncode == 0, f"{path} is not ignored by .gitignore"
