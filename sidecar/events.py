@@ -20,14 +20,13 @@ import httpx
 from sidecar import hooks
 from sidecar.config import SidecarConfig
 from sidecar.metrics import Metrics
-from sidecar.notices import Notices
+from sidecar.notices import LOUD, Notices
 from sidecar.policy import COMPLETED, ROLLED_BACK, Alert
 from sidecar.probes import ProbeResult
 
 log = logging.getLogger("sidecar")
 
 OUTCOMES = {COMPLETED: "completed", ROLLED_BACK: "rolled_back"}
-LOUD = ("dark", "key_rejected")
 
 
 def iso(ts) -> str | None:

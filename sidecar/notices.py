@@ -7,6 +7,9 @@ the first needs none of the others until it is over. So, per wizard:
 - the first event while the wizard has no open incident opens one and is sent at once, as it is
   (its fields, plus `notice: "incident"`);
 - every later event while the incident is open is folded in: counted and remembered, not sent;
+  except that it gets worse: the first event of a loud kind (the wizard dark, a key rejected) or
+  a switch that failed, each once per incident, is sent at once (`notice: "escalation"`), so an
+  incident opened by a small trouble never hides a dark wizard;
 - the incident is over once the wizard has been calm (on its primary, not dark, no key rejected:
   the runner says so each probe round) for `settle` seconds with no new event; then one
   `recovered` message says how long it lasted and what was folded into it. An event during the
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 FOLDED_KINDS_SHOWN = 8
+LOUD = ("dark", "key_rejected")      # alert kinds logged as errors, and escalations here
 
 
 @dataclass
@@ -63,10 +67,14 @@ class Notices:
             incident.last_event_at = now
             self._send({**event, "notice": "incident"})
             return True
-        incident.events[kind_of(event)] += 1
+        kind = kind_of(event)
+        worse = kind not in incident.events and (kind in LOUD or kind.endswith("(failed)"))
+        incident.events[kind] += 1
         incident.last_event_at = now
         incident.calm_since = None
-        return False
+        if worse:
+            self._send({**event, "notice": "escalation"})
+        return worse
 
     def calm(self, wizard: str, calm: bool) -> bool:
         """The wizard's state after a probe round; True if this closed its incident."""

@@ -92,6 +92,25 @@ def test_a_switch_that_fails_is_named_so():
     assert sent[-1]["incident"]["events"] == {"failover": 1, "failover (failed)": 1}
 
 
+def test_it_getting_worse_is_sent_once_per_kind_while_an_incident_is_open():
+    """A key rejected on a secondary keeps the wizard from being calm, so its incident stays
+    open: a later dark wizard, or a switch that fails, must still reach the operator, once."""
+    n, clock, sent = make()
+    n.event("merlin", {"event": "key_rejected", "wizard": "merlin", "backend": "gpt"})
+    for _ in range(100):                                    # probe rounds, not calm
+        clock.t += 2
+        n.calm("merlin", False)
+        assert not n.event("merlin", {"event": "key_rejected", "wizard": "merlin",
+                                      "backend": "gpt"})    # a repeat: folded
+    assert not n.event("merlin", transition("failover"))    # an ordinary event: folded
+    assert n.event("merlin", {"event": "dark", "wizard": "merlin"})
+    assert not n.event("merlin", {"event": "dark", "wizard": "merlin"})
+    assert n.event("merlin", transition("failover", ok=False))
+    assert [(e["event"], e["notice"]) for e in sent] == [
+        ("key_rejected", "incident"), ("dark", "escalation"), ("transition", "escalation")]
+    assert sent[2]["ok"] is False
+
+
 def test_wizards_have_their_own_incidents():
     n, clock, sent = make()
     n.event("merlin", transition("failover"))
