@@ -5,6 +5,9 @@ its admin API; a closed loopback port for 'refused'; small stdlib servers for wh
 emit (a TCP reset, a Gemini `retryDelay` body, Anthropic's RFC 3339 reset headers, a non-JSON
 body); a real llama-cpp-python server for the local kind; a DNS failure from the real resolver in
 a private mount namespace whose resolv.conf names 127.0.0.1 (so no query leaves the machine).
+
+Why one module: every test here drives the one `probe` function, and they share its servers
+(module-scoped fixtures: LLMock, the engines), which split files would each start again.
 """
 
 from __future__ import annotations
