@@ -24,7 +24,7 @@ from sidecar import (badge, hooktest, jsonlog, model_check_metrics, reload as re
 from sidecar.config import SidecarConfig
 from sidecar.control import serve as serve_control
 from sidecar.events import Events, iso
-from sidecar.http_api import HttpApi, read_token
+from sidecar.http_api import HttpApi, TokenError, read_token
 from sidecar.metrics import Metrics, WizardState
 from sidecar.runner import WizardRunner
 from sidecar.switch import SwitchResult, check, switch
@@ -36,6 +36,7 @@ SYSTEMCTL_ENV = "NEVERDARK_SIDECAR_SYSTEMCTL"
 # `systemctl show` for the units' metrics: read-only, so no sudo.
 DEFAULT_SHOW = ("/usr/bin/systemctl",)
 UNITS_INTERVAL = 15.0   # s between readings of the units (Prometheus' default scrape: 15 s)
+PRIVATE_RETRY_S = 10.0  # s between tries of a private listener that could not start
 DEFAULT_WAIT = 600.0
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
@@ -81,6 +82,7 @@ class Daemon:
         self.events = Events(self.metrics, lambda: self.cfg, lambda: self.client, wall, clock)
         self.private: asyncio.Server | None = None     # the private listener, if configured
         self.metrics_token: bytes | None = None
+        self._private_error: str | None = None         # the last reason it could not start
         self.runners: dict[str, WizardRunner] = {}
         self.runner_tasks: dict[str, asyncio.Task] = {}
         self.retiring: dict[str, asyncio.Task] = {}   # removed wizards finishing a switch
@@ -167,6 +169,37 @@ class Daemon:
         server = await self.private_api().start(*cfg.private_listen)
         return server, token
 
+    async def try_start_private(self, cfg: SidecarConfig) -> tuple[asyncio.Server | None,
+                                                                   bytes | None]:
+        """start_private, but a listener that cannot be had is logged, not raised: it is for
+        Prometheus, and failover must not wait on it (a WireGuard or Tailscale address may come
+        up after the sidecar; a token may be fixed by the next deploy). _private_loop retries."""
+        try:
+            result = await self.start_private(cfg)
+        except (OSError, TokenError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            if error != self._private_error:          # once per distinct error, not per retry
+                log.error("private listener not started; failover goes on without it, retried "
+                          f"every {PRIVATE_RETRY_S:g} s", extra={
+                              "private_listen": f"{cfg.private_listen[0]}:{cfg.private_listen[1]}",
+                              "error": error})
+            self._private_error = error
+            return None, None
+        if self._private_error is not None and result[0] is not None:
+            log.warning("private listener started", extra={
+                "private_listen": f"{cfg.private_listen[0]}:{cfg.private_listen[1]}"})
+        self._private_error = None
+        return result
+
+    async def _private_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PRIVATE_RETRY_S)
+            if self.cfg.private_listen is None or self.private is not None:
+                continue
+            async with self._lock:                    # not beside a reload
+                if self.cfg.private_listen is not None and self.private is None:
+                    self.private, self.metrics_token = await self.try_start_private(self.cfg)
+
     async def read_metrics_token(self, cfg: SidecarConfig) -> bytes:
         """The token file, read again (a deploy may have replaced it: a reload takes it)."""
         token = await asyncio.to_thread(read_token, cfg.metrics_token_file)
@@ -193,10 +226,12 @@ class Daemon:
             self.client = httpx.AsyncClient(follow_redirects=False)
             runners = {n: WizardRunner(w, self) for n, w in self.cfg.wizards.items()}
             self.http = await self.api().start(*self.cfg.listen)
-            self.private, self.metrics_token = await self.start_private(self.cfg)
+            self.private, self.metrics_token = await self.try_start_private(self.cfg)
             self.control = await serve_control(self.cfg.control_socket, self.handle_control)
             self._tasks.append(asyncio.get_running_loop().create_task(
                 self._units_loop(), name="units"))
+            self._tasks.append(asyncio.get_running_loop().create_task(
+                self._private_loop(), name="private-listener"))
             for name, runner in runners.items():
                 self.start_runner(name, runner)
             interval = sdnotify.watchdog_interval()

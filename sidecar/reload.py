@@ -51,20 +51,26 @@ async def reload(d: "Daemon") -> bool:
     try:
         if new.listen != d.cfg.listen:
             http = await d.api().start(*new.listen)
-        if new.private_listen != d.cfg.private_listen:
-            private, token = await d.start_private(new)     # (None, None): turned off
-        elif new.private_listen is not None:
-            token = await d.read_metrics_token(new)         # a deploy may have replaced it
         if new.control_socket != d.cfg.control_socket:
             control = await serve_control(new.control_socket, d.handle_control)
         new.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except (OSError, TokenError) as exc:
-        for server in (http, control, private):
+    except OSError as exc:
+        for server in (http, control):
             if server is not None:
                 server.close()
         log.error("reload refused: cannot apply it; the running config is kept",
                   extra={"error": f"{type(exc).__name__}: {exc}"})
         return False
+    # The private listener (for Prometheus) never refuses a reload: one that cannot start is
+    # logged and retried by the daemon, and the wizards' changes still apply.
+    if new.private_listen != d.cfg.private_listen:
+        private, token = await d.try_start_private(new)    # (None, None): off, or not yet
+    elif new.private_listen is not None:
+        try:
+            token = await d.read_metrics_token(new)        # a deploy may have replaced it
+        except TokenError as exc:
+            log.error("the metrics token could not be read again; the one read before is kept",
+                      extra={"error": str(exc)})
     old, d.cfg = d.cfg, new
     jsonlog.add_secrets(new.secrets)
     if http is not None:
