@@ -14,6 +14,8 @@ from pyinfra.api import operation
 from pyinfra.facts.files import Directory, File, Link, Sha256File
 from pyinfra.facts.server import Command
 
+from neverdark import contract
+
 q = shlex.quote
 
 
@@ -116,15 +118,21 @@ def write_if_missing(path: str, source: str, user: str, group: str, mode: str):
 def token_command(path: str, user: str) -> str:
     """Shell that writes 32 random bytes, hex, to `path` (0600, `user`'s) and prints nothing."""
     tmp = f"{path}.new"
+    # synced before the rename: a new file's data is not on disk with its name, and a power cut
+    # would leave an empty token (which token_if_missing then replaces)
     return (f"umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > {q(tmp)} && "
-            f"chown {q(user)}:{q(user)} {q(tmp)} && chmod 0600 {q(tmp)} && mv -f {q(tmp)} {q(path)}")
+            f"chown {q(user)}:{q(user)} {q(tmp)} && chmod 0600 {q(tmp)} && sync {q(tmp)} && "
+            f"mv -f {q(tmp)} {q(path)}")
+
 
 
 @operation()
 def token_if_missing(path: str, user: str):
     """A random token made on the host, 0600 and `user`'s, when there is none: it never passes
     through the operator's machine, argv or pyinfra's output (the command prints nothing)."""
-    if host.get_fact(File, path=path):
+    found = host.get_fact(File, path=path)
+    # shorter than the sidecar accepts: torn (a power cut before the data reached the disk)
+    if found and (found.get("size") or 0) >= contract.METRICS_TOKEN_MIN:
         host.noop(f"{path} exists")
         return
     yield token_command(path, user)

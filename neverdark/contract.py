@@ -153,6 +153,7 @@ CONTROL_SOCKET = "/run/neverdark-sidecar/control.sock"
 # private}`): made on the host by the deploy, 0600, the sidecar user's; never leaves the host
 # but through `neverdark prometheus` (over ssh, into a 0600 file).
 METRICS_TOKEN_FILE = f"{ETC}/sidecar-metrics.token"
+METRICS_TOKEN_MIN = 16        # printable characters the sidecar accepts; the deploy makes 64
 METRICS_MODES = ("loopback", "private")
 # An operator notice's incident is over once its cause has been quiet this long (s).
 NOTICE_SETTLE_DEFAULT = 120.0

@@ -16,6 +16,7 @@ import os
 import stat
 from typing import Callable
 
+from neverdark import contract
 from sidecar import badge
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ def read_token(path) -> bytes:
             raise TokenError(f"{path}: the metrics token is readable by others (mode "
                              f"{stat.S_IMODE(st.st_mode):04o}); it must be 0600")
         token = f.read(4096).strip()
-    if len(token) < 16 or any(c <= 32 or c > 126 for c in token):
-        raise TokenError(f"{path}: the metrics token must be one line of at least 16 "
-                         "printable characters")
+    if len(token) < contract.METRICS_TOKEN_MIN or any(c <= 32 or c > 126 for c in token):
+        raise TokenError(f"{path}: the metrics token must be one line of at least "
+                         f"{contract.METRICS_TOKEN_MIN} printable characters")
     return token

@@ -241,3 +241,18 @@ def test_the_token_command_prints_nothing_and_leaves_a_0600_file(tmp_path):
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     assert not (tmp_path / "metrics.token.new").exists()
     assert token not in real_ops.token_command(str(path), user)
+
+
+@pytest.mark.parametrize("found, makes", [(None, True), ({"size": 0}, True),
+                                          ({"size": contract.METRICS_TOKEN_MIN - 1}, True),
+                                          ({"size": 64}, False)])
+def test_a_missing_or_torn_token_is_made_again(monkeypatch, found, makes):
+    """A token cut short (a power cut before its data reached the disk) is one the sidecar
+    refuses: the deploy makes a new one rather than keeping it forever."""
+    from deploys import ops as real_ops
+    noted = []
+    from types import SimpleNamespace
+    monkeypatch.setattr(real_ops, "host", SimpleNamespace(get_fact=lambda fact, path: found,
+                                                          noop=noted.append))
+    commands = list(real_ops.token_if_missing._inner(contract.METRICS_TOKEN_FILE, "nd"))
+    assert bool(commands) == makes and bool(noted) != makes
