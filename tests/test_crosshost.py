@@ -246,8 +246,11 @@ def test_the_firewall_admits_the_wizards_host_and_drops_the_rest(tmp_path):
     unit = FirewallDeployer(p).files()[1]
     assert unit.path == "/etc/systemd/system/neverdark-firewall.service"
     assert "ExecReload=/usr/sbin/nft -f /etc/neverdark/firewall.nft" in unit.content
-    assert "ExecStop=/usr/sbin/nft delete table inet neverdark" in unit.content
+    assert "ExecStop=-/usr/sbin/nft delete table inet neverdark" in unit.content
     assert "Before=network-pre.target shutdown.target neverdark-llama-gemma.service" in unit.content
+    # nftables.service's flush would drop the table under a unit that still looks active
+    assert "PartOf=nftables.service" in unit.content
+    assert "ReloadPropagatedFrom=nftables.service" in unit.content
 
 
 def test_ipv6_private_addresses_get_ip6_rules(tmp_path):
@@ -323,6 +326,19 @@ def test_the_firewall_is_up_before_the_server_and_goes_after_it(tmp_path, record
     stop = names.index("firewall: stop neverdark-firewall.service")
     assert stop > names.index("llama server gemma: run neverdark-llama-gemma.service")
     assert "firewall: remove /etc/neverdark/firewall.nft" in names
+
+    # a removal cut short after the unit went, before the rules file: finished next time
+    recorder.ops.clear()
+    monkeypatch.setattr(firewall.ops, "host_has_file",
+                        lambda path: path == "/etc/neverdark/firewall.nft")
+    run_stages(stages.host_deployers(p))
+    assert "firewall: remove /etc/neverdark/firewall.nft" in [
+        op.kwargs.get("name", "") for op in recorder.ops]
+    # nothing of it left: nothing to do
+    recorder.ops.clear()
+    monkeypatch.setattr(firewall.ops, "host_has_file", lambda path: False)
+    run_stages(stages.host_deployers(p))
+    assert not [op for op in recorder.ops if op.kwargs.get("name", "").startswith("firewall:")]
 
 
 def test_the_fleet_key_made_beside_a_checkouts_inventory_is_never_committed():

@@ -46,5 +46,7 @@ class FirewallDeployer(Deployer):
 
     def activate(self) -> None:
         # disabled on a host that never had it: nothing to stop or remove
-        if self.enabled or ops.host_has_file(unit_path(contract.FIREWALL_UNIT)):
+        # (or a removal cut short after the unit went: its rules file is still there)
+        if (self.enabled or ops.host_has_file(unit_path(contract.FIREWALL_UNIT))
+                or ops.host_has_file(contract.FIREWALL_RULES)):
             super().activate()

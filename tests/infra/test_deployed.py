@@ -116,9 +116,9 @@ def test_ports_listen_on_loopback_only(host, fleet, host_name):
     where = {s.port: s.listen for s in topology.llama_servers(fleet, host_name)}
     for port in ports(fleet, host_name):
         address = where.get(port, contract.LOOPBACK)
-        shown = f"[{address}]" if ":" in address else address
-        assert f"tcp://{shown}:{port}" in listening, f"nothing on {address}:{port}"
-        allowed = {f"tcp://{shown}:{port}"}
+        # (testinfra writes an IPv6 address unbracketed: tcp://fd00::1:8081)
+        assert f"tcp://{address}:{port}" in listening, f"nothing on {address}:{port}"
+        allowed = {f"tcp://{address}:{port}"}
         if private and port == fleet.sidecar.port:
             assert f"tcp://{private}:{port}" in listening, f"nothing on {private}:{port}"
             allowed.add(f"tcp://{private}:{port}")
