@@ -178,7 +178,10 @@ def measure(base_url: str, model: str, captured: dict, *, api_key: str | None = 
         "decode_tokens_per_s": round(decode, 2),
         "rates_from": {"prefill": prefill_from, "decode": decode_from},
         "warm_turn_s": round(warm_turn, 2), "within_budget": warm_turn <= budget_s,
-        "completions": {k: asdict(v) | {"text": v.text[:200]}
+        # the answers' length, not their text: the file is world-readable, and the model
+        # answered the wizard's real prompt (its persona, its memories)
+        "completions": {k: {f: x for f, x in asdict(v).items() if f != "text"}
+                        | {"answer_chars": len(v.text)}
                         for k, v in (("cold", cold), ("prime", prime), ("warm", warm))},
     }
 

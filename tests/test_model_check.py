@@ -205,3 +205,12 @@ def test_the_sidecar_config_carries_a_model_check_dir_only_when_not_the_default(
         str(tmp_path / "model-check"), "relative/dir"))
     with pytest.raises(config.ConfigError, match="model_check_dir: must be an absolute path"):
         config.load(bad)
+
+
+def test_the_world_readable_result_holds_figures_not_the_models_answers(checked):
+    """The answers are to the wizard's real prompt (persona, memories): the file keeps their
+    length only."""
+    _, [r], cfg = checked
+    saved = json.loads((cfg.model_check_dir / "merlin.json").read_text())
+    for c in saved["completions"].values():
+        assert "text" not in c and c["answer_chars"] >= 0, c
