@@ -33,7 +33,9 @@ def test_model_check_measures_merlins_fallback_on_its_host(bed, first_deploy):
     c = r["completions"]
     assert c["cold"]["prompt_tokens"] >= 300, c      # the wizard's whole prompt, evaluated
     real = c["prime"]["prompt_tokens"] + c["prime"]["cached_tokens"]
-    assert c["warm"]["cached_tokens"] >= real - 1, c     # its prefix reused
+    # its prefix reused: all but the few tokens where the primed answer meets the new turn,
+    # which the engine may tokenize again (the fleet measured 465 of 470 reused)
+    assert c["warm"]["cached_tokens"] >= real - 32 and c["warm"]["prompt_tokens"] < 150, c
     # The engine's own prefill time (a wait for the engine, which another request on a shared
     # server can cause, is outside it): a few new tokens against the whole prompt.
     assert c["warm"]["prompt_ms"] < c["cold"]["prompt_ms"], c
