@@ -279,6 +279,24 @@ class Testbed:
             time.sleep(1)
         raise TimeoutError(f"{wizard} not on {backend} after {timeout:.0f} s; last: {last!r}")
 
+    def wait_healthy(self, host: str, wizard: str, backend: str, timeout: float = 300) -> dict:
+        """Until the host's sidecar holds `backend` healthy with a passing last probe, as a
+        drill asks before it fails over (a server just (re)started is still loading); the
+        wizard's status."""
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while time.monotonic() < deadline:
+            try:
+                last = self.sidecar_status(host)["wizards"][wizard]
+            except (testfleet.FleetError, ValueError, KeyError, OSError) as exc:
+                last = exc
+            else:
+                h = last["backends"][backend]
+                if h["healthy"] is True and h["last_ok"] is True and h["usable"]:
+                    return last
+            time.sleep(1)
+        raise TimeoutError(f"{wizard}'s {backend} not healthy after {timeout:.0f} s; last: {last!r}")
+
     def testinfra(self, *pytest_args: str, timeout: float = 600,
                   inventory: Path | None = None) -> subprocess.CompletedProcess:
         """The operator's testinfra suite (tests/infra) against this inventory (or `inventory`),
