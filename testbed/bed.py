@@ -264,8 +264,8 @@ class Testbed:
                              "\"http://127.0.0.1:9470/status\",timeout=5).read().decode())'")
         return json.loads(out)
 
-    def wait_active(self, host: str, wizard: str, backend: str, timeout: float = 400) -> dict:
-        """Until the host's sidecar has `wizard` on `backend` and not mid-switch; its status."""
+    def _wait_wizard(self, host: str, wizard: str, done, timeout: float, what: str) -> dict:
+        """Poll the host's sidecar until `done(wizard's status)`; that status."""
         deadline = time.monotonic() + timeout
         last: object = None
         while time.monotonic() < deadline:
@@ -274,28 +274,26 @@ class Testbed:
             except (testfleet.FleetError, ValueError, KeyError, OSError) as exc:
                 last = exc  # the host's sidecar mid-restart: keep polling
             else:
-                if last["active"] == backend and not last["switching"]:
+                if done(last):
                     return last
             time.sleep(1)
-        raise TimeoutError(f"{wizard} not on {backend} after {timeout:.0f} s; last: {last!r}")
+        raise TimeoutError(f"{what} after {timeout:.0f} s; last: {last!r}")
+
+    def wait_active(self, host: str, wizard: str, backend: str, timeout: float = 400) -> dict:
+        """Until the host's sidecar has `wizard` on `backend` and not mid-switch; its status."""
+        return self._wait_wizard(host, wizard,
+                                 lambda st: st["active"] == backend and not st["switching"],
+                                 timeout, f"{wizard} not on {backend}")
 
     def wait_healthy(self, host: str, wizard: str, backend: str, timeout: float = 300) -> dict:
         """Until the host's sidecar holds `backend` healthy with a passing last probe, as a
         drill asks before it fails over (a server just (re)started is still loading); the
         wizard's status."""
-        deadline = time.monotonic() + timeout
-        last: object = None
-        while time.monotonic() < deadline:
-            try:
-                last = self.sidecar_status(host)["wizards"][wizard]
-            except (testfleet.FleetError, ValueError, KeyError, OSError) as exc:
-                last = exc
-            else:
-                h = last["backends"][backend]
-                if h["healthy"] is True and h["last_ok"] is True and h["usable"]:
-                    return last
-            time.sleep(1)
-        raise TimeoutError(f"{wizard}'s {backend} not healthy after {timeout:.0f} s; last: {last!r}")
+        def done(st: dict) -> bool:
+            h = st["backends"][backend]
+            return h["healthy"] is True and h["last_ok"] is True and h["usable"]
+        return self._wait_wizard(host, wizard, done, timeout,
+                                 f"{wizard}'s {backend} not healthy")
 
     def testinfra(self, *pytest_args: str, timeout: float = 600,
                   inventory: Path | None = None) -> subprocess.CompletedProcess:
