@@ -270,6 +270,11 @@ def _host_port(r: _Reader, raw: Any, where: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def host_port(pair: tuple[str, int]) -> str:
+    """A listen address as the config writes it (what _host_port reads back)."""
+    return f"{pair[0]}:{pair[1]}"
+
+
 def _private_listen(r: _Reader, raw: Any) -> tuple[str, int] | None:
     if raw is None:
         return None
@@ -498,7 +503,7 @@ def dump(cfg: SidecarConfig) -> tuple[str, str]:
         ref(env, cfg.secrets[env])
         telegram = {"token_env": env, "chat_id": str(cfg.hooks.telegram["chat_id"])}
     doc = {
-        "listen": f"{cfg.listen[0]}:{cfg.listen[1]}",
+        "listen": host_port(cfg.listen),
         "control_socket": str(cfg.control_socket),
         "state_dir": str(cfg.state_dir),
         "secrets_file": str(cfg.secrets_file) if cfg.secrets_file else None,
@@ -509,7 +514,7 @@ def dump(cfg: SidecarConfig) -> tuple[str, str]:
         "wizards": wizards,
     }
     if cfg.private_listen is not None:
-        doc["private_listen"] = f"{cfg.private_listen[0]}:{cfg.private_listen[1]}"
+        doc["private_listen"] = host_port(cfg.private_listen)
         doc["metrics_token_file"] = str(cfg.metrics_token_file)
     if cfg.model_check_dir != Path(contract.MODEL_CHECK_DIR):   # the default stays implicit
         doc["model_check_dir"] = str(cfg.model_check_dir)

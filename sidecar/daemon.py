@@ -21,7 +21,7 @@ import httpx
 
 from sidecar import (badge, hooktest, jsonlog, model_check_metrics, reload as reload_mod, sdnotify,
                      units)
-from sidecar.config import SidecarConfig
+from sidecar.config import SidecarConfig, host_port
 from sidecar.control import serve as serve_control
 from sidecar.events import Events, iso
 from sidecar.http_api import HttpApi, TokenError, read_token
@@ -181,13 +181,13 @@ class Daemon:
             if error != self._private_error:          # once per distinct error, not per retry
                 log.error("private listener not started; failover goes on without it, retried "
                           f"every {PRIVATE_RETRY_S:g} s", extra={
-                              "private_listen": f"{cfg.private_listen[0]}:{cfg.private_listen[1]}",
+                              "private_listen": host_port(cfg.private_listen),
                               "error": error})
             self._private_error = error
             return None, None
         if self._private_error is not None and result[0] is not None:
             log.warning("private listener started", extra={
-                "private_listen": f"{cfg.private_listen[0]}:{cfg.private_listen[1]}"})
+                "private_listen": host_port(cfg.private_listen)})
         self._private_error = None
         return result
 
@@ -240,8 +240,8 @@ class Daemon:
                     self._watchdog(interval), name="watchdog"))
             sdnotify.notify("READY=1\n" + self._status_line())
             private = self.cfg.private_listen
-            log.info("sidecar ready", extra={"listen": f"{self.cfg.listen[0]}:{self.cfg.listen[1]}",
-                                             "private_listen": f"{private[0]}:{private[1]}"
+            log.info("sidecar ready", extra={"listen": host_port(self.cfg.listen),
+                                             "private_listen": host_port(private)
                                              if private else None,
                                              "control_socket": str(self.cfg.control_socket),
                                              "wizards": list(self.runners),
