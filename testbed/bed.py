@@ -261,7 +261,8 @@ class Testbed:
     def sidecar_status(self, host: str) -> dict:
         """The host's sidecar `GET /status` (it listens on the host's loopback only)."""
         out = self.ssh(host, "python3 -c 'import urllib.request as u;print(u.urlopen("
-                             "\"http://127.0.0.1:9470/status\",timeout=5).read().decode())'")
+                             f"\"http://127.0.0.1:{contract.SIDECAR_PORT}/status\",timeout=5)"
+                             ".read().decode())'")
         return json.loads(out)
 
     def _wait_wizard(self, host: str, wizard: str, done, timeout: float, what: str) -> dict:
