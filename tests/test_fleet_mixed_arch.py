@@ -4,7 +4,13 @@ The Pi is real arm64 Debian 12 under qemu-user (testbed.fleet), 10-20x slower th
 host, so what runs on it is kept to what the acceptance names: the exact operator command, a
 second run with zero changes, the operator's testinfra suite on both hosts (which asserts the
 engines' platform tag and ELF machine against each host's `uname -m`), and a completion from
-the Pi's local model through its wizard's own Hermes gateway. The hosts' wheelhouse has no
+the Pi's local model through its wizard's own Hermes gateway. And the common layout of issue
+17: saruman lives on the VPS with no model of its own and falls back onto the Pi's model,
+reached across the network at pi1's private address with its key (the testinfra suite checks
+the key and that an outsider in the same /24 cannot connect): drilled there and back, then
+taken over by itself when its cloud primary fails, and sent on to its next backend when the
+Pi's server stops (tests/test_fleet_crosshost.py runs the same on two x86_64 hosts, dark
+included). The hosts' wheelhouse has no
 llama-cpp-python wheel (testbed.bed serves it without one, as no package index has one): the
 deploy uploads the one built for each host's arch, and nothing is compiled on a host.
 
@@ -13,19 +19,36 @@ The same fleet is `make demo`'s (vps1 with merlin and gandalf, pi1 with radagast
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
+import yaml
 
+from neverdark import contract
 from testbed.bed import MIXED_HOSTS, Testbed
 
 pytestmark = pytest.mark.fleet
 
+OUTSIDER = "out1"
+REMOTE_WIZARD, MODEL = "saruman", "gemma3-270m"
+
+
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
     t = time.monotonic()
-    with Testbed(tmp_path_factory.mktemp("mixed"), hosts=MIXED_HOSTS) as bed:
+    with Testbed(tmp_path_factory.mktemp("mixed"), hosts=MIXED_HOSTS,
+                 outsiders=[f"{OUTSIDER}:vps:256"]) as bed:
         print(f"\nmixed fleet up in {time.monotonic() - t:.0f} s")
+        # make demo's wizards, and saruman: the VPS's wizard whose fallback is the Pi's model
+        wizards = {**bed.default_wizards(), REMOTE_WIZARD: {"host": "vps1", "backends": [
+            bed.cloud("claude", "vps1", "anthropic", "claude-sonnet-4-5"),
+            {"name": "home", "local": MODEL, "host": "pi1", "max_tokens": 32},
+            bed.cloud("gpt", "vps1", "openai", "gpt-4.1-mini")]}}
+        doc = bed.inventory(wizards)
+        for name in ("vps1", "pi1"):
+            doc["hosts"][name]["private_address"] = bed.fleet.address(name)   # the run's /24
+        bed.inventory_path.write_text(yaml.safe_dump(doc, sort_keys=False))
         yield bed
 
 
@@ -60,7 +83,8 @@ def test_second_deploy_changes_nothing(mixed, deployed):
 
 
 def test_testinfra_suite_passes_on_both_arches(mixed, deployed):
-    proc = mixed.testinfra("-rA", timeout=1800)
+    proc = mixed.testinfra("-rA", f"--outsider={mixed.fleet.testinfra_url(OUTSIDER)}",
+                           timeout=1800)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     # every check ran on both hosts, the arch checks included
     for host in ("vps1", "pi1"):
@@ -81,3 +105,45 @@ def test_the_pis_local_model_answers_through_its_wizard(mixed, deployed):
     finally:
         client.close()
     assert turn.ok and turn.model == "gemma3-270m", turn
+
+
+def test_a_vps_wizard_drills_onto_the_pis_model_and_back(mixed, deployed):
+    """saruman on vps1 fails over onto pi1's model (the aarch64 build under qemu-user), real
+    turns answered there through saruman's own gateway on the VPS, and back."""
+    mixed.wait_active("vps1", REMOTE_WIZARD, "claude", timeout=600)
+    mixed.wait_healthy("vps1", REMOTE_WIZARD, "home", timeout=900)
+    t = time.monotonic()
+    proc = mixed.neverdark("drill", REMOTE_WIZARD, "--to", "home", "--turns", "1", "--json",
+                           timeout=1800)
+    report = json.loads(proc.stdout)
+    print(f"\nsaruman (vps1) drilled onto pi1's model (aarch64, emulated) and back in "
+          f"{time.monotonic() - t:.0f} s")
+    assert report["ok"], json.dumps(report, indent=1)
+    assert (report["to"], report["served_by"]) == ("home", "pi1"), report
+    assert all(t["model"] == MODEL for t in report["fallback_turns"]), report
+    status = mixed.sidecar_status("vps1")["wizards"][REMOTE_WIZARD]
+    assert status["active"] == "claude", status
+
+
+def test_the_pis_server_takes_the_vps_wizard_over_then_stops(mixed, deployed):
+    """claude down: saruman fails over onto pi1's model by itself (probed and check-turned
+    across the network to the Pi); pi1's server stopped: saruman goes on to its next backend
+    (gpt); the server and claude back: saruman back on claude."""
+    unit = contract.llama_unit(MODEL)
+    claude = mixed.mocks["vps1/anthropic"]
+    claude.fault({"type": "fail", "status": 503, "times": None})
+    try:
+        t = time.monotonic()
+        mixed.wait_active("vps1", REMOTE_WIZARD, "home", timeout=900)
+        print(f"\nsaruman: claude failing -> on pi1's model in {time.monotonic() - t:.0f} s")
+        status = json.loads(mixed.neverdark("status", "--json").stdout)["wizards"][REMOTE_WIZARD]
+        assert (status["active"], status["served_by"]) == ("home", "pi1"), status
+        mixed.ssh("pi1", f"sudo systemctl stop {unit}")
+        t = time.monotonic()
+        moved = mixed.wait_active("vps1", REMOTE_WIZARD, "gpt", timeout=300)
+        print(f"saruman: pi1's server stopped -> on gpt in {time.monotonic() - t:.0f} s")
+        assert not moved["backends"]["home"]["healthy"], moved
+    finally:
+        mixed.ssh("pi1", f"sudo systemctl start {unit}", check=False)
+        claude.recover()
+    mixed.wait_active("vps1", REMOTE_WIZARD, "claude", timeout=600)
