@@ -255,7 +255,8 @@ def check_turns(s: Scrape) -> Iterable:
 def units(s: Scrape) -> Iterable:
     """The model servers' and gateways' units, as the daemon's unit task last read them."""
     mem = _gauge("neverdark_unit_memory_bytes", "The unit's cgroup memory use "
-                 "(memory.current; v1: memory.usage_in_bytes).", ["unit"])
+                 "(memory.current; v1: memory.usage_in_bytes; a v1 container without a memory "
+                 "cgroup per unit: its processes' VmRSS).", ["unit"])
     cap = _gauge("neverdark_unit_memory_max_bytes", "The unit's cgroup memory limit "
                  "(MemoryMax); 0 for none.", ["unit"])
     ooms = _counter("neverdark_unit_oom_kills_total", "Processes of the unit the kernel "

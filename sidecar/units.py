@@ -11,6 +11,11 @@ needs no privilege); the kernel's cgroup files say the memory and the OOM kills:
   (a page-rounded 2^63 for no limit) and memory.oom_control's `oom_kill` line (kernel 4.13+).
   systemd makes a unit's v1 memory cgroup only when memory accounting is on for it: without
   one, the memory falls back to systemd's own MemoryCurrent, and the OOM kills are unknown.
+- A v1 host whose memory controller systemd cannot use per unit (a container on a v1 runner,
+  where the controller is mounted read-only: MemoryCurrent is "[not set]"): the memory is the
+  resident memory (VmRSS) of the unit's processes, listed in systemd's own hierarchy
+  (<root>/systemd/<ControlGroup>); it leaves out the page cache the cgroup would count. The
+  limit and the OOM kills are unknown there.
 
 A value that cannot be read is None and its sample is left out, rather than reported as 0.
 """
@@ -107,6 +112,30 @@ def read_cgroup(group: str, root: Path = CGROUP_ROOT) -> tuple[int | None, int |
             _keyed(_read(d / "memory.oom_control"), "oom_kill"))
 
 
+def processes_rss(group: str, root: Path = CGROUP_ROOT, proc: Path = Path("/proc")) -> int | None:
+    """The summed VmRSS of the processes in `group` and its children, from systemd's v1
+    hierarchy (name=systemd); None where that hierarchy or every process cannot be read."""
+    d = root / "systemd" / group.strip("/")
+    if not group.strip("/") or not d.is_dir():
+        return None
+    total, seen = 0, False
+    for procs in d.rglob("cgroup.procs"):
+        for pid in (_read(procs) or "").split():
+            rss = _vmrss(proc / pid / "status")
+            if rss is not None:
+                total, seen = total + rss, True
+    return total if seen else None
+
+
+def _vmrss(status: Path) -> int | None:
+    """Bytes from /proc/PID/status's `VmRSS:   N kB` (a kernel thread has none)."""
+    for line in (_read(status) or "").splitlines():
+        if line.startswith("VmRSS:"):
+            kb = _int(line.split()[1]) if len(line.split()) >= 2 else None
+            return None if kb is None else kb * 1024
+    return None
+
+
 def reading(unit: str, props: dict[str, str] | None, root: Path = CGROUP_ROOT) -> UnitReading:
     if not props:
         return UnitReading(unit)
@@ -116,6 +145,8 @@ def reading(unit: str, props: dict[str, str] | None, root: Path = CGROUP_ROOT) -
         memory, cap, ooms = read_cgroup(props["ControlGroup"], root)
     if memory is None:
         memory = _int(props.get("MemoryCurrent"))
+    if memory is None and props.get("ControlGroup") and cgroup_version(root) == 1:
+        memory = processes_rss(props["ControlGroup"], root)
     return UnitReading(unit, active=None if not state else state == "active",
                        restarts=_int(props.get("NRestarts")), memory=memory,
                        memory_max=cap, oom_kills=ooms)

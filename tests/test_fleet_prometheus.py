@@ -136,6 +136,22 @@ def test_prometheus_scrapes_the_fleet_and_the_fallback_alert_fires_and_resolves(
                                                ("vps1", "gandalf", "claude"),
                                                ("pi1", "radagast", "local")}
         assert fallback_alerts(base) == {}
+        # Each model server's and gateway's memory and state (sidecar/units.py: on this v1
+        # runner's containers, their processes' resident memory).
+        def units_seen() -> dict | None:
+            found = {(r["metric"]["instance"], r["metric"]["unit"]): float(r["value"][1])
+                     for r in api(base, "query",
+                                  query='neverdark_unit_memory_bytes{job="neverdark"}')["result"]}
+            return found if len(found) == 5 else None
+        memory = wait_until(units_seen, 60, "every unit's memory scraped")
+        llama = contract.llama_unit("gemma3-270m")
+        assert set(memory) == {("vps1", llama), ("pi1", llama),
+                               *((h, contract.wizard_unit(w)) for h, w in
+                                 (("vps1", "merlin"), ("vps1", "gandalf"), ("pi1", "radagast")))}
+        assert all(v > 20 * 2**20 for v in memory.values()), memory    # a real process's RSS
+        assert memory[("vps1", llama)] > 150 * 2**20, memory            # the 253 MB model mapped
+        up_units = api(base, "query", query='neverdark_unit_active{job="neverdark"} == 1')
+        assert len(up_units["result"]) == 5, up_units
 
         t0 = time.monotonic()
         claude.fault({"type": "fail", "status": 503, "times": None})

@@ -70,6 +70,27 @@ def test_a_unit_with_no_memory_cgroup_falls_back_to_systemd(tmp_path):
     assert r.active is False and r.restarts == 0 and r.memory is None
 
 
+def test_a_v1_container_without_unit_memory_cgroups_sums_its_processes_rss(tmp_path):
+    """A container on a v1 runner (the test fleet's hosts): the memory controller is read-only,
+    systemd's MemoryCurrent "[not set]"; the memory is the VmRSS of the unit's processes, from
+    systemd's own hierarchy, its children's included; limit and OOM kills stay unknown."""
+    import os
+    d = tmp_path / "systemd" / CG.strip("/")
+    (d / "child").mkdir(parents=True)
+    (d / "cgroup.procs").write_text(f"{os.getpid()}\n999999999\n")    # a pid that has ended
+    (d / "child" / "cgroup.procs").write_text(f"{os.getppid()}\n")
+    rss = sum(units._vmrss(Path(f"/proc/{p}/status")) for p in (os.getpid(), os.getppid()))
+    props = dict(units.parse_show(SHOW)[0], MemoryCurrent="[not set]")
+    r = units.reading(UNIT, props, tmp_path)
+    assert r.memory is not None and abs(r.memory - rss) < 64 * 2**20 and r.memory > 2**20, r
+    assert (r.memory_max, r.oom_kills, r.restarts) == (None, None, 3)
+    # a unit with no process, or no hierarchy: unknown, not 0
+    (d / "cgroup.procs").write_text("")
+    (d / "child" / "cgroup.procs").write_text("")
+    assert units.reading(UNIT, props, tmp_path).memory is None
+    assert units.reading(UNIT, props, tmp_path / "none").memory is None
+
+
 def fake_systemctl(tmp_path: Path, output: str, rc: int = 0) -> list[str]:
     script = tmp_path / "systemctl.py"
     script.write_text(f"import sys\nsys.stdout.write({output!r})\nsys.exit({rc})\n")
