@@ -258,12 +258,15 @@ class Testbed:
     def ssh(self, host: str, command: str, check: bool = True) -> str:
         return self.fleet.ssh(host, command, check=check)
 
+    def sidecar_get(self, host: str, path: str) -> str:
+        """The body of the host's sidecar `GET path`, read on the host (its loopback)."""
+        return self.ssh(host, "python3 -c 'import urllib.request as u;print(u.urlopen("
+                              f"\"http://127.0.0.1:{contract.SIDECAR_PORT}{path}\",timeout=5)"
+                              ".read().decode())'")
+
     def sidecar_status(self, host: str) -> dict:
         """The host's sidecar `GET /status` (it listens on the host's loopback only)."""
-        out = self.ssh(host, "python3 -c 'import urllib.request as u;print(u.urlopen("
-                             f"\"http://127.0.0.1:{contract.SIDECAR_PORT}/status\",timeout=5)"
-                             ".read().decode())'")
-        return json.loads(out)
+        return json.loads(self.sidecar_get(host, "/status"))
 
     def _wait_wizard(self, host: str, wizard: str, done, timeout: float, what: str) -> dict:
         """Poll the host's sidecar until `done(wizard's status)`; that status."""

@@ -87,8 +87,7 @@ def status(bed) -> dict:
 
 
 def metrics(bed) -> str:
-    return bed.ssh(HOST, "python3 -c 'import urllib.request as u;print(u.urlopen("
-                         "\"http://127.0.0.1:9470/metrics\",timeout=5).read().decode())'")
+    return bed.sidecar_get(HOST, "/metrics")
 
 
 def restarts(bed) -> int:

@@ -19,9 +19,7 @@ MC = "neverdark_model_check_"
 
 
 def metrics(bed, host: str) -> str:
-    return bed.ssh(host, "python3 -c 'import urllib.request as u;print(u.urlopen("
-                         f"\"http://127.0.0.1:{contract.SIDECAR_PORT}/metrics\",timeout=5)"
-                         ".read().decode())'")
+    return bed.sidecar_get(host, "/metrics")
 
 
 def test_model_check_measures_merlins_fallback_on_its_host(bed, first_deploy):

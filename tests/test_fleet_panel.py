@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from neverdark import contract
 from tests.test_fleet_drills import PRIMARY, calm, record  # noqa: F401 (calm: fixture)
 from testbed.wait import wait_until as wait_for
 
@@ -69,9 +68,7 @@ def test_the_panel_follows_an_outage_drill_on_the_real_fleet(calm, tmp_path):
                 rows = json.loads(page.evaluate(PANEL_ROWS))
                 assert rows["merlin"]["state"] == "fallback", rows
                 page.screenshot(tmp_path / "drill-during.png")
-                url_badge = f"http://127.0.0.1:{contract.SIDECAR_PORT}/wizards/merlin.json"
-                badge = bed.ssh("vps1", "python3 -c 'import urllib.request as u;print(u.urlopen("
-                                        f"\"{url_badge}\",timeout=5).read().decode())'")
+                badge = bed.sidecar_get("vps1", "/wizards/merlin.json")
                 assert json.loads(badge)["state"] == "fallback", badge
             finally:
                 claude.recover()
