@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -369,14 +371,28 @@ def status(as_json: bool, watch: float | None, only_problems: bool, parallel: in
             click.echo(line, err=True)
 
     ask = {"parallel": parallel, "timeout": timeout}
-    try:
-        if watch is None:
-            show(status_mod.fleet_snapshot(fleet, **ask))
-        else:
-            status_mod.watch(fleet, watch, show, **ask)
-    except KeyboardInterrupt:   # --watch ends here; the exit code is the last round's
-        pass
+    if watch is None:
+        show(status_mod.fleet_snapshot(fleet, **ask))
+    else:
+        status_mod.watch(fleet, watch, show, stop=_stop_on_signals(), **ask)
+    # --watch ends on Ctrl-C or SIGTERM; the exit code is the last round's
     sys.exit(EXIT_PROBLEMS if not last or status_mod.failing(last[0]) else EXIT_OK)
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event that SIGINT and SIGTERM set, instead of raising KeyboardInterrupt wherever the
+    main thread is: raised inside the thread pool's locks, it could leave a worker unable to
+    hand back its result and the exit waiting on that worker for ever (`status --watch` once
+    hung after Ctrl-C in a test run). A second Ctrl-C interrupts as usual."""
+    stop = threading.Event()
+
+    def handler(signum, frame) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
 
 
 @main.command()

@@ -19,6 +19,7 @@ import math
 import re
 import shlex
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -379,10 +380,11 @@ def render_text(snap: dict, only_problems: bool = False) -> tuple[list[str], lis
 
 
 def watch(fleet, interval: float, show: Callable[[dict], None], *, rounds: int | None = None,
-          sleep=time.sleep, **kwargs) -> dict:
-    """Ask, show, wait `interval` from the start of the round; until interrupted (or `rounds`).
-    Returns the last snapshot."""
+          stop: threading.Event | None = None, **kwargs) -> dict:
+    """Ask, show, wait `interval` from the start of the round; until `stop` is set (or
+    `rounds`). A round under way is finished first. Returns the last snapshot."""
     parallel = kwargs.pop("parallel", DEFAULT_PARALLEL)
+    stop = stop or threading.Event()
     n = 0
     with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(fleet.hosts))),
                             thread_name_prefix="status") as pool:
@@ -391,6 +393,7 @@ def watch(fleet, interval: float, show: Callable[[dict], None], *, rounds: int |
             snap = fleet_snapshot(fleet, pool=pool, parallel=parallel, **kwargs)
             show(snap)
             n += 1
-            if rounds is not None and n >= rounds:
+            if (rounds is not None and n >= rounds) or stop.is_set():
                 return snap
-            sleep(max(0.0, interval - (time.monotonic() - started)))
+            if stop.wait(max(0.0, interval - (time.monotonic() - started))):
+                return snap

@@ -193,6 +193,31 @@ def test_a_host_that_does_not_answer_in_time_holds_up_no_other(standins):
     assert snap["summary"]["unreachable"] == 2      # radagast (vps2) and saruman (vps3)
 
 
+def test_watch_stops_when_told_after_the_round_under_way(tmp_path):
+    """--watch's stop (set by SIGINT/SIGTERM) ends the loop after the round it lands in, with
+    that round shown; set between rounds, it ends the wait at once."""
+    fleet = make_fleet(tmp_path, {"h0": ["w0"], "h1": ["w1"]})
+    stop, shown, asked = threading.Event(), [], []
+
+    def transport(host, command, timeout):
+        asked.append(host)
+        if len(asked) == 1:             # mid-way through the first round
+            stop.set()
+        time.sleep(0.1)
+        return subprocess.CompletedProcess([], 255, "", "ssh: connect to host: refused\n")
+
+    started = time.monotonic()
+    last = status.watch(fleet, 60, shown.append, stop=stop, transport=transport)
+    assert len(shown) == 1 and last is shown[0] and sorted(asked) == ["h0", "h1"]
+    assert shown[0]["summary"]["unreachable"] == 2      # the round under way was finished
+    assert time.monotonic() - started < 10              # the 60 s wait was never served
+    stop2 = threading.Event()
+    threading.Timer(0.3, stop2.set).start()
+    started = time.monotonic()
+    status.watch(fleet, 60, shown.append, stop=stop2, transport=transport)
+    assert time.monotonic() - started < 10 and len(shown) == 2
+
+
 @pytest.mark.parametrize("stdout, rc, stderr, error", [
     (f"MemTotal: 1 kB\n{status.MARK}\nHTTP/1.1 503 Service Unavailable\r\n\r\nunhealthy\n", 0, "",
      "no status from the sidecar: GET /status answered HTTP 503 Service Unavailable"),
@@ -245,7 +270,8 @@ def test_status_json_and_only_problems(tmp_path):
         in proc.stdout, proc.stdout
 
 
-def test_status_watch_repeats_until_interrupted(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_status_watch_repeats_until_interrupted(tmp_path, sig):
     inv = unreachable_inventory(tmp_path)
     proc = subprocess.Popen([str(NEVERDARK), "status", "--watch", "0.5", "--json", "--inventory",
                              str(inv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -253,7 +279,7 @@ def test_status_watch_repeats_until_interrupted(tmp_path):
     deadline = time.monotonic() + 60
     while len(lines) < 3 and time.monotonic() < deadline:
         lines.append(proc.stdout.readline())
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 1, err            # the last round's verdict: a host unreachable
     snaps = [json.loads(line) for line in lines + out.splitlines() if line.strip()]
