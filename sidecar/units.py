@@ -115,8 +115,9 @@ def read_cgroup(group: str, root: Path = CGROUP_ROOT) -> tuple[int | None, int |
 def processes_rss(group: str, root: Path = CGROUP_ROOT, proc: Path = Path("/proc")) -> int | None:
     """The summed VmRSS of the processes in `group` and its children, from systemd's v1
     hierarchy (name=systemd); None where that hierarchy or every process cannot be read."""
-    d = root / "systemd" / group.strip("/")
-    if not group.strip("/") or not d.is_dir():
+    rel = group.strip("/")
+    d = root / "systemd" / rel
+    if not rel or not d.is_dir():
         return None
     total, seen = 0, False
     for procs in d.rglob("cgroup.procs"):
@@ -130,8 +131,10 @@ def processes_rss(group: str, root: Path = CGROUP_ROOT, proc: Path = Path("/proc
 def _vmrss(status: Path) -> int | None:
     """Bytes from /proc/PID/status's `VmRSS:   N kB` (a kernel thread has none)."""
     for line in (_read(status) or "").splitlines():
-        if line.startswith("VmRSS:"):
-            kb = _int(line.split()[1]) if len(line.split()) >= 2 else None
+        key, _, value = line.partition(":")
+        if key == "VmRSS":
+            fields = value.split()                  # "  1234 kB"
+            kb = _int(fields[0]) if fields else None
             return None if kb is None else kb * 1024
     return None
 
