@@ -292,7 +292,8 @@ def test_the_naive_argv_would_have_run_it(tmp_path):
 
 def test_sudo_ends_its_options_too(monkeypatch):
     seen = []
-    monkeypatch.setattr(remote.subprocess, "run", lambda argv, **kw: seen.append(argv))
+    monkeypatch.setattr(remote.subprocess, "run", lambda argv, **kw: (
+        seen.append(argv), subprocess.CompletedProcess(argv, 0, "", ""))[1])
     fleet = unvalidated_fleet(user="pi", sudo=True)
     remote.run(fleet, "h", "echo -n hi")
     assert seen[0][-1] == "sudo -n -- sh -c 'echo -n hi'"
