@@ -32,13 +32,15 @@ import pytest
 from types import SimpleNamespace
 import testinfra
 
-from neverdark import versions
-from testbed import bed as testbed, fleet as testfleet, wheelhouse
+from neverdark import remote, versions
+from neverdark.inventory import validate
+from testbed import bed as testbed, fleet as testfleet, light_hosts, standin_sidecar, wheelhouse
 from testbed.fleet import net as fleetnet
 
 VPS1_MEMORY_MB = 1024   # small enough to overrun quickly; the default hosts have 4096
 HOSTS = [testfleet.HostSpec("vps1", "vps", memory_mb=VPS1_MEMORY_MB), ("pi1", "pi")]
 REPO = Path(__file__).resolve().parent.parent
+NEVERDARK = Path(sys.executable).with_name("neverdark")
 MiB = 2**20
 
 
@@ -488,6 +490,62 @@ def test_stale_run_of_a_killed_owner_is_cleared(fleet, tmp_path):
         assert fleet.is_alive(name)
     assert fleetnet.leftovers(fleet.run_id)           # (its routing too)
     assert fleet.ssh("vps1", "true") == ""
+
+
+def _logins(fleet, name: str) -> int:
+    """How many SSH logins the host's sshd has accepted (its journal)."""
+    return int(fleet.exec(name, "journalctl -u ssh --no-pager -o cat | "
+                                "grep -c '^Accepted publickey' || true").strip())
+
+
+@pytest.mark.fleet
+def test_status_reads_keep_one_connection_per_host(fleet, tmp_path, monkeypatch):
+    """`neverdark status` against real sshd, as root and as a Pi's `pi`: the first run logs in
+    once a host and keeps the connection; the next runs over it with no new login; the host
+    dropping it (its sshd's sessions killed) costs no answer; closed, the connection is gone."""
+    runtime = Path(f"/tmp/nd-kept-{fleet.run_id}")       # a socket path has at most 107 bytes
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.delenv(remote.REUSE_ENV, raising=False)
+    names = list(fleet.hosts)
+    for i, name in enumerate(names):
+        light_hosts.install_standin(fleet, name, {"interval": 2, "wizards": {
+            light_hosts.wizard_name(i): standin_sidecar.wizard(["claude", "local"])}})
+    inv = light_hosts.inventory(fleet, names, tmp_path / "fleet.yaml")
+    inv_fleet = validate(inv, env=os.environ)
+
+    def status() -> dict:
+        proc = subprocess.run([str(NEVERDARK), "status", "--json", "--inventory", str(inv)],
+                              capture_output=True, text=True, timeout=120)
+        snap = json.loads(proc.stdout)
+        assert snap["summary"]["unreachable"] == 0, snap["hosts"]
+        return snap
+
+    try:
+        before = {n: _logins(fleet, n) for n in names}
+        status()
+        opened = {n: _logins(fleet, n) for n in names}
+        assert opened == {n: before[n] + 1 for n in names}
+        for name in names:
+            sock = remote.control_path(inv_fleet, name)
+            assert sock.parent == runtime / f"neverdark-ssh-{os.getuid()}"
+            assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+            assert stat.S_ISSOCK(sock.stat().st_mode)
+        status()
+        status()
+        assert {n: _logins(fleet, n) for n in names} == opened      # no new login
+        for name in names:          # the host drops it: its sessions' sshd processes killed
+            fleet.exec(name, "pkill -f '^sshd: (root|pi)[ @]' || true")
+        status()                    # answered: over a new connection, or the one retry
+        status()
+        for name in names:
+            assert remote.close_kept(inv_fleet, name)
+            assert not remote.control_path(inv_fleet, name).exists()
+    finally:
+        for name in names:
+            remote.close_kept(inv_fleet, name)
+            fleet.exec(name, "systemctl stop neverdark-sidecar || true")
+        subprocess.run(["rm", "-rf", str(runtime)], check=False)
 
 
 @pytest.mark.fleet
