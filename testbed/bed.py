@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from neverdark import contract
+from neverdark import contract, remote
 from neverdark.inventory import validate
 from testbed import fleet as testfleet, wheelhouse
 from testbed.deploy_results import DeployResult, parse_results
@@ -110,7 +110,24 @@ class Testbed:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stack.close()
+        try:
+            self.close_kept_connections()
+        finally:
+            self._stack.close()
+
+    def close_kept_connections(self) -> None:
+        """Close the SSH connections `neverdark status` kept to the hosts (neverdark.remote)
+        before the hosts go: otherwise each master lingers on this machine until its keepalives
+        go unanswered, and a session stays open in each host while it powers off."""
+        if not self.inventory_path.exists():
+            return
+        try:
+            fleet = self.validated()
+        except Exception:           # an inventory a test made invalid on purpose
+            return
+        for host in fleet.hosts:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                remote.close_kept(fleet, host)
 
     def _served_wheels(self, house: Path) -> Path:
         """The wheelhouse the hosts see: every wheel but llama-cpp-python's, which no package
