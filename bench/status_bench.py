@@ -145,26 +145,26 @@ def main() -> None:
             kept = {2: [], n: []}
             cpu_first = {2: [], n: []}
             cpu_kept = {2: [], n: []}
-            per_host: list[float] = []
+            per_host: dict[str, list[float]] = {"first contact": [], "kept connections": []}
             for _ in range(args.rounds):
                 for inv, k in ((small, 2), (large, n)):
                     close_all(inv)
-                    took, _, cpu = run_status(inv, k, *extra)
-                    first[k].append(took)
-                    cpu_first[k].append(cpu)
-                    took, snap, cpu = run_status(inv, k, *extra)
-                    kept[k].append(took)
-                    cpu_kept[k].append(cpu)
-                    if k == n:
-                        per_host += [h["seconds"] for h in snap["hosts"].values()]
+                    for how, times, cpus in (("first contact", first, cpu_first),
+                                             ("kept connections", kept, cpu_kept)):
+                        took, snap, cpu = run_status(inv, k, *extra)
+                        times[k].append(took)
+                        cpus[k].append(cpu)
+                        if k == n:
+                            per_host[how] += [h["seconds"] for h in snap["hosts"].values()]
             close_all(large)
             serial, _, _ = run_status(large, n, "--parallel", "1")
             close_all(large)
             load = os.getloadavg()[0]
         summary("first contact", first, cpu_first, n)
         summary("over kept connections", kept, cpu_kept, n)
-        print(f"per-host round trip inside the {n}-host runs over kept connections: median "
-              f"{statistics.median(per_host):.2f} s, max {max(per_host):.2f} s")
+        for how, seconds in per_host.items():
+            print(f"per-host round trip inside the {n}-host runs, {how}: median "
+                  f"{statistics.median(seconds):.2f} s, max {max(seconds):.2f} s")
         print(f"{n} hosts one at a time (--parallel 1, first contact): {serial:.2f} s; load at "
               f"the end {load:.1f}")
 
