@@ -12,10 +12,11 @@ command that runs on each host is the real one (neverdark.status.read_command: b
 Each round runs the real CLI (`neverdark status --json`, a new process: inventory validation,
 ssh to every host, the table's snapshot) against an inventory of the first 2 hosts and against
 one of all of them, alternately, so both see the same machine load; the medians' ratio is the
-figure. Twice each round: a first contact (every kept connection closed before it: a new SSH
+figure. Three times each round: a first contact (every kept connection closed before it: a new SSH
 connection to each host, as a `status` a few minutes after the last one), then the same again
 over the connections that run kept (neverdark.remote: as `--watch`, the panel's polls, or a
-`status` again within a minute). The CPU the operator's side spends (the CLI and its ssh
+`status` again within a minute), first with an ssh process per host (NEVERDARK_SSH_MUX=0) and
+then with none (the default: neverdark.ssh_mux speaks to each master itself). The CPU the operator's side spends (the CLI and its ssh
 processes) is measured too: on a real fleet each host's sshd runs on that host, while here all
 twenty share this machine's cores with the operator. One more run asks the N hosts one at a
 time (--parallel 1), for scale. Every run's answer is checked (all hosts reached, the summary's
@@ -74,11 +75,13 @@ def children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_status(inv: Path, n: int, *extra: str) -> tuple[float, dict, float]:
+def run_status(inv: Path, n: int, *extra: str, env: dict | None = None,
+               ) -> tuple[float, dict, float]:
     """(wall seconds, the snapshot, CPU seconds of the CLI and its ssh processes)."""
     cpu, started = children_cpu(), time.monotonic()
     proc = subprocess.run([str(NEVERDARK), "status", "--json", "--inventory", str(inv), *extra],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
     took, cpu = time.monotonic() - started, children_cpu() - cpu
     try:
         snap = json.loads(proc.stdout)
@@ -141,27 +144,29 @@ def main() -> None:
             # more), then the same again over the connections it left (`--watch`, the panel,
             # a `status` run again within a minute); 2 hosts and 20 alternately, so both see
             # the same machine load.
-            first = {2: [], n: []}
-            kept = {2: [], n: []}
-            cpu_first = {2: [], n: []}
-            cpu_kept = {2: [], n: []}
-            per_host: dict[str, list[float]] = {"first contact": [], "kept connections": []}
+            # How: a first contact; then over the kept connections with an ssh process per
+            # host (NEVERDARK_SSH_MUX=0, as before neverdark.ssh_mux); then over them with none
+            # (the default: the CLI speaks to each master itself).
+            modes = {"first contact": {}, "kept, ssh per host": {remote.MUX_ENV: "0"},
+                     "kept connections": {}}
+            times = {how: {2: [], n: []} for how in modes}
+            cpus = {how: {2: [], n: []} for how in modes}
+            per_host: dict[str, list[float]] = {how: [] for how in modes}
             for _ in range(args.rounds):
                 for inv, k in ((small, 2), (large, n)):
                     close_all(inv)
-                    for how, times, cpus in (("first contact", first, cpu_first),
-                                             ("kept connections", kept, cpu_kept)):
-                        took, snap, cpu = run_status(inv, k, *extra)
-                        times[k].append(took)
-                        cpus[k].append(cpu)
+                    for how, env in modes.items():
+                        took, snap, cpu = run_status(inv, k, *extra, env=env)
+                        times[how][k].append(took)
+                        cpus[how][k].append(cpu)
                         if k == n:
                             per_host[how] += [h["seconds"] for h in snap["hosts"].values()]
             close_all(large)
             serial, _, _ = run_status(large, n, "--parallel", "1")
             close_all(large)
             load = os.getloadavg()[0]
-        summary("first contact", first, cpu_first, n)
-        summary("over kept connections", kept, cpu_kept, n)
+        for how in modes:
+            summary(how, times[how], cpus[how], n)
         for how, seconds in per_host.items():
             print(f"per-host round trip inside the {n}-host runs, {how}: median "
                   f"{statistics.median(seconds):.2f} s, max {max(seconds):.2f} s")
