@@ -532,7 +532,15 @@ def test_status_reads_keep_one_connection_per_host(fleet, tmp_path, monkeypatch)
             assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
             assert stat.S_ISSOCK(sock.stat().st_mode)
         status()
-        status()
+        # over the kept connections the CLI starts no ssh at all (neverdark.ssh_mux): an ssh
+        # that only fails stands first on PATH, and every host still answers
+        no_ssh = tmp_path / "no-ssh"
+        no_ssh.mkdir()
+        (no_ssh / "ssh").write_text("#!/bin/sh\necho 'ssh must not run' >&2\nexit 255\n")
+        (no_ssh / "ssh").chmod(0o755)
+        with monkeypatch.context() as m:
+            m.setenv("PATH", f"{no_ssh}:{os.environ['PATH']}")
+            status()
         assert {n: _logins(fleet, n) for n in names} == opened      # no new login
         for name in names:          # the host drops it: its sessions' sshd processes killed
             fleet.exec(name, "pkill -f '^sshd: (root|pi)[ @]' || true")
