@@ -12,16 +12,15 @@ command that runs on each host is the real one (neverdark.status.read_command: b
 Each round runs the real CLI (`neverdark status --json`, a new process: inventory validation,
 ssh to every host, the table's snapshot) against an inventory of the first 2 hosts and against
 one of all of them, alternately, so both see the same machine load; the medians' ratio is the
-figure. Three times each round: a first contact (every kept connection closed before it: a new SSH
-connection to each host, as a `status` a few minutes after the last one), then the same again
-over the connections that run kept (neverdark.remote: as `--watch`, the panel's polls, or a
-`status` again within a minute), first with an ssh process per host (NEVERDARK_SSH_MUX=0) and
-then with none (the default: neverdark.ssh_mux speaks to each master itself). The CPU the operator's side spends (the CLI and its ssh
-processes) is measured too: on a real fleet each host's sshd runs on that host, while here all
-twenty share this machine's cores with the operator. One more run asks the N hosts one at a
-time (--parallel 1), for scale. Every run's answer is checked (all hosts reached, the summary's
-counts as the scenarios say).
-"""
+figure. Three times each round: a first contact (every kept connection closed before it: a new
+SSH connection to each host, as a `status` a few minutes after the last one), then the same
+again over the connections that run kept (neverdark.remote: as `--watch`, the panel's polls, or
+a `status` again within a minute), first with an ssh process per host (NEVERDARK_SSH_MUX=0) and
+then with none (the default: neverdark.ssh_mux speaks to each master itself). The CPU the
+operator's side spends (the CLI and its ssh processes) is measured too: on a real fleet each
+host's sshd runs on that host, while here all twenty share this machine's cores with the
+operator. One more run asks the N hosts one at a time (--parallel 1), for scale. Every run's
+answer is checked (all hosts reached, the summary's counts as the scenarios say)."""
 
 from __future__ import annotations
 

@@ -8,15 +8,15 @@ option it obeys.
 Fleet-wide reads (`status`, `--watch`, the panel's polls; `fleet_read=True`) reuse one
 connection per host, OpenSSH's own ControlMaster: the first read opens it, later reads in the
 next CONTROL_PERSIST seconds run over it, from this or another neverdark process. A new
-connection costs the host a key exchange, a login and a PAM session, and the operator's ssh
-the client half of them: bench/status_bench.py measured a host's read inside a 20-host run at
-0.27 s median over a new connection, 0.07 s over a kept one through an ssh process, 0.04 s
-over one with none: a read over a kept connection speaks to the master from this process
-(neverdark.ssh_mux), and starts ssh only when the master cannot run it. The masters' sockets live in a directory only this user can enter (a socket there
-is a login to the host); the socket's name hashes everything that decides which host and key
-it speaks for, so a re-keyed or rebuilt host never gets an old master. Commands that act
-(deploy steps, drills, control ops) open their own connection as before.
-"""
+connection costs the host a key exchange, a login and a PAM session, and the operator's ssh the
+client half of them: bench/status_bench.py measured a host's read inside a 20-host run at 0.27 s
+median over a new connection, 0.07 s over a kept one through an ssh process, 0.04 s over one
+with none: a read over a kept connection speaks to the master from this process
+(neverdark.ssh_mux), and starts ssh only when the master cannot run it. The masters' sockets
+live in a directory only this user can enter (a socket there is a login to the host); the
+socket's name hashes everything that decides which host and key it speaks for, so a re-keyed or
+rebuilt host never gets an old master. Commands that act (deploy steps, drills, control ops)
+open their own connection as before."""
 
 from __future__ import annotations
 
