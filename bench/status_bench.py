@@ -141,11 +141,9 @@ def main() -> None:
             close_all(large)
             # Each round: a first contact (no kept connection: a new `status` after a minute or
             # more), then the same again over the connections it left (`--watch`, the panel,
-            # a `status` run again within a minute); 2 hosts and 20 alternately, so both see
-            # the same machine load.
-            # How: a first contact; then over the kept connections with an ssh process per
-            # host (NEVERDARK_SSH_MUX=0, as before neverdark.ssh_mux); then over them with none
-            # (the default: the CLI speaks to each master itself).
+            # a `status` run again within a minute), first with an ssh process per host
+            # (NEVERDARK_SSH_MUX=0, as before neverdark.ssh_mux), then with none (the default);
+            # 2 hosts and 20 alternately, so both see the same machine load.
             modes = {"first contact": {}, "kept, ssh per host": {remote.MUX_ENV: "0"},
                      "kept connections": {}}
             times = {how: {2: [], n: []} for how in modes}

@@ -27,12 +27,10 @@ from pathlib import Path
 VERSION = 4
 HELLO = 0x00000001
 NEW_SESSION = 0x10000002
-OK = 0x80000001
 PERMISSION_DENIED = 0x80000002
 FAILURE = 0x80000003
 EXIT_MESSAGE = 0x80000004
 SESSION_OPENED = 0x80000006
-TTY_ALLOC_FAIL = 0x80000008
 NO_ESCAPE = 0xFFFFFFFF
 _MAX_PACKET = 256 * 1024     # the master's replies are a few bytes; anything larger is not one
 
@@ -55,34 +53,37 @@ def _u32(n: int) -> bytes:
     return struct.pack(">I", n)
 
 
+def _split(buf: bytes) -> tuple[bytes, bytes] | None:
+    """(the first whole packet's body, the rest) of `buf`, or None while it is incomplete;
+    Unavailable for a length no master sends."""
+    if len(buf) < 4:
+        return None
+    (n,) = struct.unpack(">I", buf[:4])
+    if n < 4 or n > _MAX_PACKET:
+        raise Unavailable(f"the master sent a packet of {n} bytes")
+    if len(buf) < 4 + n:
+        return None
+    return buf[4:4 + n], buf[4 + n:]
+
+
 class _Reader:
     """The master's packets off the control socket, each read bounded by the deadline."""
 
     def __init__(self, sock: socket.socket, deadline: float):
         self.sock, self.deadline, self.buf = sock, deadline, b""
 
-    def _fill(self, n: int) -> bool:
-        while len(self.buf) < n:
+    def packet(self) -> bytes | None:
+        """One packet's body, or None when the master closed the socket."""
+        while (whole := _split(self.buf)) is None:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError
             self.sock.settimeout(left)
             chunk = self.sock.recv(65536)
             if not chunk:
-                return False
+                return None
             self.buf += chunk
-        return True
-
-    def packet(self) -> bytes | None:
-        """One packet's body, or None when the master closed the socket."""
-        if not self._fill(4):
-            return None
-        (n,) = struct.unpack(">I", self.buf[:4])
-        if n < 4 or n > _MAX_PACKET:
-            raise Unavailable(f"the master sent a packet of {n} bytes")
-        if not self._fill(4 + n):
-            return None
-        body, self.buf = self.buf[4:4 + n], self.buf[4 + n:]
+        body, self.buf = whole
         return body
 
 
@@ -183,15 +184,14 @@ def run(control: Path, command: str, timeout: float) -> subprocess.CompletedProc
                         sinks[s] += chunk
         finally:
             sel.close()
-        while True:         # the master's messages, now all read: the exit status, if it sent one
-            if len(reader.buf) < 4:
-                break
-            (n,) = struct.unpack(">I", reader.buf[:4])
-            if len(reader.buf) < 4 + n:
-                break
-            body, reader.buf = reader.buf[4:4 + n], reader.buf[4 + n:]
-            if len(body) >= 12 and struct.unpack(">II", body[:8]) == (EXIT_MESSAGE, sid):
-                status = struct.unpack(">I", body[8:12])[0]
+        buf = reader.buf    # the master's messages, all read now: the exit status, if sent
+        try:
+            while (whole := _split(buf)) is not None:
+                body, buf = whole
+                if len(body) >= 12 and struct.unpack(">II", body[:8]) == (EXIT_MESSAGE, sid):
+                    status = struct.unpack(">I", body[8:12])[0]
+        except Unavailable:
+            pass            # a garbled message after the output: no exit status, ssh's 255
         code = 255 if status is None else status
         return subprocess.CompletedProcess(argv, code, _text(bytes(out)), _text(bytes(err)))
     finally:
