@@ -25,6 +25,7 @@ from sidecar.config import SidecarConfig, host_port
 from sidecar.control import serve as serve_control
 from sidecar.events import Events, iso
 from sidecar.http_api import HttpApi, TokenError, read_token
+from sidecar.meminfo import memory_status
 from sidecar.metrics import Metrics, WizardState
 from sidecar.runner import WizardRunner
 from sidecar.switch import SwitchResult, check, switch
@@ -96,7 +97,9 @@ class Daemon:
     # --- what it serves (reads only: no policy changes for a look) ------------------------------
 
     def status(self) -> dict:
-        return {"at": iso(self.wall()), "wizards": {n: r.status() for n, r in self.runners.items()}}
+        # the host's memory too: `neverdark status` then needs nothing but this document
+        return {"at": iso(self.wall()), "wizards": {n: r.status() for n, r in self.runners.items()},
+                "memory": memory_status()}
 
     def wizard_view(self, name: str) -> dict | None:
         """One wizard's embeddable view (sidecar/badge.py); None for a wizard not served here."""

@@ -27,11 +27,12 @@ from typing import Callable, Iterable, NamedTuple
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from sidecar.meminfo import MEMINFO, read_meminfo
+
 # Probe latencies: loopback answers in ms, cloud list-models in 0.1-1 s, timeouts at `timeout`.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Text exposition 0.0.4, which generate_latest writes (Prometheus negotiates it).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-MEMINFO = Path("/proc/meminfo")
 
 
 class WizardState(NamedTuple):
@@ -277,20 +278,6 @@ def units(s: Scrape) -> Iterable:
         if r.active is not None:
             up.add_metric([r.unit], int(r.active))
     yield from (mem, cap, ooms, restarts, up)
-
-
-def read_meminfo(path: Path = MEMINFO) -> dict[str, int]:
-    """/proc/meminfo's MemTotal and MemAvailable, in bytes ({} if unreadable)."""
-    out = {}
-    try:
-        text = path.read_text()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("MemTotal", "MemAvailable") and rest.split():
-            out[key] = int(rest.split()[0]) * 1024      # the kernel writes kB (KiB)
-    return out
 
 
 def host_memory(s: Scrape) -> Iterable:

@@ -19,6 +19,7 @@ real ones change the real sidecar. Backends look probed every `interval` seconds
 host with only the host's python3 and the sidecar's code on PYTHONPATH:
 
     python3 -m testbed.standin_sidecar --scenario FILE [--socket PATH] [--listen 127.0.0.1:9470]
+        [--meminfo /proc/meminfo]
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 
 from sidecar.control import serve as serve_control
 from sidecar.http_api import HttpApi
+from sidecar.meminfo import MEMINFO, memory_status
 
 SOCKET = "/run/neverdark-sidecar/control.sock"
 LISTEN = "127.0.0.1:9470"
@@ -89,8 +91,9 @@ def switch(path: Path, name: str, to: str, why: str, *, kind: str = "failover",
     return record
 
 
-def status_document(scenario: dict, now: float) -> dict:
-    """The daemon's `status()` shape (sidecar.daemon.Daemon.status, policy.describe)."""
+def status_document(scenario: dict, now: float, meminfo: Path = MEMINFO) -> dict:
+    """The daemon's `status()` shape (sidecar.daemon.Daemon.status, policy.describe); the
+    memory as `meminfo` says (a test's file, or the host's)."""
     interval = float(scenario.get("interval") or SETTINGS["interval"])
     probed = now - (now % interval)      # as if every backend were probed each interval
     wizards = {}
@@ -114,15 +117,16 @@ def status_document(scenario: dict, now: float) -> dict:
             "settings": {**SETTINGS, "interval": interval}, "backends": backends,
             "transitions": transitions, "since_iso": _iso(w["since"]), "switching": False,
             "retiring": False}
-    return {"at": _iso(now), "wizards": wizards}
+    return {"at": _iso(now), "wizards": wizards, "memory": memory_status(meminfo)}
 
 
 class StandIn:
-    def __init__(self, scenario: Path) -> None:
+    def __init__(self, scenario: Path, meminfo: Path = MEMINFO) -> None:
         self.path = Path(scenario)
+        self.meminfo = Path(meminfo)
 
     def status(self) -> dict:
-        return status_document(load(self.path), time.time())
+        return status_document(load(self.path), time.time(), self.meminfo)
 
     async def handle(self, request: dict, peer_uid: int) -> dict:
         op = request["op"]
@@ -205,7 +209,8 @@ class LocalStandIns:
             self.procs[host] = subprocess.Popen(
                 [sys.executable, "-m", "testbed.standin_sidecar", "--scenario",
                  str(self.scenario(host)), "--socket", str(self.socket(host)),
-                 "--listen", f"127.0.0.1:{self.ports[host]}"],
+                 "--listen", f"127.0.0.1:{self.ports[host]}",
+                 "--meminfo", str(self.dir(host) / "meminfo")],
                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONPATH": str(REPO)})
         deadline = time.monotonic() + timeout
@@ -237,6 +242,26 @@ class LocalStandIns:
         from neverdark.status import read_command
         return read_command(port=self.ports[host], meminfo=str(self.dir(host) / "meminfo"))
 
+    def forward(self, host: str, port: int, data: bytes, timeout: float) -> bytes:
+        """A neverdark.status forward: what a forwarded channel to `port` on the host's loopback
+        carries (the request, our end shut, the answer until the far end closes), over a TCP
+        connection of this machine to the host's stand-in."""
+        import socket
+        from neverdark.ssh_mux import Unavailable
+        if host not in self.procs:
+            raise Unavailable("no kept connection to forward over")
+        try:
+            conn = socket.create_connection(("127.0.0.1", self.ports[host]), timeout=timeout)
+        except ConnectionRefusedError:
+            raise Unavailable("Session open refused by peer") from None
+        with conn:
+            conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        return answer
+
     def transport(self, host: str, command: str, timeout: float) -> subprocess.CompletedProcess:
         if host not in self.procs:      # as ssh says of a host it cannot reach
             return subprocess.CompletedProcess([], 255, "", f"ssh: connect to host {host} "
@@ -246,7 +271,7 @@ class LocalStandIns:
 
 
 async def main_async(args) -> None:
-    standin = StandIn(Path(args.scenario))
+    standin = StandIn(Path(args.scenario), Path(args.meminfo))
     host, _, port = args.listen.rpartition(":")
     api = HttpApi(standin.status, lambda: "", lambda: True)
     http = await api.start(host, int(port))
@@ -264,6 +289,7 @@ def main(argv=None) -> None:
     ap.add_argument("--scenario", required=True)
     ap.add_argument("--socket", default=SOCKET)
     ap.add_argument("--listen", default=LISTEN)
+    ap.add_argument("--meminfo", default=str(MEMINFO), help="the memory /status reports")
     try:
         asyncio.run(main_async(ap.parse_args(argv)))
     except KeyboardInterrupt:
