@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 
 from neverdark import contract, memory_fit, remote
-from neverdark import status as status_mod
+from neverdark import status as status_mod, status_read
 from neverdark.inventory import InventoryError, InventoryNotFound, find_inventory, validate
 from neverdark.problems import printable
 
@@ -315,10 +315,10 @@ def drill_lines(host: str, report: dict) -> list[str]:
 
 
 _parallel = click.option("--parallel", type=click.IntRange(1, 256),
-                         default=status_mod.DEFAULT_PARALLEL, show_default=True,
+                         default=status_read.DEFAULT_PARALLEL, show_default=True,
                          help="hosts asked at once")
 _timeout = click.option("--timeout", type=click.FloatRange(1, 600),
-                        default=status_mod.DEFAULT_TIMEOUT, show_default=True,
+                        default=status_read.DEFAULT_TIMEOUT, show_default=True,
                         help="seconds a host has to answer before it counts as unreachable")
 
 

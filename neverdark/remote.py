@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from neverdark import ssh_mux
+from neverdark import contract, ssh_mux
 from neverdark.inventory import Fleet
 from neverdark.problems import printable
 
@@ -51,6 +51,7 @@ CONTROL_PERSIST = 60   # s a kept connection outlives its last read (the panel p
 CONTROL_ALIVE = ("ServerAliveInterval=5", "ServerAliveCountMax=2")
 REUSE_ENV = "NEVERDARK_SSH_REUSE"       # "0": every read opens its own connection
 MUX_ENV = "NEVERDARK_SSH_MUX"           # "0": reads over a kept connection start ssh each
+FORWARD_ENV = "NEVERDARK_SSH_FORWARD"   # "0": and run a command, not a forwarded channel
 # A unix socket's path has at most 107 bytes, and ssh first binds a name 17 characters longer
 # than ControlPath; the socket's own name is 32.
 _MAX_CONTROL_DIR = 50
@@ -153,6 +154,22 @@ def run(fleet: Fleet, host: str, command: str, timeout: float = 700, *, as_root:
                               capture_output=True, text=True, stdin=subprocess.DEVNULL,
                               timeout=max(1.0, deadline - time.monotonic()))
     return proc
+
+
+def forward(fleet: Fleet, host: str, port: int, data: bytes, timeout: float) -> bytes:
+    """`data` to `port` on the host's loopback over its kept connection, and the whole answer
+    (neverdark.ssh_mux.forward): the host starts no session and no process for it. Raises
+    ssh_mux.Unavailable when that cannot be done (no kept connection, reuse or the mux turned
+    off, forwarding refused, nothing listening): the caller reads another way. A fleet read:
+    carries no secret."""
+    control = control_path(fleet, host)
+    if control is None or not control.exists() or any(
+            os.environ.get(env, "1").strip() == "0" for env in (MUX_ENV, FORWARD_ENV)):
+        raise ssh_mux.Unavailable("no kept connection to forward over")
+    try:
+        return ssh_mux.forward(control, contract.LOOPBACK, port, data, timeout)
+    except TimeoutError:
+        raise subprocess.TimeoutExpired(["ssh-mux", str(control), f"-W {port}"], timeout) from None
 
 
 def close_kept(fleet: Fleet, host: str) -> bool:

@@ -1,151 +1,24 @@
 """The fleet's status, as `neverdark status` and the panel show it.
 
-Every host is asked at once (at most `parallel` at a time, each bounded by `timeout`), in one SSH
-round trip per host that starts no interpreter there: bash reads the host's memory (MemTotal and
-MemAvailable from /proc/meminfo) and its sidecar's `GET /status` on loopback (the document the
-control socket's `status` op returns too), as the login user: /status and /proc/meminfo need no
-root, so a Pi's `pi` login needs no sudo. On a Pi, starting the sidecar's Python to ask the
-control socket costs more than the whole read (and the panel reads every few seconds). A host
-that does not answer in time counts as unreachable and holds up no other.
-
-`collect()` asks, `snapshot()` turns the answers and the inventory into one JSON-able document
-(hosts, wizards, a summary), and `render_text()` prints it; the panel serves the same snapshot.
+`neverdark.status_read.collect()` asks the hosts (each host's sidecar's /status and memory, all
+at once, bounded); `snapshot()` turns the answers and the inventory into one JSON-able document
+(hosts, wizards, a summary), `render_text()` prints it, and `watch()` repeats it; the panel
+serves the same snapshot.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
-import shlex
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Callable
 
-from neverdark import contract, memory_fit, remote
+from neverdark import contract, memory_fit
 from neverdark.problems import printable
+from neverdark.status_read import DEFAULT_PARALLEL, HostReport, collect
 
-DEFAULT_PARALLEL = 16
-DEFAULT_TIMEOUT = 15.0      # s per host: ssh and the sidecar's answer
-MEMINFO = "/proc/meminfo"
-MARK = "--- neverdark status"
 STATES = ("primary", "fallback", "dark", "unreachable", "unknown")
-_MEMINFO_LINE = re.compile(r"(MemTotal|MemAvailable):\s+(\d+)\s*kB")
-
-# (host, command, timeout) -> the finished process; the default runs it over SSH.
-Transport = Callable[[str, str, float], subprocess.CompletedProcess]
-
-
-def read_command(port: int = contract.SIDECAR_PORT, meminfo: str = MEMINFO,
-                 read_timeout: int = 10) -> str:
-    """What runs on a host (bash: its /dev/tcp): the memory lines, a mark, then the sidecar's
-    whole HTTP answer to GET /status, read within `read_timeout` s. Only bash's builtins: no
-    grep, timeout or cat to start on each host for each read (the panel reads every few
-    seconds; on the 20-host benchmark's shared cores each process started was measurable)."""
-    addr = f"{contract.LOOPBACK}:{int(port)}"
-    script = (
-        f"while read -r k v _; do case $k in MemTotal:|MemAvailable:) echo \"$k $v kB\";; "
-        f"esac; done < {shlex.quote(meminfo)}; echo '{MARK}'; "
-        f"{{ exec 3<>/dev/tcp/{contract.LOOPBACK}/{int(port)}; }} 2>/dev/null || "
-        f"{{ echo 'no sidecar answering on {addr} (connection refused)' >&2; exit 3; }}; "
-        f"printf 'GET /status HTTP/1.0\\r\\nHost: {addr}\\r\\n\\r\\n' >&3; "
-        # a line at a time until EOF; the last may lack its newline; no more than read_timeout
-        # seconds in all, however slowly the answer trickles in
-        f"while [ $SECONDS -lt {int(read_timeout)} ] && "
-        f"{{ IFS= read -r -t $(({int(read_timeout)} - SECONDS)) -u 3 line || [ -n \"$line\" ]; }}; "
-        f"do printf '%s\\n' \"$line\"; line=; done")
-    return f"exec bash -c {shlex.quote(script)}"
-
-
-def ssh_transport(fleet) -> Transport:
-    def run(host: str, command: str, timeout: float) -> subprocess.CompletedProcess:
-        return remote.run(fleet, host, command, timeout=timeout, as_root=False,
-                          fleet_read=True)
-    return run
-
-
-@dataclass
-class HostReport:
-    """One host's answer: the sidecar's status document, or why there is none."""
-    host: str
-    status: dict | None = None
-    error: str | None = None
-    mem_total: int | None = None        # bytes
-    mem_available: int | None = None    # bytes
-    seconds: float = 0.0                # this host's round trip
-    asked_at: float = 0.0               # wall time
-
-
-def _http_status(answer: str) -> dict:
-    """The /status document from a whole HTTP answer; ValueError saying what is wrong.
-    (Line ends may arrive as \\n: text-mode pipes translate them.)"""
-    head, sep, body = answer.replace("\r\n", "\n").partition("\n\n")
-    if not sep:
-        raise ValueError("the sidecar's answer was cut short" if answer else "no answer")
-    line = head.split("\n", 1)[0].split(" ", 2)
-    if len(line) < 2 or not line[0].startswith("HTTP/"):
-        raise ValueError("not an HTTP answer")
-    if line[1] != "200":
-        raise ValueError(f"GET /status answered HTTP {' '.join(line[1:])}")
-    doc = json.loads(body)
-    if not isinstance(doc, dict) or not isinstance(doc.get("wizards"), dict):
-        raise ValueError("its /status is not a status document")
-    return doc
-
-
-def parse_reply(host: str, proc: subprocess.CompletedProcess) -> HostReport:
-    report = HostReport(host)
-    memory, sep, answer = proc.stdout.partition(MARK + "\n")
-    for line in memory.splitlines():
-        m = _MEMINFO_LINE.fullmatch(line.strip())
-        if m:
-            value = int(m.group(2)) * 1024
-            if m.group(1) == "MemTotal":
-                report.mem_total = value
-            else:
-                report.mem_available = value
-    if not sep or proc.returncode == 255:
-        report.error = remote.why_no_answer(proc)
-        return report
-    try:
-        report.status = _http_status(answer)
-    except ValueError as e:
-        said = remote.why_no_answer(proc) if proc.returncode else ""
-        report.error = said if proc.returncode and not answer else \
-            f"no status from the sidecar: {printable(str(e))}"
-    return report
-
-
-def ask(host: str, transport: Transport, command: str, timeout: float) -> HostReport:
-    asked, started = time.time(), time.monotonic()
-    proc, why = remote.attempt(lambda: transport(host, command, timeout))
-    report = HostReport(host, error=why) if proc is None else parse_reply(host, proc)
-    report.asked_at, report.seconds = asked, time.monotonic() - started
-    return report
-
-
-def collect(fleet, hosts=None, *, transport: Transport | None = None,
-            parallel: int = DEFAULT_PARALLEL, timeout: float = DEFAULT_TIMEOUT,
-            command: str | None = None, pool: ThreadPoolExecutor | None = None,
-            ) -> dict[str, HostReport]:
-    """Every host's report, in inventory order; at most `parallel` hosts asked at once."""
-    names = list(fleet.hosts if hosts is None else hosts)
-    transport = transport or ssh_transport(fleet)
-    command = command or read_command(fleet.sidecar.port)
-    if not names:
-        return {}
-    own = pool is None
-    pool = pool or ThreadPoolExecutor(max_workers=max(1, min(parallel, len(names))),
-                                      thread_name_prefix="status")
-    try:
-        reports = list(pool.map(lambda h: ask(h, transport, command, timeout), names))
-    finally:
-        if own:
-            pool.shutdown()
-    return {r.host: r for r in reports}
 
 
 # --- the snapshot: one document for the table, --json and the panel ------------------------

@@ -2,9 +2,9 @@
 deploy puts the real one, and an inventory naming the hosts (one wizard each).
 
 The status benchmark's twenty hosts and the kept-connection test in tests/test_testfleet.py use
-it: the command that runs on each host is then the real one (neverdark.status.read_command:
-bash reads /proc/meminfo and the sidecar's GET /status), over SSH, as the inventory's login user,
-with no deploy, model or gateway behind it.
+it: each host is then asked what a real one is (its /status through a forwarded channel, or
+neverdark.status_read.read_command: bash reads /proc/meminfo and the sidecar's GET /status),
+over SSH, as the inventory's login user, with no deploy, model or gateway behind it.
 """
 
 from __future__ import annotations

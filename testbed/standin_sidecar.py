@@ -172,7 +172,7 @@ class LocalStandIns:
     """Stand-in sidecars on this machine, one per inventory host, for tests with no test fleet.
 
     `transport` is a neverdark.status transport: instead of ssh, it runs the host's read
-    command (neverdark.status.read_command, with this host's socket and meminfo file) locally,
+    command (neverdark.status_read.read_command, with this host's socket and meminfo file) locally,
     so everything but the SSH hop is what `neverdark status` does.
     """
 
@@ -239,7 +239,7 @@ class LocalStandIns:
         self.stop()
 
     def command(self, host: str) -> str:
-        from neverdark.status import read_command
+        from neverdark.status_read import read_command
         return read_command(port=self.ports[host], meminfo=str(self.dir(host) / "meminfo"))
 
     def forward(self, host: str, port: int, data: bytes, timeout: float) -> bytes:

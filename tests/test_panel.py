@@ -2,7 +2,7 @@
 that speak the real sidecar's protocol (testbed/standin_sidecar.py), one of them flipping a
 wizard: the page shows where every wizard is, and follows the switch without a reload.
 
-Real: the panel server and its poller (neverdark.status: the read command each host runs, its
+Real: the panel server and its poller (neverdark.status_read and neverdark.status: the read command each host runs, its
 parsing, the snapshot), the sidecars' HTTP servers (sidecar.http_api), the page and Chromium.
 Not here: SSH (the test fleet's version of this drill is a fleet test) and the sidecar's
 probing (a switch is written into the stand-in's scenario, as the sidecar records its own).

@@ -62,6 +62,8 @@ class FakeMaster:
                 return
             req = read_packet(conn)
             kind, rid = struct.unpack(">II", req[:8])
+            if kind == ssh_mux.NEW_STDIO_FWD:
+                return self.forward(conn, rid, req, fds)
             assert kind == ssh_mux.NEW_SESSION
             # reserved string, four flags, the escape char, terminal type, then the command
             off = 8
@@ -93,6 +95,33 @@ class FakeMaster:
             for fd in fds:
                 os.close(fd)
             conn.close()
+
+    def forward(self, conn: socket.socket, rid: int, req: bytes, fds: list[int]) -> None:
+        """A stdio forward: reserved string, host, port, then stdin's and stdout's fds; the
+        reply once the far end accepted; what was sent until its EOF; the answer; both closed."""
+        (n,) = struct.unpack(">I", req[8:12])
+        off = 12 + n
+        (n,) = struct.unpack(">I", req[off:off + 4])
+        host = req[off + 4:off + 4 + n]
+        (port,) = struct.unpack(">I", req[off + 4 + n:off + 8 + n])
+        self.command = b"%s:%d" % (host, port)
+        for _ in range(2):
+            _, got, _, _ = socket.recv_fds(conn, 1, 1)
+            fds += got
+        if self.how == "refuse":        # sshd said no: forwarding off, nothing listening
+            conn.sendall(packet(ssh_mux.FAILURE, rid, strings=(b"Session open refused by peer",)))
+            return
+        conn.sendall(packet(ssh_mux.SESSION_OPENED, rid, 7))
+        data = b""
+        while chunk := os.read(fds[0], 65536):
+            data += chunk
+        self.stdin_data = data
+        if self.how == "hang":
+            time.sleep(3)
+            return
+        view = memoryview(self.output)
+        while view:
+            view = view[os.write(fds[1], view[:65536]):]
 
     def stop(self) -> None:
         self.thread.join(timeout=10)
@@ -150,6 +179,50 @@ def test_a_command_that_does_not_finish_times_out(sock_path):
         ssh_mux.run(sock_path, "sleep 60", timeout=1.0)
     assert time.monotonic() - started < 3
     master.stop()
+
+
+# --- a forwarded channel (ssh -W): the host starts no session for it --------------------------
+
+def test_a_forward_sends_its_request_and_reads_the_answer_to_its_end(sock_path):
+    big = b"HTTP/1.1 200 OK\r\n\r\n" + os.urandom(3000).hex().encode() * 100   # 600 kB
+    master = FakeMaster(sock_path, output=big)
+    answer = ssh_mux.forward(sock_path, "127.0.0.1", 9470, b"GET /status HTTP/1.0\r\n\r\n", 10)
+    master.stop()
+    assert master.command == b"127.0.0.1:9470"
+    assert master.stdin_data == b"GET /status HTTP/1.0\r\n\r\n"    # then our side's EOF
+    assert answer == big                                            # bytes, untranslated
+
+
+@pytest.mark.parametrize("how", ["refuse", "old version", "no master"])
+def test_a_forward_that_cannot_be_made_says_unavailable(sock_path, how):
+    master = None if how == "no master" else FakeMaster(sock_path, how)
+    with pytest.raises(ssh_mux.Unavailable):
+        ssh_mux.forward(sock_path, "127.0.0.1", 9470, b"GET / HTTP/1.0\r\n\r\n", 10)
+    if master:
+        master.stop()
+
+
+def test_a_forward_whose_answer_does_not_end_times_out(sock_path):
+    master = FakeMaster(sock_path, "hang")
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        ssh_mux.forward(sock_path, "127.0.0.1", 9470, b"GET / HTTP/1.0\r\n\r\n", 1.0)
+    assert time.monotonic() - started < 3
+    master.stop()
+
+
+def test_remote_forward_needs_a_kept_connection_and_the_mux(runtime, tmp_path, monkeypatch):
+    fleet = fleet_of(tmp_path)
+    with pytest.raises(ssh_mux.Unavailable):          # no master yet: nothing to forward over
+        remote.forward(fleet, "h", 9470, b"x", 5)
+    master = FakeMaster(remote.control_path(fleet, "h"), output=b"answer")
+    monkeypatch.setenv(remote.MUX_ENV, "0")
+    with pytest.raises(ssh_mux.Unavailable):
+        remote.forward(fleet, "h", 9470, b"x", 5)
+    monkeypatch.delenv(remote.MUX_ENV)
+    assert remote.forward(fleet, "h", 9470, b"x", 5) == b"answer"
+    master.stop()
+    assert master.command == b"127.0.0.1:9470"
 
 
 # --- neverdark.remote: a fleet read over a kept connection starts no ssh ----------------------

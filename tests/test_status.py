@@ -1,6 +1,6 @@
-"""`neverdark status` at fleet scale (neverdark/status.py): every host asked at once and bounded,
-one read per host (memory and the sidecar's /status), a snapshot with a summary, problems
-only, JSON, watch.
+"""`neverdark status` at fleet scale (neverdark/status_read.py, neverdark/status.py): every host
+asked at once and bounded, one read per host (memory and the sidecar's /status, through a
+forwarded channel or the read command), a snapshot with a summary, problems only, JSON, watch.
 
 Real: the read command each host runs (bash, /proc/meminfo's format, GET /status) run here
 against a real sidecar daemon and against stand-in sidecars (testbed/standin_sidecar.py, which
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from neverdark import status
+from neverdark import ssh_mux, status, status_read
 from neverdark.inventory import validate
 from testbed.sidecar_outputs import sidecar_outputs
 from testbed.standin_sidecar import LocalStandIns, status_document, switch, wizard
@@ -61,9 +61,9 @@ def make_fleet(tmp_path: Path, hosts: dict[str, list[str]]):
 
 def test_read_command_against_a_real_sidecar_and_the_stand_in_has_its_shape(tmp_path):
     def read(cfg):
-        proc = subprocess.run(["sh", "-c", status.read_command(port=cfg.listen[1])],
+        proc = subprocess.run(["sh", "-c", status_read.read_command(port=cfg.listen[1])],
                               capture_output=True, text=True, timeout=30)
-        return status.parse_reply("h", proc)
+        return status_read.parse_reply("h", proc)
     real, _, report = sidecar_outputs(tmp_path / "sidecar", during=read)
     assert report.error is None and report.status["wizards"]["merlin"]["dark"] is True
     assert report.mem_total and 0 < report.mem_available <= report.mem_total
@@ -150,10 +150,102 @@ def test_a_wizard_the_sidecar_does_not_run_is_unknown(standins, tmp_path):
 
 def test_stale_probes_are_a_problem(standins):
     fleet, s = standins
-    reports = status.collect(fleet, transport=s.transport)
+    reports = status_read.collect(fleet, transport=s.transport)
     later = time.time() + 3600
     snap = status.snapshot(fleet, reports, now=later)
     assert snap["hosts"]["vps1"]["problems"] == ["probes stale: the newest is 1h00m old"]
+
+
+# --- through a forwarded channel: the same answer, no command on the host -----------------------
+
+def counting(transport):
+    calls = []
+
+    def run(host, command, timeout):
+        calls.append(host)
+        return transport(host, command, timeout)
+    return run, calls
+
+
+def test_a_forwarded_read_gives_the_same_snapshot_and_runs_no_command(standins):
+    fleet, s = standins
+    switch(s.scenario("vps1"), "gandalf", "local", "claude failed 3 probes (http_5xx)",
+           health={"claude": {"healthy": False}})
+    by_command = status.fleet_snapshot(fleet, transport=s.transport)
+    transport, calls = counting(s.transport)
+    forwarded = status.fleet_snapshot(fleet, transport=transport, forward=s.forward)
+    assert calls == ["vps3"]        # only the host with nothing to forward to ran the command
+    for h in ("vps1", "vps2"):
+        assert forwarded["hosts"][h]["memory"] == by_command["hosts"][h]["memory"]
+        assert forwarded["hosts"][h]["memory"]["total"] == 4_000_000 * 1024
+        assert forwarded["hosts"][h]["problems"] == by_command["hosts"][h]["problems"]
+    assert forwarded["hosts"]["vps2"]["memory"]["low"]
+    assert forwarded["summary"] == by_command["summary"]
+    for w in ("merlin", "gandalf", "radagast", "saruman"):
+        a, b = forwarded["wizards"][w], by_command["wizards"][w]
+        assert (a["state"], a["active"], a["problems"]) == (b["state"], b["active"],
+                                                             b["problems"])
+
+
+@pytest.mark.parametrize("how", ["refused", "no memory", "not http", "an error page",
+                                 "memory unreadable"])
+def test_a_forwarded_read_that_is_not_whole_falls_back_to_the_command(standins, how):
+    """Forwarding refused (AllowTcpForwarding no, nothing listening), a sidecar older than
+    /status' memory, or anything short of a status document: the host's read command runs,
+    and its answer (or its error) is the report."""
+    fleet, s = standins
+
+    def forward(host, port, data, timeout):
+        if how == "refused":
+            raise ssh_mux.Unavailable("the master refused a connection: Session open refused")
+        answer = s.forward(host, port, data, timeout)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        doc = json.loads(body)
+        if how == "no memory":
+            del doc["memory"]
+        elif how == "memory unreadable":
+            doc["memory"] = {"total": None, "available": None}
+        elif how == "not http":
+            return b"SSH-2.0-OpenSSH_9.2\r\n"
+        elif how == "an error page":
+            return b"HTTP/1.1 500 Internal Server Error\r\n\r\noops"
+        return head + b"\r\n\r\n" + json.dumps(doc).encode()
+
+    transport, calls = counting(s.transport)
+    snap = status.fleet_snapshot(fleet, transport=transport, forward=forward)
+    assert sorted(calls) == ["vps1", "vps2", "vps3"]
+    assert snap["hosts"]["vps1"]["reached"] and snap["hosts"]["vps2"]["memory"]["low"]
+    assert snap["hosts"]["vps1"]["memory"]["total"] == 4_000_000 * 1024
+
+
+def test_a_forwarded_read_that_hangs_is_unreachable_within_its_time(standins):
+    fleet, s = standins
+
+    def forward(host, port, data, timeout):
+        if host == "vps2":          # a master whose host went away mid-read
+            time.sleep(timeout)
+            raise subprocess.TimeoutExpired(["ssh-mux"], timeout)
+        return s.forward(host, port, data, timeout)
+
+    transport, calls = counting(s.transport)
+    started = time.monotonic()
+    snap = status.fleet_snapshot(fleet, transport=transport, forward=forward, timeout=2)
+    assert time.monotonic() - started < 4 and calls == ["vps3"]
+    assert snap["hosts"]["vps2"]["error"] == "unreachable: no answer within 2 s"
+    assert snap["hosts"]["vps1"]["reached"]
+
+
+def test_the_sidecar_s_status_carries_the_host_s_memory(tmp_path):
+    """The real daemon's /status has /proc/meminfo's MemTotal and MemAvailable in bytes."""
+    def read(cfg):
+        proc = subprocess.run(["sh", "-c", status_read.read_command(port=cfg.listen[1])],
+                              capture_output=True, text=True, timeout=30)
+        return status_read.parse_reply("h", proc)
+    real, _, report = sidecar_outputs(tmp_path / "sidecar", during=read)
+    total_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    assert real["memory"]["total"] == total_kb * 1024 == report.mem_total
+    assert 0 < real["memory"]["available"] <= real["memory"]["total"]
+    assert status_read._memory(real) == (real["memory"]["total"], real["memory"]["available"])
 
 
 def test_hosts_are_asked_in_parallel_at_most_parallel_at_once(tmp_path):
@@ -171,7 +263,7 @@ def test_hosts_are_asked_in_parallel_at_most_parallel_at_once(tmp_path):
         return subprocess.CompletedProcess([], 255, "", "ssh: connect to host: No route\n")
 
     started = time.monotonic()
-    reports = status.collect(fleet, transport=transport, parallel=4)
+    reports = status_read.collect(fleet, transport=transport, parallel=4)
     took = time.monotonic() - started
     assert peak[0] == 4 and list(reports) == names
     assert 0.9 <= took < 3.6 * 0.3 * 4      # 3 waves of 4, not 12 one after another
@@ -219,13 +311,13 @@ def test_watch_stops_when_told_after_the_round_under_way(tmp_path):
 
 
 @pytest.mark.parametrize("stdout, rc, stderr, error", [
-    (f"MemTotal: 1 kB\n{status.MARK}\nHTTP/1.1 503 Service Unavailable\r\n\r\nunhealthy\n", 0, "",
+    (f"MemTotal: 1 kB\n{status_read.MARK}\nHTTP/1.1 503 Service Unavailable\r\n\r\nunhealthy\n", 0, "",
      "no status from the sidecar: GET /status answered HTTP 503 Service Unavailable"),
-    (f"{status.MARK}\nHTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n[1]\n", 0, "",
+    (f"{status_read.MARK}\nHTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n[1]\n", 0, "",
      "no status from the sidecar: its /status is not a status document"),
-    (f"{status.MARK}\nHTTP/1.1 200 OK\r\n\r\n{{\"wizards\": ", 0, "",
+    (f"{status_read.MARK}\nHTTP/1.1 200 OK\r\n\r\n{{\"wizards\": ", 0, "",
      "no status from the sidecar: Expecting value: line 1 column 13 (char 12)"),
-    (f"{status.MARK}\n", 3, "no sidecar answering on 127.0.0.1:9470 (connection refused)\n",
+    (f"{status_read.MARK}\n", 3, "no sidecar answering on 127.0.0.1:9470 (connection refused)\n",
      "no answer from the sidecar (exit 3): no sidecar answering on 127.0.0.1:9470 "
      "(connection refused)"),
     ("", 255, "ssh: connect to host 10.0.0.9 port 22: Connection timed out\n",
@@ -233,15 +325,15 @@ def test_watch_stops_when_told_after_the_round_under_way(tmp_path):
     ("", 127, "bash: command not found\n", "no answer from the sidecar (exit 127): bash: command not found"),
 ])
 def test_what_a_host_can_answer(stdout, rc, stderr, error):
-    report = status.parse_reply("h", subprocess.CompletedProcess([], rc, stdout, stderr))
+    report = status_read.parse_reply("h", subprocess.CompletedProcess([], rc, stdout, stderr))
     assert report.status is None and report.error == error
 
 
 def test_read_command_says_when_no_sidecar_listens(tmp_path):
     from testbed.llmock import free_port
-    proc = subprocess.run(["sh", "-c", status.read_command(port=free_port())],
+    proc = subprocess.run(["sh", "-c", status_read.read_command(port=free_port())],
                           capture_output=True, text=True, timeout=30)
-    report = status.parse_reply("h", proc)
+    report = status_read.parse_reply("h", proc)
     assert report.error.endswith("(connection refused)") and report.mem_total
 
 

@@ -32,7 +32,7 @@ import pytest
 from types import SimpleNamespace
 import testinfra
 
-from neverdark import remote, versions
+from neverdark import remote, status_read, versions
 from neverdark.inventory import validate
 from testbed import bed as testbed, fleet as testfleet, light_hosts, standin_sidecar, wheelhouse
 from testbed.fleet import net as fleetnet
@@ -501,7 +501,8 @@ def _logins(fleet, name: str) -> int:
 @pytest.mark.fleet
 def test_status_reads_keep_one_connection_per_host(fleet, tmp_path, monkeypatch):
     """`neverdark status` against real sshd, as root and as a Pi's `pi`: the first run logs in
-    once a host and keeps the connection; the next runs over it with no new login; the host
+    once a host and keeps the connection; the next runs over it with no new login, no ssh
+    process and no command on the host (a forwarded channel to the sidecar); the host
     dropping it (its sshd's sessions killed) costs no answer; closed, the connection is gone."""
     runtime = Path(f"/tmp/nd-kept-{fleet.run_id}")       # a socket path has at most 107 bytes
     runtime.mkdir(mode=0o700)
@@ -541,6 +542,16 @@ def test_status_reads_keep_one_connection_per_host(fleet, tmp_path, monkeypatch)
         with monkeypatch.context() as m:
             m.setenv("PATH", f"{no_ssh}:{os.environ['PATH']}")
             status()
+        # and the host runs no command for it: /status (with the host's memory) comes through
+        # a forwarded channel of the kept connection, sshd to the sidecar's loopback port
+        def no_command(host, command, timeout):
+            raise AssertionError(f"{host}: the read command ran")
+        reports = status_read.collect(inv_fleet, transport=no_command,
+                                     forward=status_read.ssh_forward(inv_fleet))
+        for name in names:
+            total_kb = fleet.exec(name, "awk '$1 == \"MemTotal:\" {print $2}' /proc/meminfo")
+            assert reports[name].error is None and reports[name].status["wizards"], name
+            assert reports[name].mem_total == int(total_kb) * 1024
         assert {n: _logins(fleet, n) for n in names} == opened      # no new login
         for name in names:          # the host drops it: its sessions' sshd processes killed
             fleet.exec(name, "pkill -f '^sshd: (root|pi)[ @]' || true")

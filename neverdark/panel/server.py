@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
-from neverdark import status
+from neverdark import status, status_read
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +86,10 @@ class Poller:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        self._thread.join(timeout=self.ask.get("timeout", status.DEFAULT_TIMEOUT) + 5)
+        self._thread.join(timeout=self.ask.get("timeout", status_read.DEFAULT_TIMEOUT) + 5)
 
     def _run(self) -> None:
-        parallel = self.ask.get("parallel", status.DEFAULT_PARALLEL)
+        parallel = self.ask.get("parallel", status_read.DEFAULT_PARALLEL)
         with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(self.fleet.hosts))),
                                 thread_name_prefix="panel-ask") as pool:
             while not self._stop.is_set():
