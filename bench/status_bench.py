@@ -5,21 +5,24 @@
 Light test hosts (testbed.light_hosts): the test fleet's nspawn Debian hosts (real systemd and
 sshd; every fourth a `pi` profile, reached as `pi` through sudo as a real Pi is), each with a
 stand-in sidecar (testbed/standin_sidecar.py: the sidecar's own control-socket and HTTP servers, a
-status document of the daemon's shape) installed where the deploy puts the real one, so the
-command that runs on each host is the real one (neverdark.status.read_command: bash reads
-/proc/meminfo and the sidecar's GET /status), over SSH, as the inventory's login user.
+status document of the daemon's shape, the host's memory in it) installed where the deploy puts
+the real one, so each host is asked what a real one is, over SSH, as the inventory's login user:
+its /status through a forwarded channel, or the read command (neverdark.status.read_command:
+bash reads /proc/meminfo and the sidecar's GET /status).
 
 Each round runs the real CLI (`neverdark status --json`, a new process: inventory validation,
 ssh to every host, the table's snapshot) against an inventory of the first 2 hosts and against
 one of all of them, alternately, so both see the same machine load; the medians' ratio is the
-figure. Three times each round: a first contact (every kept connection closed before it: a new
+figure. Four times each round: a first contact (every kept connection closed before it: a new
 SSH connection to each host, as a `status` a few minutes after the last one), then the same
 again over the connections that run kept (neverdark.remote: as `--watch`, the panel's polls, or
-a `status` again within a minute), first with an ssh process per host (NEVERDARK_SSH_MUX=0) and
-then with none (the default: neverdark.ssh_mux speaks to each master itself). The CPU the
-operator's side spends (the CLI and its ssh processes) is measured too: on a real fleet each
-host's sshd runs on that host, while here all twenty share this machine's cores with the
-operator. One more run asks the N hosts one at a time (--parallel 1), for scale. Every run's
+a `status` again within a minute): with an ssh process per host (NEVERDARK_SSH_MUX=0), with
+none but the read command run in a session on each host (NEVERDARK_SSH_FORWARD=0), and as by
+default (neverdark.ssh_mux speaks to each master itself, and the host runs no command: /status
+comes through a forwarded channel to the sidecar's port). The CPU each side spends is measured
+too: the operator's (the CLI and its ssh processes) and the hosts' (the rest of this machine's
+busy time meanwhile: sshd, shells, stand-ins). On a real fleet each host's share runs on that
+host, while here all twenty share this machine's cores with the operator. One more run asks the N hosts one at a time (--parallel 1), for scale. Every run's
 answer is checked (all hosts reached, the summary's counts as the scenarios say)."""
 
 from __future__ import annotations
@@ -74,14 +77,24 @@ def children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def machine_cpu() -> float:
+    """CPU seconds this machine's cores have been busy (every process: /proc/stat's cpu line,
+    all but idle and iowait)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def run_status(inv: Path, n: int, *extra: str, env: dict | None = None,
-               ) -> tuple[float, dict, float]:
-    """(wall seconds, the snapshot, CPU seconds of the CLI and its ssh processes)."""
-    cpu, started = children_cpu(), time.monotonic()
+               ) -> tuple[float, dict, float, float]:
+    """(wall seconds, the snapshot, CPU seconds of the CLI and its ssh processes, CPU seconds
+    of everything else on this machine meanwhile: the hosts' sshd, shells and sidecars)."""
+    cpu, busy, started = children_cpu(), machine_cpu(), time.monotonic()
     proc = subprocess.run([str(NEVERDARK), "status", "--json", "--inventory", str(inv), *extra],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})})
     took, cpu = time.monotonic() - started, children_cpu() - cpu
+    others = max(0.0, machine_cpu() - busy - cpu)
     try:
         snap = json.loads(proc.stdout)
     except ValueError:
@@ -90,7 +103,7 @@ def run_status(inv: Path, n: int, *extra: str, env: dict | None = None,
     if got != expected(n):
         raise SystemExit(f"{n} hosts: summary {got}, expected {expected(n)}:\n"
                          + json.dumps({h: v["error"] for h, v in snap["hosts"].items()}))
-    return took, snap, cpu
+    return took, snap, cpu, others
 
 
 def close_all(inv: Path) -> None:
@@ -100,15 +113,18 @@ def close_all(inv: Path) -> None:
         remote.close_kept(fleet, host)
 
 
-def summary(label: str, times: dict, cpus: dict, n: int) -> float:
+def summary(label: str, times: dict, cpus: dict, others: dict, n: int) -> float:
     med = {k: statistics.median(t) for k, t in times.items()}
     cpu = {k: statistics.median(c) for k, c in cpus.items()}
+    host = {k: statistics.median(c) for k, c in others.items()}
     for k, t in times.items():
         print(f"{label}, {k:2d} hosts: median {med[k]:.2f} s (min {min(t):.2f}, max "
-              f"{max(t):.2f}; {len(t)} runs); operator CPU {cpu[k]:.2f} s")
+              f"{max(t):.2f}; {len(t)} runs); operator CPU {cpu[k]:.2f} s, hosts' CPU "
+              f"{host[k]:.2f} s")
     ratio = med[n] / med[2]
-    print(f"{label}: ratio {n}/2 hosts {ratio:.2f}x (target 1.3x); operator CPU per extra host "
-          f"{(cpu[n] - cpu[2]) / (n - 2) * 1000:.0f} ms")
+    print(f"{label}: ratio {n}/2 hosts {ratio:.2f}x (target 1.3x); CPU per extra host: "
+          f"operator {(cpu[n] - cpu[2]) / (n - 2) * 1000:.0f} ms, the host "
+          f"{(host[n] - host[2]) / (n - 2) * 1000:.0f} ms")
     return ratio
 
 
@@ -141,29 +157,34 @@ def main() -> None:
             close_all(large)
             # Each round: a first contact (no kept connection: a new `status` after a minute or
             # more), then the same again over the connections it left (`--watch`, the panel,
-            # a `status` run again within a minute), first with an ssh process per host
-            # (NEVERDARK_SSH_MUX=0, as before neverdark.ssh_mux), then with none (the default);
-            # 2 hosts and 20 alternately, so both see the same machine load.
+            # a `status` run again within a minute): with an ssh process per host running the
+            # read command (NEVERDARK_SSH_MUX=0, as before neverdark.ssh_mux), with no ssh
+            # process but the command run in a session (NEVERDARK_SSH_FORWARD=0), then as by
+            # default: no ssh process, no command on the host, /status through a forwarded
+            # channel. 2 hosts and 20 alternately, so both see the same machine load.
             modes = {"first contact": {}, "kept, ssh per host": {remote.MUX_ENV: "0"},
+                     "kept, session per host": {remote.FORWARD_ENV: "0"},
                      "kept connections": {}}
             times = {how: {2: [], n: []} for how in modes}
             cpus = {how: {2: [], n: []} for how in modes}
+            others = {how: {2: [], n: []} for how in modes}
             per_host: dict[str, list[float]] = {how: [] for how in modes}
             for _ in range(args.rounds):
                 for inv, k in ((small, 2), (large, n)):
                     close_all(inv)
                     for how, env in modes.items():
-                        took, snap, cpu = run_status(inv, k, *extra, env=env)
+                        took, snap, cpu, other = run_status(inv, k, *extra, env=env)
                         times[how][k].append(took)
                         cpus[how][k].append(cpu)
+                        others[how][k].append(other)
                         if k == n:
                             per_host[how] += [h["seconds"] for h in snap["hosts"].values()]
             close_all(large)
-            serial, _, _ = run_status(large, n, "--parallel", "1")
+            serial = run_status(large, n, "--parallel", "1")[0]
             close_all(large)
             load = os.getloadavg()[0]
         for how in modes:
-            summary(how, times[how], cpus[how], n)
+            summary(how, times[how], cpus[how], others[how], n)
         for how, seconds in per_host.items():
             print(f"per-host round trip inside the {n}-host runs, {how}: median "
                   f"{statistics.median(seconds):.2f} s, max {max(seconds):.2f} s")
