@@ -1,7 +1,9 @@
 """A real Prometheus (Debian's `prometheus`, on the runner) scrapes the test fleet's sidecars
 over their private addresses with each host's token, as `neverdark prometheus` writes them; a
 cloud outage makes NeverdarkWizardOnFallback fire and, after recovery, resolve, read from
-Prometheus' own HTTP API; a scrape without the token is refused (issue 18 item 4).
+Prometheus' own HTTP API; a scrape without the token is refused (issue 18 item 4). The same
+drill is timed as the operator lives it: `neverdark panel` (over SSH), the webhook's notices by
+incident (one when the trouble begins, one when it is over) and the alert, step by step.
 
 The bed is redeployed with `sidecar: {metrics: private}` (each host's private_address its own
 address on the fleet's links) for this module and back to the shared loopback inventory after
@@ -13,10 +15,15 @@ checks of the token file and the private listener run against that deploy. The r
 
 from __future__ import annotations
 
+import json
+import os
 import stat
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
@@ -29,6 +36,8 @@ from testbed.wait import wait_until
 pytestmark = [pytest.mark.fleet]
 
 ALERT = "NeverdarkWizardOnFallback"
+SETTLE = 20         # s a wizard stays calm before its incident's recovered notice
+PANEL_INTERVAL = 3  # s, `neverdark panel`'s default
 
 
 def fallback_alerts(base: str) -> dict[str, str]:
@@ -37,11 +46,88 @@ def fallback_alerts(base: str) -> dict[str, str]:
             if a["labels"]["alertname"] == ALERT}
 
 
+def open_incidents(events: list[dict]) -> set[str]:
+    """The wizards whose last incident notice has no recovered notice after it."""
+    open_: set[str] = set()
+    for e in events:
+        if e.get("notice") == "incident":
+            open_.add(e["wizard"])
+        elif e.get("notice") == "recovered":
+            open_.discard(e["wizard"])
+    return open_
+
+
+class Timeline:
+    """Steps of a drill in seconds from its phases' starts; `see` keeps a step's first time."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[float, str]] = []
+        self.t0 = 0.0
+        self._seen: set[str] = set()
+        self._phase: set[str] = set()
+
+    def start(self, t: float, what: str) -> None:
+        self.t0 = t
+        self._phase = set()
+        self.steps.append((t, what))
+
+    def add(self, t: float, what: str) -> None:
+        self.steps.append((t, what))
+
+    def see(self, what: str, now_true: bool) -> None:
+        if now_true and what not in self._seen:
+            self._seen.add(what)
+            self._phase.add(what)
+            self.steps.append((time.monotonic(), what))
+
+    def has(self, n: int) -> bool:
+        return len(self._phase) >= n
+
+    def text(self) -> str:
+        first = min(t for t, _ in self.steps)
+        return "\n".join(f"  t+{t - first:6.1f} s  {what}" for t, what in sorted(self.steps))
+
+
+class Panel:
+    """`neverdark panel` on the operator's machine (this runner), read as the page reads it."""
+
+    def __init__(self, bed, inventory) -> None:
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        env = dict(os.environ, NEVERDARK_INVENTORY=str(inventory),
+                   NEVERDARK_SECRETS=str(bed.secrets_path))
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("neverdark")), "panel", "--listen",
+             self.url.removeprefix("http://"), "--interval", str(PANEL_INTERVAL)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def state(self, wizard: str) -> str | None:
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/status", timeout=5) as r:
+                return json.loads(r.read())["wizards"][wizard]["state"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def __enter__(self) -> "Panel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 @pytest.fixture(scope="module")
 def private_fleet(bed, first_deploy):
     """The bed deployed with metrics: private; its inventory's path. Back to loopback after."""
     doc = bed.inventory(bed.default_wizards())
     doc["sidecar"]["metrics"] = "private"
+    doc["sidecar"]["hooks"]["settle"] = SETTLE     # notices by incident, as an operator has them
     for h in doc["hosts"].values():
         h["private_address"] = h["address"]
     path = bed.run_dir / "fleet-private.yaml"
@@ -153,34 +239,72 @@ def test_prometheus_scrapes_the_fleet_and_the_fallback_alert_fires_and_resolves(
         up_units = api(base, "query", query='neverdark_unit_active{job="neverdark"} == 1')
         assert len(up_units["result"]) == 5, up_units
 
-        t0 = time.monotonic()
-        claude.fault({"type": "fail", "status": 503, "times": None})
-        pending = wait_until(lambda: fallback_alerts(base).get("merlin"), 120,
-                             "merlin's fallback seen by Prometheus", every=0.5)
-        seen_s = time.monotonic() - t0
-        wait_until(lambda: fallback_alerts(base).get("merlin") == "firing", 120,
-                   "the alert firing", every=0.5)
-        fired_s = time.monotonic() - t0
-        [alert] = [a for a in api(base, "alerts")["alerts"]
-                   if a["labels"]["alertname"] == ALERT and a["labels"]["wizard"] == "merlin"]
-        assert alert["labels"]["instance"] == "vps1" and alert["labels"]["job"] == "neverdark"
-        assert float(alert["value"]) == 1      # local: backend number 1 of merlin's chain
-        # gandalf shares vps1's claude: on gpt-4.1, its own alert; radagast on pi1 is calm.
-        wait_until(lambda: fallback_alerts(base).get("gandalf") == "firing", 60,
-                   "gandalf's alert firing", every=0.5)
-        assert "radagast" not in fallback_alerts(base)
+        # The drill, as the operator lives it: the panel on the operator's machine, the
+        # webhook notices (by incident: settle 20 s), Prometheus' alert; each sampled every
+        # half second, the first time each is seen kept as a step of the timeline.
+        wait_until(lambda: not open_incidents(bed.hooks.seen()), 120,
+                   "no incident open before the drill")
+        timeline = Timeline()
+        with Panel(bed, private_fleet) as panel:
+            wait_until(lambda: panel.state("merlin") == "primary", 120, "the panel: merlin")
+            t0, wall0 = time.monotonic(), time.time()
+            claude.fault({"type": "fail", "status": 503, "times": None})
+            timeline.start(t0, "claude answers 503 (the outage begins)")
 
-        t1 = time.monotonic()
-        claude.recover()
-        wait_until(lambda: "merlin" not in fallback_alerts(base)
-                   and "gandalf" not in fallback_alerts(base), 300,
-                   "the alerts resolved", every=0.5)
-        resolved_s = time.monotonic() - t1
+            def outage_seen() -> bool:
+                alerts = fallback_alerts(base)
+                timeline.see("merlin shown on fallback in the panel",
+                             panel.state("merlin") == "fallback")
+                timeline.see("merlin's alert pending in Prometheus", "merlin" in alerts)
+                timeline.see("merlin's alert firing", alerts.get("merlin") == "firing")
+                timeline.see("gandalf's alert firing", alerts.get("gandalf") == "firing")
+                for w in ("merlin", "gandalf"):
+                    timeline.see(f"{w}: incident notice (webhook)", any(
+                        e.get("notice") == "incident" for e in bed.hooks.seen(t0, wizard=w)))
+                return timeline.has(4 + 2)
+            wait_until(outage_seen, 180, "the outage seen everywhere", every=0.5)
+            [alert] = [a for a in api(base, "alerts")["alerts"]
+                       if a["labels"]["alertname"] == ALERT and a["labels"]["wizard"] == "merlin"]
+            assert alert["labels"]["instance"] == "vps1" and alert["labels"]["job"] == "neverdark"
+            assert float(alert["value"]) == 1      # local: backend number 1 of merlin's chain
+            assert "radagast" not in fallback_alerts(base)     # pi1's wizard stays calm
+
+            t1, wall1 = time.monotonic(), time.time()
+            claude.recover()
+            timeline.start(t1, "claude recovered")
+
+            def recovery_seen() -> bool:
+                alerts = fallback_alerts(base)
+                timeline.see("merlin shown on primary in the panel",
+                             panel.state("merlin") == "primary")
+                timeline.see("both alerts resolved", not {"merlin", "gandalf"} & set(alerts))
+                for w in ("merlin", "gandalf"):
+                    timeline.see(f"{w}: recovered notice (webhook)", any(
+                        e.get("notice") == "recovered" for e in bed.hooks.seen(t1, wizard=w)))
+                return timeline.has(4)
+            wait_until(recovery_seen, 300, "the recovery seen everywhere", every=0.5)
         assert api(base, "query", query='neverdark_active_index{job="neverdark",'
                                         'wizard="merlin"}')["result"][0]["value"][1] == "0"
-        print(f"\n{ALERT} (for: 10s, 2 s scrapes): merlin's fallback in Prometheus "
-              f"{seen_s:.1f} s after the outage began (alert {pending}), firing at "
-              f"{fired_s:.1f} s; both alerts gone {resolved_s:.1f} s after it ended")
+        # The sidecar's own switches, from its records, on the same clock.
+        moves = bed.sidecar_status("vps1")["wizards"]["merlin"]["transitions"]
+        over = next(t for t in moves if t["at"] >= wall0 and t["kind"] == "failover" and t["ok"])
+        back = next(t for t in moves if t["at"] >= wall1 and t["kind"] == "failback" and t["ok"])
+        timeline.add(t0 + over["at"] - wall0, "merlin switched to local by its sidecar")
+        timeline.add(t1 + back["at"] - wall1, "merlin switched back to claude")
+        # One notice per wizard when its trouble began and one when it was over: the failover,
+        # the alerts and the failback between them folded in (an escalation only if it got
+        # worse: a switch that failed).
+        for w in ("merlin", "gandalf"):
+            notices = [e.get("notice") for e in bed.hooks.seen(t0, wizard=w)]
+            assert [n for n in notices if n != "escalation"] == ["incident", "recovered"], (
+                w, bed.hooks.seen(t0, wizard=w))
+        [recovered] = bed.hooks.seen(t1, wizard="merlin", notice="recovered")
+        assert recovered["incident"]["events"].get("failback", 0) >= 1, recovered
+        [opened] = bed.hooks.seen(t0, wizard="merlin", notice="incident")
+        print(f"\nthe drill as the operator sees it ({ALERT} for: 10s, 2 s scrapes, the panel "
+              f"every {PANEL_INTERVAL} s, notices settle {SETTLE} s):\n{timeline.text()}\n"
+              f"  merlin's incident notice: {json.dumps(opened)}\n"
+              f"  merlin's recovered notice: {recovered['detail']}")
     finally:
         claude.recover()
         prom.terminate()
