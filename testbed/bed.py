@@ -112,8 +112,24 @@ class Testbed:
     def __exit__(self, *exc) -> None:
         try:
             self.close_kept_connections()
+            self.end_services()
         finally:
             self._stack.close()
+
+    def end_services(self) -> None:
+        """Stop the deployed services at once (SIGKILL) before the hosts power off. A model
+        server stops when its turn under way is answered, rightly on a real host; on a Pi under
+        qemu-user a turn takes a minute and more, so a clean poweroff waited out the unit's 90 s
+        stop timeout and the harness's, then killed the host anyway. Nothing of a test host is
+        kept. (A stop job first, so Restart=always does not bring them back.)"""
+        units = " ".join(f"'{u}'" for u in (contract.llama_unit("*"), contract.wizard_unit("*"),
+                                             contract.SIDECAR_UNIT))
+        for name, h in getattr(self.fleet, "hosts", {}).items():
+            slow = testfleet.EMULATED_SLOWDOWN if h.get("emulated") else 1
+            with contextlib.suppress(testfleet.FleetError, subprocess.SubprocessError):
+                self.fleet.exec(name, f"systemctl --no-block stop {units}; "
+                                      f"systemctl kill --signal=SIGKILL {units}; true",
+                                check=False, timeout=10 * slow)
 
     def close_kept_connections(self) -> None:
         """Close the SSH connections `neverdark status` kept to the hosts (neverdark.remote)
