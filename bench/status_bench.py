@@ -7,7 +7,7 @@ sshd; every fourth a `pi` profile, reached as `pi` through sudo as a real Pi is)
 stand-in sidecar (testbed/standin_sidecar.py: the sidecar's own control-socket and HTTP servers, a
 status document of the daemon's shape, the host's memory in it) installed where the deploy puts
 the real one, so each host is asked what a real one is, over SSH, as the inventory's login user:
-its /status through a forwarded channel, or the read command (neverdark.status.read_command:
+its /status through a forwarded channel, or the read command (neverdark.status_read.read_command:
 bash reads /proc/meminfo and the sidecar's GET /status).
 
 Each round runs the real CLI (`neverdark status --json`, a new process: inventory validation,
@@ -16,13 +16,14 @@ one of all of them, alternately, so both see the same machine load; the medians'
 figure. Four times each round: a first contact (every kept connection closed before it: a new
 SSH connection to each host, as a `status` a few minutes after the last one), then the same
 again over the connections that run kept (neverdark.remote: as `--watch`, the panel's polls, or
-a `status` again within a minute): with an ssh process per host (NEVERDARK_SSH_MUX=0), with
-none but the read command run in a session on each host (NEVERDARK_SSH_FORWARD=0), and as by
-default (neverdark.ssh_mux speaks to each master itself, and the host runs no command: /status
-comes through a forwarded channel to the sidecar's port). The CPU each side spends is measured
-too: the operator's (the CLI and its ssh processes) and the hosts' (the rest of this machine's
-busy time meanwhile: sshd, shells, stand-ins). On a real fleet each host's share runs on that
-host, while here all twenty share this machine's cores with the operator. One more run asks the N hosts one at a time (--parallel 1), for scale. Every run's
+a `status` again within a minute): with an ssh process per host (NEVERDARK_SSH_MUX=0), with none
+but the read command run in a session on each host (NEVERDARK_SSH_FORWARD=0), and as by default
+(neverdark.ssh_mux speaks to each master itself, and the host runs no command: /status comes
+through a forwarded channel to the sidecar's port). The CPU each side spends is measured too:
+the operator's (the CLI, its ssh processes and the kept connections' masters) and the hosts'
+(the rest of this machine's busy time meanwhile: sshd, shells, stand-ins). On a real fleet each
+host's share runs on that host, while here all twenty share this machine's cores with the
+operator. One more run asks the N hosts one at a time (--parallel 1), for scale. Every run's
 answer is checked (all hosts reached, the summary's counts as the scenarios say)."""
 
 from __future__ import annotations
@@ -85,15 +86,34 @@ def machine_cpu() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def masters_cpu() -> dict[int, float]:
+    """CPU seconds so far of each kept connection's master (an ssh process of this machine with
+    a ControlPath in neverdark's socket directory): they left the CLI's process tree when they
+    went to the background, so its children's CPU does not count them."""
+    tick, found = os.sysconf("SC_CLK_TCK"), {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or b"neverdark-ssh-" not in (proc / "cmdline").read_bytes():
+                continue
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            found[int(proc.name)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except OSError:
+            continue
+    return found
+
+
 def run_status(inv: Path, n: int, *extra: str, env: dict | None = None,
                ) -> tuple[float, dict, float, float]:
-    """(wall seconds, the snapshot, CPU seconds of the CLI and its ssh processes, CPU seconds
-    of everything else on this machine meanwhile: the hosts' sshd, shells and sidecars)."""
-    cpu, busy, started = children_cpu(), machine_cpu(), time.monotonic()
+    """(wall seconds, the snapshot, CPU seconds of the operator's side: the CLI, its ssh
+    processes and the kept connections' masters; CPU seconds of everything else on this
+    machine meanwhile: the hosts' sshd, shells and sidecars)."""
+    cpu, masters, busy = children_cpu(), masters_cpu(), machine_cpu()
+    started = time.monotonic()
     proc = subprocess.run([str(NEVERDARK), "status", "--json", "--inventory", str(inv), *extra],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})})
     took, cpu = time.monotonic() - started, children_cpu() - cpu
+    cpu += sum(t - masters.get(pid, 0.0) for pid, t in masters_cpu().items())
     others = max(0.0, machine_cpu() - busy - cpu)
     try:
         snap = json.loads(proc.stdout)

@@ -156,18 +156,20 @@ def run(fleet: Fleet, host: str, command: str, timeout: float = 700, *, as_root:
     return proc
 
 
-def forward(fleet: Fleet, host: str, port: int, data: bytes, timeout: float) -> bytes:
+def forward(fleet: Fleet, host: str, port: int, data: bytes, timeout: float,
+            answer_within: float | None = None) -> bytes:
     """`data` to `port` on the host's loopback over its kept connection, and the whole answer
     (neverdark.ssh_mux.forward): the host starts no session and no process for it. Raises
     ssh_mux.Unavailable when that cannot be done (no kept connection, reuse or the mux turned
-    off, forwarding refused, nothing listening): the caller reads another way. A fleet read:
-    carries no secret."""
+    off, forwarding refused, nothing listening) and ssh_mux.Unanswered when the port gave no
+    whole answer within `answer_within` s: the caller reads another way; TimeoutExpired when
+    the host did not answer in `timeout` s. A fleet read: carries no secret."""
     control = control_path(fleet, host)
     if control is None or not control.exists() or any(
             os.environ.get(env, "1").strip() == "0" for env in (MUX_ENV, FORWARD_ENV)):
         raise ssh_mux.Unavailable("no kept connection to forward over")
     try:
-        return ssh_mux.forward(control, contract.LOOPBACK, port, data, timeout)
+        return ssh_mux.forward(control, contract.LOOPBACK, port, data, timeout, answer_within)
     except TimeoutError:
         raise subprocess.TimeoutExpired(["ssh-mux", str(control), f"-W {port}"], timeout) from None
 
@@ -189,12 +191,14 @@ def sidecar_ctl(fleet: Fleet, host: str, *args: str, timeout: float = 700):
 
 # --- reading a host-side tool's answer (status, control ops, drills, notify) -----------------
 
-def attempt(run) -> tuple[subprocess.CompletedProcess | None, str | None]:
-    """(process, None), or (None, why) when ssh could not run or timed out."""
+def attempt(run, limit: float | None = None) -> tuple[subprocess.CompletedProcess | None,
+                                                      str | None]:
+    """(process, None), or (None, why) when ssh could not run or timed out (within `limit` s,
+    when the read had more time than its last try)."""
     try:
         return run(), None
     except subprocess.TimeoutExpired as e:
-        return None, f"unreachable: no answer within {e.timeout:.0f} s"
+        return None, f"unreachable: no answer within {limit or e.timeout:.0f} s"
     except OSError as e:
         return None, f"cannot run ssh: {e.strerror or e}"
 

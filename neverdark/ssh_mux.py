@@ -45,6 +45,11 @@ class Unavailable(Exception):
     nothing ran on the host."""
 
 
+class Unanswered(Exception):
+    """A forward was made and its request sent, but no whole answer came back within the time
+    given for one; the host itself answered (its sshd opened the channel)."""
+
+
 def _string(data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + data
 
@@ -109,7 +114,8 @@ def _session(control: Path, deadline: float, request: bytes, fds: list[int],
              what: str) -> tuple[socket.socket, _Reader, int]:
     """Connect to the master, say hello, send `request` (request id 1) and its `fds`, one per
     message as the master receives them; (the control socket, its reader, the session id) once
-    the master says the session is open. Unavailable (nothing ran) for anything else."""
+    the master says the session is open. TimeoutError when the master does not answer in time;
+    Unavailable (nothing ran) for anything else."""
     ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         reader = _Reader(ctl, deadline)
@@ -119,7 +125,7 @@ def _session(control: Path, deadline: float, request: bytes, fds: list[int],
             ctl.sendall(_packet(_u32(HELLO), _u32(VERSION)))
             hello = reader.packet()
         except TimeoutError:
-            raise Unavailable("the master did not say hello in time") from None
+            raise       # a master that says nothing holds every way to the host: no fallback
         except OSError as e:
             raise Unavailable(f"no master at {control}: {e.strerror or e}") from None
         if hello is None or len(hello) < 8 or struct.unpack(">II", hello[:8]) != (HELLO, VERSION):
@@ -130,7 +136,7 @@ def _session(control: Path, deadline: float, request: bytes, fds: list[int],
                 socket.send_fds(ctl, [b"\0"], [fd])
             reply = reader.packet()
         except TimeoutError:
-            raise Unavailable(f"the master did not open {what} in time") from None
+            raise       # the host does not answer the master: as unreachable as it gets
         except OSError as e:
             raise Unavailable(f"the master dropped the request: {e.strerror or e}") from None
         if reply is None or len(reply) < 8:
@@ -194,6 +200,8 @@ def run(control: Path, command: str, timeout: float) -> subprocess.CompletedProc
         try:
             ctl, reader, sid = _session(control, deadline, request,
                                         [devnull, out_w.fileno(), err_w.fileno()], "a session")
+        except TimeoutError:
+            raise subprocess.TimeoutExpired(argv, timeout) from None
         finally:
             # the master holds its own copies now; ours closed, its closing them is our EOF
             os.close(devnull)
@@ -228,12 +236,14 @@ def run(control: Path, command: str, timeout: float) -> subprocess.CompletedProc
         err_r.close()
 
 
-def forward(control: Path, host: str, port: int, data: bytes, timeout: float) -> bytes:
+def forward(control: Path, host: str, port: int, data: bytes, timeout: float,
+            answer_within: float | None = None) -> bytes:
     """Send `data` to `host`:`port` as the master's host connects to it (sshd's direct-tcpip
     channel, what `ssh -W host:port` does), then end our side; everything that comes back
     until the far end closes. The host starts no session and no process for it. Unavailable:
     no connection was made (no master; forwarding off in sshd; nothing listening there);
-    TimeoutError after `timeout` s."""
+    Unanswered: the channel opened, but no whole answer came within `answer_within` s of it;
+    TimeoutError: no answer at all within `timeout` s."""
     deadline = time.monotonic() + timeout
     in_r, in_w = socket.socketpair()
     out_r, out_w = socket.socketpair()
@@ -249,15 +259,23 @@ def forward(control: Path, host: str, port: int, data: bytes, timeout: float) ->
         try:
             # The request and then our end of it (the master passes the EOF on: sshd shuts
             # its side for writing); the answer is all that comes back until its EOF.
-            in_w.settimeout(max(0.001, deadline - time.monotonic()))
-            in_w.sendall(data)
-            in_w.close()
+            answer_by = deadline if answer_within is None else min(
+                deadline, time.monotonic() + answer_within)
+            in_w.settimeout(max(0.001, answer_by - time.monotonic()))
             answer = bytearray()
 
             def late():
+                if answer_by < deadline:
+                    raise Unanswered(f"{host}:{port} sent {len(answer)} bytes and no end "
+                                     f"within {answer_within:.0f} s")
                 raise TimeoutError(f"no whole answer from {host}:{port} within {timeout:.0f} s")
 
-            _drain([out_r], {out_r: answer}, deadline, late)
+            try:
+                in_w.sendall(data)
+            except TimeoutError:
+                late()
+            in_w.close()
+            _drain([out_r], {out_r: answer}, answer_by, late)
             return bytes(answer)
         finally:
             ctl.close()

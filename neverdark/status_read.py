@@ -38,9 +38,14 @@ _MEMINFO_LINE = re.compile(r"(MemTotal|MemAvailable):\s+(\d+)\s*kB")
 
 # (host, command, timeout) -> the finished process; the default runs it over SSH.
 Transport = Callable[[str, str, float], subprocess.CompletedProcess]
-# (host, port, request, timeout) -> everything the host's port answered; raises
-# ssh_mux.Unavailable when it cannot be asked that way (the Transport's read is used then).
+# (host, port, request, timeout) -> everything the host's port answered. Raises
+# ssh_mux.Unavailable (it cannot be asked that way) or ssh_mux.Unanswered (no whole answer in
+# FORWARD_ANSWER_S): the Transport's read is used then; TimeoutExpired: the host is unreachable.
 Forward = Callable[[str, int, bytes, float], bytes]
+# A sidecar answers /status in milliseconds. One that has not within this, through a forwarded
+# channel, is asked by the read command, which has time left to say what is wrong with it (its
+# own 10 s) and to read the host's memory still.
+FORWARD_ANSWER_S = 3.0
 
 
 def status_request(port: int) -> str:
@@ -72,7 +77,7 @@ def read_command(port: int = contract.SIDECAR_PORT, meminfo: str = MEMINFO,
 
 def ssh_forward(fleet) -> Forward:
     def forward(host: str, port: int, data: bytes, timeout: float) -> bytes:
-        return remote.forward(fleet, host, port, data, timeout)
+        return remote.forward(fleet, host, port, data, timeout, FORWARD_ANSWER_S)
     return forward
 
 
@@ -153,9 +158,9 @@ def ask_forwarded(host: str, forward: Forward, port: int, timeout: float) -> Hos
     def read() -> bytes | None:
         try:
             return forward(host, port, status_request(port).encode(), timeout)
-        except (ssh_mux.Unavailable, OSError):     # not asked: the read command will be
-            return None
-    answer, why = remote.attempt(read)
+        except (ssh_mux.Unavailable, ssh_mux.Unanswered, OSError):
+            return None         # not asked, or no answer yet: the read command will be
+    answer, why = remote.attempt(read, timeout)
     if why is not None:                 # no answer in time, as unreachable as the read's
         return HostReport(host, error=why)
     if answer is None:
@@ -176,7 +181,7 @@ def ask(host: str, transport: Transport, command: str, timeout: float,
     report = ask_forwarded(host, forward, port, timeout) if forward else None
     if report is None:
         left = max(1.0, timeout - (time.monotonic() - started))
-        proc, why = remote.attempt(lambda: transport(host, command, left))
+        proc, why = remote.attempt(lambda: transport(host, command, left), timeout)
         report = HostReport(host, error=why) if proc is None else parse_reply(host, proc)
     report.asked_at, report.seconds = asked, time.monotonic() - started
     return report

@@ -243,24 +243,39 @@ class LocalStandIns:
         return read_command(port=self.ports[host], meminfo=str(self.dir(host) / "meminfo"))
 
     def forward(self, host: str, port: int, data: bytes, timeout: float) -> bytes:
-        """A neverdark.status forward: what a forwarded channel to `port` on the host's loopback
-        carries (the request, our end shut, the answer until the far end closes), over a TCP
-        connection of this machine to the host's stand-in."""
+        """A neverdark.status_read forward: what a forwarded channel to the sidecar's port on
+        the host's loopback carries (the request, our end shut, the answer until the far end
+        closes), over a TCP connection of this machine to the host's stand-in (on a port of
+        its own here, whatever `port` the inventory says), with the same limits: Unanswered
+        past FORWARD_ANSWER_S, TimeoutExpired past `timeout`."""
         import socket
-        from neverdark.ssh_mux import Unavailable
+        from neverdark.ssh_mux import Unanswered, Unavailable
+        from neverdark.status_read import FORWARD_ANSWER_S
         if host not in self.procs:
             raise Unavailable("no kept connection to forward over")
+        deadline = time.monotonic() + timeout
+        answer_by = min(deadline, time.monotonic() + FORWARD_ANSWER_S)
         try:
             conn = socket.create_connection(("127.0.0.1", self.ports[host]), timeout=timeout)
         except ConnectionRefusedError:
             raise Unavailable("Session open refused by peer") from None
+        except TimeoutError:
+            raise subprocess.TimeoutExpired(["forward", host], timeout) from None
+        answer = b""
         with conn:
-            conn.sendall(data)
-            conn.shutdown(socket.SHUT_WR)
-            answer = b""
-            while chunk := conn.recv(65536):
-                answer += chunk
-        return answer
+            try:
+                conn.sendall(data)
+                conn.shutdown(socket.SHUT_WR)
+                while True:
+                    conn.settimeout(max(0.001, answer_by - time.monotonic()))
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return answer
+                    answer += chunk
+            except TimeoutError:
+                if answer_by < deadline:
+                    raise Unanswered(f"no end within {FORWARD_ANSWER_S} s") from None
+                raise subprocess.TimeoutExpired(["forward", host], timeout) from None
 
     def transport(self, host: str, command: str, timeout: float) -> subprocess.CompletedProcess:
         if host not in self.procs:      # as ssh says of a host it cannot reach

@@ -58,16 +58,15 @@ def open_incidents(events: list[dict]) -> set[str]:
 
 
 class Timeline:
-    """Steps of a drill in seconds from its phases' starts; `see` keeps a step's first time."""
+    """Steps of a drill, shown in seconds from its first; `see` keeps a step's first time, and
+    `has` counts the steps seen since the phase began (`start`)."""
 
     def __init__(self) -> None:
         self.steps: list[tuple[float, str]] = []
-        self.t0 = 0.0
         self._seen: set[str] = set()
         self._phase: set[str] = set()
 
     def start(self, t: float, what: str) -> None:
-        self.t0 = t
         self._phase = set()
         self.steps.append((t, what))
 
@@ -91,17 +90,19 @@ class Timeline:
 class Panel:
     """`neverdark panel` on the operator's machine (this runner), read as the page reads it."""
 
-    def __init__(self, bed, inventory) -> None:
+    def __init__(self, bed, inventory, log: Path) -> None:
         import socket
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.url = f"http://127.0.0.1:{s.getsockname()[1]}"
         env = dict(os.environ, NEVERDARK_INVENTORY=str(inventory),
                    NEVERDARK_SECRETS=str(bed.secrets_path))
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("neverdark")), "panel", "--listen",
-             self.url.removeprefix("http://"), "--interval", str(PANEL_INTERVAL)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.log = log
+        with open(log, "wb") as out:        # what it said, for a panel that did not start
+            self.proc = subprocess.Popen(
+                [str(Path(sys.executable).with_name("neverdark")), "panel", "--listen",
+                 self.url.removeprefix("http://"), "--interval", str(PANEL_INTERVAL)],
+                env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def state(self, wizard: str) -> str | None:
         try:
@@ -245,8 +246,11 @@ def test_prometheus_scrapes_the_fleet_and_the_fallback_alert_fires_and_resolves(
         wait_until(lambda: not open_incidents(bed.hooks.seen()), 120,
                    "no incident open before the drill")
         timeline = Timeline()
-        with Panel(bed, private_fleet) as panel:
-            wait_until(lambda: panel.state("merlin") == "primary", 120, "the panel: merlin")
+        with Panel(bed, private_fleet, tmp_path / "panel.log") as panel:
+            try:
+                wait_until(lambda: panel.state("merlin") == "primary", 120, "the panel: merlin")
+            except AssertionError as e:
+                raise AssertionError(f"{e}; the panel said: {panel.log.read_text()[-3000:]}")
             t0, wall0 = time.monotonic(), time.time()
             claude.fault({"type": "fail", "status": 503, "times": None})
             timeline.start(t0, "claude answers 503 (the outage begins)")

@@ -76,6 +76,9 @@ class FakeMaster:
             for _ in range(3):
                 _, got, _, _ = socket.recv_fds(conn, 1, 1)
                 fds += got
+            if self.how == "silent":        # its host does not open the channel
+                time.sleep(3)
+                return
             if self.how == "refuse":
                 conn.sendall(packet(ssh_mux.FAILURE, rid, strings=(b"Multiple sessions",)))
                 return
@@ -108,6 +111,9 @@ class FakeMaster:
         for _ in range(2):
             _, got, _, _ = socket.recv_fds(conn, 1, 1)
             fds += got
+        if self.how == "silent":
+            time.sleep(3)
+            return
         if self.how == "refuse":        # sshd said no: forwarding off, nothing listening
             conn.sendall(packet(ssh_mux.FAILURE, rid, strings=(b"Session open refused by peer",)))
             return
@@ -208,6 +214,35 @@ def test_a_forward_whose_answer_does_not_end_times_out(sock_path):
     with pytest.raises(TimeoutError):
         ssh_mux.forward(sock_path, "127.0.0.1", 9470, b"GET / HTTP/1.0\r\n\r\n", 1.0)
     assert time.monotonic() - started < 3
+    master.stop()
+
+
+def test_a_forward_opened_but_unanswered_in_its_own_time_says_so(sock_path):
+    """The channel opened (the host is there) but the far end says nothing: Unanswered after
+    `answer_within`, well before the read's whole time, so the caller can ask another way."""
+    master = FakeMaster(sock_path, "hang")
+    started = time.monotonic()
+    with pytest.raises(ssh_mux.Unanswered):
+        ssh_mux.forward(sock_path, "127.0.0.1", 9470, b"GET / HTTP/1.0\r\n\r\n", 20,
+                        answer_within=0.5)
+    assert time.monotonic() - started < 2
+    master.stop()
+
+
+@pytest.mark.parametrize("what", ["forward", "session"])
+def test_a_master_whose_host_does_not_answer_is_a_timeout_not_a_fallback(sock_path, what):
+    """The master takes the request and its host never opens the channel (a wedged host, a
+    master not yet dead of its keepalives): a timeout within the read's time, not Unavailable
+    (ssh over the same master would wait the same again)."""
+    master = FakeMaster(sock_path, "silent")
+    started = time.monotonic()
+    if what == "forward":
+        with pytest.raises(TimeoutError):
+            ssh_mux.forward(sock_path, "127.0.0.1", 9470, b"x", 1.0)
+    else:
+        with pytest.raises(subprocess.TimeoutExpired):
+            ssh_mux.run(sock_path, "true", 1.0)
+    assert time.monotonic() - started < 2.5
     master.stop()
 
 

@@ -188,7 +188,7 @@ def test_a_forwarded_read_gives_the_same_snapshot_and_runs_no_command(standins):
 
 
 @pytest.mark.parametrize("how", ["refused", "no memory", "not http", "an error page",
-                                 "memory unreadable"])
+                                 "memory unreadable", "no answer in its time"])
 def test_a_forwarded_read_that_is_not_whole_falls_back_to_the_command(standins, how):
     """Forwarding refused (AllowTcpForwarding no, nothing listening), a sidecar older than
     /status' memory, or anything short of a status document: the host's read command runs,
@@ -198,6 +198,8 @@ def test_a_forwarded_read_that_is_not_whole_falls_back_to_the_command(standins, 
     def forward(host, port, data, timeout):
         if how == "refused":
             raise ssh_mux.Unavailable("the master refused a connection: Session open refused")
+        if how == "no answer in its time":
+            raise ssh_mux.Unanswered("127.0.0.1:9470 sent 0 bytes and no end within 3 s")
         answer = s.forward(host, port, data, timeout)
         head, _, body = answer.partition(b"\r\n\r\n")
         doc = json.loads(body)
@@ -233,6 +235,26 @@ def test_a_forwarded_read_that_hangs_is_unreachable_within_its_time(standins):
     assert time.monotonic() - started < 4 and calls == ["vps3"]
     assert snap["hosts"]["vps2"]["error"] == "unreachable: no answer within 2 s"
     assert snap["hosts"]["vps1"]["reached"]
+
+
+def test_a_hung_sidecar_is_asked_the_other_way_and_named_with_the_host_s_memory(standins):
+    """vps2's sidecar stopped (SIGSTOP: the kernel still accepts its connections): the forward
+    gets no answer in FORWARD_ANSWER_S, the read command then says the sidecar gave none and
+    reads the memory; the host counts as reached by ssh, its sidecar as silent, within the
+    timeout; vps1 is not held up."""
+    fleet, s = standins
+    os.kill(s.procs["vps2"].pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        snap = status.fleet_snapshot(fleet, transport=s.transport, forward=s.forward)
+        took = time.monotonic() - started
+    finally:
+        os.kill(s.procs["vps2"].pid, signal.SIGCONT)
+    vps2 = snap["hosts"]["vps2"]
+    assert vps2["error"] == "no status from the sidecar: no answer", vps2
+    assert vps2["memory"]["total"] == 4_000_000 * 1024 and vps2["memory"]["low"]
+    assert status_read.FORWARD_ANSWER_S + 9 < took < status_read.DEFAULT_TIMEOUT + 1
+    assert snap["hosts"]["vps1"]["reached"] and snap["hosts"]["vps1"]["seconds"] < 2
 
 
 def test_the_sidecar_s_status_carries_the_host_s_memory(tmp_path):
