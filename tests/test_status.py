@@ -67,6 +67,11 @@ def test_read_command_against_a_real_sidecar_and_the_stand_in_has_its_shape(tmp_
     real, _, report = sidecar_outputs(tmp_path / "sidecar", during=read)
     assert report.error is None and report.status["wizards"]["merlin"]["dark"] is True
     assert report.mem_total and 0 < report.mem_available <= report.mem_total
+    # the document itself carries the host's memory, in bytes (what a forwarded read takes)
+    total_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    assert real["memory"]["total"] == total_kb * 1024 == report.mem_total
+    assert 0 < real["memory"]["available"] <= real["memory"]["total"]
+    assert status_read._memory(real) == (real["memory"]["total"], real["memory"]["available"])
     standin = status_document({"wizards": {"merlin": wizard(["claude", "local"])}}, time.time())
     r, s = real["wizards"]["merlin"], standin["wizards"]["merlin"]
     assert set(real) == set(standin)
@@ -255,19 +260,6 @@ def test_a_hung_sidecar_is_asked_the_other_way_and_named_with_the_host_s_memory(
     assert vps2["memory"]["total"] == 4_000_000 * 1024 and vps2["memory"]["low"]
     assert status_read.FORWARD_ANSWER_S + 9 < took < status_read.DEFAULT_TIMEOUT + 1
     assert snap["hosts"]["vps1"]["reached"] and snap["hosts"]["vps1"]["seconds"] < 2
-
-
-def test_the_sidecar_s_status_carries_the_host_s_memory(tmp_path):
-    """The real daemon's /status has /proc/meminfo's MemTotal and MemAvailable in bytes."""
-    def read(cfg):
-        proc = subprocess.run(["sh", "-c", status_read.read_command(port=cfg.listen[1])],
-                              capture_output=True, text=True, timeout=30)
-        return status_read.parse_reply("h", proc)
-    real, _, report = sidecar_outputs(tmp_path / "sidecar", during=read)
-    total_kb = int(Path("/proc/meminfo").read_text().split()[1])
-    assert real["memory"]["total"] == total_kb * 1024 == report.mem_total
-    assert 0 < real["memory"]["available"] <= real["memory"]["total"]
-    assert status_read._memory(real) == (real["memory"]["total"], real["memory"]["available"])
 
 
 def test_hosts_are_asked_in_parallel_at_most_parallel_at_once(tmp_path):
