@@ -10,9 +10,10 @@ connection per host, OpenSSH's own ControlMaster: the first read opens it, later
 next CONTROL_PERSIST seconds run over it, from this or another neverdark process. A new
 connection costs the host a key exchange, a login and a PAM session, and the operator's ssh the
 client half of them: bench/status_bench.py measured a host's read inside a 20-host run at 0.27 s
-median over a new connection, 0.07 s over a kept one through an ssh process, 0.04 s over one
-with none: a read over a kept connection speaks to the master from this process
-(neverdark.ssh_mux), and starts ssh only when the master cannot run it. The masters' sockets
+median over a new connection, 0.07 s over a kept one through an ssh process, 0.01 s through a
+forwarded channel with none: a read over a kept connection speaks to the master from this
+process (neverdark.ssh_mux, `forward` for /status), and starts ssh only when the master cannot
+run it. The masters' sockets
 live in a directory only this user can enter (a socket there is a login to the host); the
 socket's name hashes everything that decides which host and key it speaks for, so a re-keyed or
 rebuilt host never gets an old master. Commands that act (deploy steps, drills, control ops)
@@ -57,11 +58,16 @@ FORWARD_ENV = "NEVERDARK_SSH_FORWARD"   # "0": and run a command, not a forwarde
 _MAX_CONTROL_DIR = 50
 
 
+def _turned_off(*envs: str) -> bool:
+    """Any of these switches set to "0" by the operator."""
+    return any(os.environ.get(env, "1").strip() == "0" for env in envs)
+
+
 def control_dir() -> Path | None:
     """The directory for the kept connections' sockets, made 0700 if new; None (no reuse) when
     reuse is off, or the directory is not a real directory of this user's that no one else
     may enter (in a shared /tmp another user could have made it first)."""
-    if os.environ.get(REUSE_ENV, "1").strip() == "0":
+    if _turned_off(REUSE_ENV):
         return None
     base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     path = Path(base) / f"neverdark-ssh-{os.getuid()}"
@@ -137,7 +143,7 @@ def run(fleet: Fleet, host: str, command: str, timeout: float = 700, *, as_root:
     kept = control is not None and control.exists()
     deadline = time.monotonic() + timeout
     proc = None
-    if kept and os.environ.get(MUX_ENV, "1").strip() != "0":
+    if kept and not _turned_off(MUX_ENV):
         try:        # over the kept connection with no ssh process: neverdark.ssh_mux
             proc = ssh_mux.run(control, command, timeout)
         except ssh_mux.Unavailable:
@@ -165,8 +171,7 @@ def forward(fleet: Fleet, host: str, port: int, data: bytes, timeout: float,
     whole answer within `answer_within` s: the caller reads another way; TimeoutExpired when
     the host did not answer in `timeout` s. A fleet read: carries no secret."""
     control = control_path(fleet, host)
-    if control is None or not control.exists() or any(
-            os.environ.get(env, "1").strip() == "0" for env in (MUX_ENV, FORWARD_ENV)):
+    if control is None or not control.exists() or _turned_off(MUX_ENV, FORWARD_ENV):
         raise ssh_mux.Unavailable("no kept connection to forward over")
     try:
         return ssh_mux.forward(control, contract.LOOPBACK, port, data, timeout, answer_within)
